@@ -1,0 +1,20 @@
+//! Protobuf types of QuckChat, generated from `proto/quckchat/**`.
+//!
+//! - [`bus`]: envelopes between the gateway and the services on the bus.
+//! - [`chat`]: the chat service's gRPC API.
+
+#![allow(clippy::all, clippy::pedantic)]
+
+pub mod bus {
+    pub mod v1 {
+        tonic::include_proto!("quckchat.bus.v1");
+    }
+    pub use v1::*;
+}
+
+pub mod chat {
+    pub mod v1 {
+        tonic::include_proto!("quckchat.chat.v1");
+    }
+    pub use v1::*;
+}

@@ -1,0 +1,213 @@
+//! Operations endpoints every process serves: `GET /health`, `/health/live`,
+//! `/health/ready` and `/metrics` (Prometheus text format).
+//!
+//! Liveness only says the process runs. Readiness says it should get traffic:
+//! it has finished starting, is not draining, and every dependency check
+//! (bus, store, …) passes right now.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::bus::Bus;
+
+/// How long one dependency check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A dependency whose state decides readiness.
+#[async_trait]
+pub trait HealthCheck: Send + Sync {
+    fn name(&self) -> &'static str;
+    async fn check(&self) -> Result<(), String>;
+}
+
+/// The bus as a dependency.
+pub struct BusHealth(pub Arc<dyn Bus>);
+
+#[async_trait]
+impl HealthCheck for BusHealth {
+    fn name(&self) -> &'static str {
+        "bus"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        if self.0.is_connected() {
+            Ok(())
+        } else {
+            Err(format!("{} disconnected", self.0.kind()))
+        }
+    }
+}
+
+/// The process's health: its dependency checks and lifecycle flags.
+pub struct Health {
+    node: String,
+    checks: Vec<Arc<dyn HealthCheck>>,
+    started: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn new(node: impl Into<String>, checks: Vec<Arc<dyn HealthCheck>>) -> Arc<Self> {
+        Arc::new(Self {
+            node: node.into(),
+            checks,
+            started: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Listeners are up: readiness now depends on the checks.
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown began: not ready any more.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Runs every check; returns whether ready and the report.
+    pub async fn report(&self) -> (bool, serde_json::Value) {
+        let results = futures::future::join_all(self.checks.iter().map(|c| async move {
+            let res = match tokio::time::timeout(CHECK_TIMEOUT, c.check()).await {
+                Ok(r) => r,
+                Err(_) => Err("check timed out".to_owned()),
+            };
+            (c.name(), res)
+        }))
+        .await;
+        let mut checks = serde_json::Map::new();
+        let mut all_ok = true;
+        for (name, res) in results {
+            let v = match res {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => {
+                    all_ok = false;
+                    e
+                }
+            };
+            checks.insert(name.to_owned(), serde_json::Value::String(v));
+        }
+        let started = self.started.load(Ordering::SeqCst);
+        let draining = self.is_draining();
+        let ready = all_ok && started && !draining;
+        let status = if ready {
+            "ok"
+        } else if draining {
+            "draining"
+        } else if !started {
+            "starting"
+        } else {
+            "unavailable"
+        };
+        (
+            ready,
+            serde_json::json!({
+                "status": status,
+                "node": self.node,
+                "version": env!("CARGO_PKG_VERSION"),
+                "checks": checks,
+            }),
+        )
+    }
+}
+
+/// The global Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may exist in tests that embed several servers;
+        // then ours still renders what it records through its handle.
+        let _ = metrics::set_global_recorder(recorder);
+        metrics::gauge!("quckchat_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// The admin routes, to merge into a process's HTTP router.
+pub fn router(health: Arc<Health>) -> Router {
+    metrics_handle();
+    Router::new()
+        .route("/health", get(health_full))
+        .route("/health/ready", get(health_full))
+        .route("/health/live", get(live))
+        .route("/metrics", get(prometheus))
+        .with_state(health)
+}
+
+async fn health_full(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let (ready, body) = health.report().await;
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+async fn live() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn prometheus() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics_handle().render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Flag(Arc<AtomicBool>);
+
+    #[async_trait]
+    impl HealthCheck for Flag {
+        fn name(&self) -> &'static str {
+            "store"
+        }
+        async fn check(&self) -> Result<(), String> {
+            if self.0.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("store down".into())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_start_checks_and_drain() {
+        let up = Arc::new(AtomicBool::new(true));
+        let health = Health::new("n1", vec![Arc::new(Flag(up.clone()))]);
+        assert!(!health.report().await.0, "not ready before start");
+        health.set_started();
+        let (ready, body) = health.report().await;
+        assert!(ready);
+        assert_eq!(body["checks"]["store"], "ok");
+        up.store(false, Ordering::SeqCst);
+        let (ready, body) = health.report().await;
+        assert!(!ready);
+        assert_eq!(body["checks"]["store"], "store down");
+        up.store(true, Ordering::SeqCst);
+        health.set_draining();
+        let (ready, body) = health.report().await;
+        assert!(!ready);
+        assert_eq!(body["status"], "draining");
+    }
+}

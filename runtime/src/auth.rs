@@ -1,0 +1,171 @@
+//! JWT authentication of sockets.
+//!
+//! Tokens are minted by the NestJS backend: HS256 with `JWT_SECRET`. The user
+//! id comes from `sub`, else `userId`, else `id` (strings or numbers); `exp` is
+//! required and enforced with a small leeway; an optional `deviceId` claim names
+//! the device.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+
+/// Clock skew tolerated on `exp`.
+pub const EXP_LEEWAY_SECS: u64 = 5;
+
+/// The development secret used by the all-in-one server when `JWT_SECRET` is
+/// not set. Never use it in production: anyone can mint tokens with it.
+pub const DEV_JWT_SECRET: &str = "quckchat-development-secret-do-not-use-in-production";
+
+/// Who a token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub device_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token names no user (sub, userId or id)")]
+    NoUser,
+}
+
+/// Verifies tokens with one HS256 secret.
+#[derive(Clone)]
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtVerifier(HS256)")
+    }
+}
+
+impl JwtVerifier {
+    pub fn hs256(secret: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = EXP_LEEWAY_SECS;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
+        Self {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let data = decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            },
+        )?;
+        let claims = data.claims;
+        let user_id = ["sub", "userId", "id"]
+            .iter()
+            .find_map(|k| claim_string(&claims, k))
+            .ok_or(AuthError::NoUser)?;
+        Ok(Identity {
+            user_id,
+            device_id: claim_string(&claims, "deviceId"),
+        })
+    }
+}
+
+fn claim_string(claims: &Map<String, Value>, key: &str) -> Option<String> {
+    match claims.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Mints an HS256 token for `user_id` valid for `ttl` (for the `quckchat
+/// token` command and tests).
+pub fn mint_token(secret: &str, user_id: &str, ttl: Duration) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": user_id,
+        "iat": now,
+        "exp": now + ttl.as_secs(),
+    });
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding of a JSON object cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_with(secret: &str, claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn minted_token_verifies() {
+        let v = JwtVerifier::hs256("s3cret");
+        let id = v
+            .verify(&mint_token("s3cret", "u1", Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(id.user_id, "u1");
+        assert_eq!(id.device_id, None);
+    }
+
+    #[test]
+    fn user_id_fallbacks_and_device() {
+        let v = JwtVerifier::hs256("k");
+        let exp = now() + 60;
+        let t = token_with(
+            "k",
+            serde_json::json!({"userId": "u2", "exp": exp, "deviceId": "d9"}),
+        );
+        assert_eq!(
+            v.verify(&t).unwrap(),
+            Identity {
+                user_id: "u2".into(),
+                device_id: Some("d9".into())
+            }
+        );
+        let t = token_with("k", serde_json::json!({"id": 42, "exp": exp}));
+        assert_eq!(v.verify(&t).unwrap().user_id, "42");
+        let t = token_with("k", serde_json::json!({"name": "x", "exp": exp}));
+        assert_eq!(v.verify(&t).unwrap_err(), AuthError::NoUser);
+    }
+
+    #[test]
+    fn refuses_wrong_secret_expired_missing_exp_and_garbage() {
+        let v = JwtVerifier::hs256("right");
+        let wrong = mint_token("wrong", "u", Duration::from_secs(60));
+        assert!(matches!(v.verify(&wrong), Err(AuthError::Invalid(_))));
+        let expired = token_with("right", serde_json::json!({"sub": "u", "exp": now() - 120}));
+        assert_eq!(v.verify(&expired).unwrap_err(), AuthError::Expired);
+        let no_exp = token_with("right", serde_json::json!({"sub": "u"}));
+        assert!(matches!(v.verify(&no_exp), Err(AuthError::Invalid(_))));
+        assert!(matches!(v.verify("not.a.jwt"), Err(AuthError::Invalid(_))));
+    }
+}

@@ -1,0 +1,227 @@
+//! The in-process bus of the all-in-one server: core-NATS semantics without a
+//! network. Exact subjects are found by hash lookup; wildcard subscriptions
+//! (few: services' command subjects) are scanned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{subject_matches, validate_subject, Bus, BusError, BusMessage, Headers, Subscription};
+
+/// Messages buffered per subscription before newer ones are dropped (as a
+/// NATS slow consumer would lose them).
+const SUBSCRIPTION_CAPACITY: usize = 65_536;
+
+#[derive(Clone)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: RwLock<Registry>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Registry {
+    exact: HashMap<String, Vec<Entry>>,
+    wildcard: Vec<(String, Entry)>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    id: u64,
+    queue_group: Option<String>,
+    tx: mpsc::Sender<BusMessage>,
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBus {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry: RwLock::new(Registry::default()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Delivers to every matching subscriber (one per queue group); returns
+    /// how many subscriptions matched.
+    fn deliver(&self, msg: BusMessage) -> usize {
+        let registry = self
+            .inner
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut plain: Vec<&Entry> = Vec::new();
+        let mut groups: HashMap<&str, Vec<&Entry>> = HashMap::new();
+        let exact = registry.exact.get(&msg.subject).into_iter().flatten();
+        let wild = registry
+            .wildcard
+            .iter()
+            .filter(|(pattern, _)| subject_matches(pattern, &msg.subject))
+            .map(|(_, e)| e);
+        for entry in exact.chain(wild) {
+            if entry.tx.is_closed() {
+                continue;
+            }
+            match &entry.queue_group {
+                Some(g) => groups.entry(g.as_str()).or_default().push(entry),
+                None => plain.push(entry),
+            }
+        }
+        let mut targets = plain;
+        for members in groups.values() {
+            targets.push(members[rand::random_range(0..members.len())]);
+        }
+        let matched = targets.len();
+        for entry in targets {
+            if entry.tx.try_send(msg.clone()).is_err() {
+                metrics::counter!("quckchat_bus_dropped_total", "bus" => "memory").increment(1);
+            }
+        }
+        matched
+    }
+}
+
+/// Removes a subscription from the registry when its stream is dropped.
+struct Unsubscribe {
+    bus: Weak<Inner>,
+    subject: String,
+    id: u64,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let Some(inner) = self.bus.upgrade() else {
+            return;
+        };
+        let mut registry = inner.registry.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = registry.exact.get_mut(&self.subject) {
+            list.retain(|e| e.id != self.id);
+            if list.is_empty() {
+                registry.exact.remove(&self.subject);
+            }
+        }
+        registry.wildcard.retain(|(_, e)| e.id != self.id);
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        validate_subject(subject, false)?;
+        self.deliver(BusMessage {
+            subject: subject.to_owned(),
+            reply: reply.map(str::to_owned),
+            headers,
+            payload,
+        });
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        validate_subject(subject, true)?;
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            id,
+            queue_group: queue_group.map(str::to_owned),
+            tx,
+        };
+        {
+            let mut registry = self
+                .inner
+                .registry
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if subject.split('.').any(|t| t == "*" || t == ">") {
+                registry.wildcard.push((subject.to_owned(), entry));
+            } else {
+                registry
+                    .exact
+                    .entry(subject.to_owned())
+                    .or_default()
+                    .push(entry);
+            }
+        }
+        let guard = Unsubscribe {
+            bus: Arc::downgrade(&self.inner),
+            subject: subject.to_owned(),
+            id,
+        };
+        Ok(Subscription::new(MemoryStream { rx, _guard: guard }))
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<BusMessage, BusError> {
+        validate_subject(subject, false)?;
+        let inbox = format!("_INBOX.{}", uuid::Uuid::new_v4().simple());
+        let mut replies = self.subscribe(&inbox, None).await?;
+        let matched = self.deliver(BusMessage {
+            subject: subject.to_owned(),
+            reply: Some(inbox),
+            headers,
+            payload,
+        });
+        if matched == 0 {
+            return Err(BusError::NoResponders(subject.to_owned()));
+        }
+        match tokio::time::timeout(timeout, replies.next()).await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(BusError::Unavailable("reply subscription ended".into())),
+            Err(_) => Err(BusError::TimedOut(subject.to_owned())),
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// One subscription's messages; dropping it unsubscribes.
+struct MemoryStream {
+    rx: mpsc::Receiver<BusMessage>,
+    _guard: Unsubscribe,
+}
+
+impl futures::Stream for MemoryStream {
+    type Item = BusMessage;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<BusMessage>> {
+        self.rx.poll_recv(cx)
+    }
+}

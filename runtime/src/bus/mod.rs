@@ -1,0 +1,222 @@
+//! The bus: how gateways and services exchange commands and events.
+//!
+//! One trait, two implementations: [`NatsBus`] (distributed mode, core NATS)
+//! and [`MemoryBus`] (the all-in-one server, in-process). Both pass one
+//! conformance suite ([`conformance`]), so code above this seam cannot tell
+//! them apart. Semantics follow core NATS:
+//!
+//! - subjects are dot-separated tokens; subscriptions may use `*` (one token)
+//!   and `>` (one or more trailing tokens);
+//! - subscribers in the same queue group share messages (each message goes to
+//!   one of them); other subscribers each get every message;
+//! - delivery is at-most-once: a subscriber that falls behind by more than its
+//!   buffer loses messages (counted in `quckchat_bus_dropped_total`);
+//! - `request` fails fast with [`BusError::NoResponders`] when nobody listens,
+//!   and with [`BusError::TimedOut`] when nobody answers in time;
+//! - dropping a [`Subscription`] unsubscribes.
+
+mod memory;
+mod nats;
+pub mod subjects;
+
+#[cfg(any(test, feature = "testsuite"))]
+pub mod conformance;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+pub use memory::MemoryBus;
+pub use nats::NatsBus;
+pub use subjects::Subjects;
+
+/// Message headers, e.g. W3C `traceparent`. Small, so a vector.
+pub type Headers = Vec<(String, String)>;
+
+/// A message as received from the bus.
+#[derive(Debug, Clone)]
+pub struct BusMessage {
+    pub subject: String,
+    /// Where to send a reply, for requests.
+    pub reply: Option<String>,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+impl BusMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("no responders on {0}")]
+    NoResponders(String),
+    #[error("request to {0} timed out")]
+    TimedOut(String),
+    #[error("invalid subject {0:?}")]
+    InvalidSubject(String),
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes a message; `reply` names where responders should answer.
+    async fn publish(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError>;
+
+    /// Subscribes to `subject` (wildcards allowed), optionally in a queue
+    /// group. Once this returns, messages published afterwards are delivered.
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> Result<Subscription, BusError>;
+
+    /// Sends a request and waits for the first reply.
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<BusMessage, BusError>;
+
+    /// Whether the bus is usable right now (for readiness).
+    fn is_connected(&self) -> bool;
+
+    /// Short name for logs and health output.
+    fn kind(&self) -> &'static str;
+}
+
+/// Answers a request message; a message without a reply subject is ignored.
+pub async fn respond(bus: &dyn Bus, to: &BusMessage, payload: Bytes) -> Result<(), BusError> {
+    match &to.reply {
+        Some(reply) => bus.publish(reply, None, Vec::new(), payload).await,
+        None => Ok(()),
+    }
+}
+
+/// A stream of messages for one subscription; dropping it unsubscribes.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = BusMessage> + Send>>,
+}
+
+impl Subscription {
+    pub(crate) fn new(inner: impl Stream<Item = BusMessage> + Send + 'static) -> Self {
+        Self {
+            inner: Box::pin(inner),
+        }
+    }
+
+    /// The next message, or `None` once the subscription has ended.
+    pub async fn next(&mut self) -> Option<BusMessage> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = BusMessage;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BusMessage>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// Checks a subject or subscription pattern: non-empty tokens without
+/// whitespace; `>` only last. Wildcards only when `pattern`.
+pub(crate) fn validate_subject(subject: &str, pattern: bool) -> Result<(), BusError> {
+    let invalid = || BusError::InvalidSubject(subject.to_owned());
+    if subject.is_empty() {
+        return Err(invalid());
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() || t.chars().any(char::is_whitespace) {
+            return Err(invalid());
+        }
+        let wild = *t == "*" || *t == ">";
+        if wild && (!pattern || (*t == ">" && i + 1 != tokens.len())) {
+            return Err(invalid());
+        }
+    }
+    Ok(())
+}
+
+/// Whether `subject` matches the subscription `pattern`.
+pub(crate) fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching() {
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+        assert!(subject_matches("a.*", "a.b"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(subject_matches("a.>", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(subject_matches("*.b.>", "x.b.y"));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate_subject("qc.cmd.chat", false).is_ok());
+        assert!(validate_subject("qc.>", true).is_ok());
+        assert!(validate_subject("qc.>", false).is_err());
+        assert!(validate_subject("qc.>.x", true).is_err());
+        assert!(validate_subject("qc..x", true).is_err());
+        assert!(validate_subject("qc.a b", true).is_err());
+        assert!(validate_subject("", true).is_err());
+    }
+
+    #[tokio::test]
+    async fn memory_bus_conformance() {
+        conformance::run_all(|| async {
+            std::sync::Arc::new(MemoryBus::new()) as std::sync::Arc<dyn Bus>
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn nats_bus_conformance() {
+        let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        conformance::run_all(|| {
+            let url = url.clone();
+            async move {
+                std::sync::Arc::new(NatsBus::connect(&url, "conformance").await.expect(
+                    "NATS must be reachable for the bus conformance suite (scripts/deps.sh starts it)",
+                )) as std::sync::Arc<dyn Bus>
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,20 @@
+//! What every QuckChat process needs, in one place so the gateway, each
+//! service and the all-in-one binary do it the same way:
+//!
+//! - [`config`]: typed configuration from the environment (exit code 64 on a
+//!   bad value, secrets masked in the start-up log);
+//! - [`auth`]: JWT verification of sockets (HS256, `JWT_SECRET`);
+//! - [`bus`]: the bus trait with its NATS and in-process implementations and
+//!   their shared conformance suite;
+//! - [`admin`]: `/health`, `/health/live`, `/health/ready`, `/metrics`;
+//! - [`telemetry`]: logging;
+//! - [`shutdown`]: SIGTERM/SIGINT handling;
+//! - [`time`]: timestamps as clients see them.
+
+pub mod admin;
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
