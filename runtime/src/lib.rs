@@ -1,20 +1,24 @@
 //! What every QuckChat process needs, in one place so the gateway, each
 //! service and the all-in-one binary do it the same way:
 //!
-//! - [`config`]: typed configuration from the environment (exit code 64 on a
+//! - [`config`] — typed configuration from the environment (exit code 64 on a
 //!   bad value, secrets masked in the start-up log);
-//! - [`auth`]: JWT verification of sockets (HS256, `JWT_SECRET`);
-//! - [`bus`]: the bus trait with its NATS and in-process implementations and
+//! - [`auth`] — JWT verification of sockets (HS256, `JWT_SECRET`);
+//! - [`ids`] — the id format shared by topics and services;
+//! - [`bus`] — the bus trait with its NATS and in-process implementations and
 //!   their shared conformance suite;
-//! - [`admin`]: `/health`, `/health/live`, `/health/ready`, `/metrics`;
-//! - [`telemetry`]: logging;
-//! - [`shutdown`]: SIGTERM/SIGINT handling;
-//! - [`time`]: timestamps as clients see them.
+//! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
+//! - [`telemetry`] — logging;
+//! - [`server`] — binding and serving HTTP on one port;
+//! - [`shutdown`] — SIGTERM/SIGINT handling;
+//! - [`time`] — timestamps as clients see them.
 
 pub mod admin;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod ids;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

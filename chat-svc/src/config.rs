@@ -1,0 +1,25 @@
+//! chat-svc configuration (distributed mode).
+
+use quckchat_runtime::config::{BusConfig, ConfigError, ConfigReader, ServerConfig, MONGODB_URL};
+
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// Admin HTTP and gRPC, on one port (default 4001).
+    pub server: ServerConfig,
+    pub bus: BusConfig,
+    pub mongodb_url: String,
+}
+
+impl ChatConfig {
+    pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            server: ServerConfig::read(r, 4001)?,
+            bus: BusConfig::read(r)?,
+            mongodb_url: r.url(
+                MONGODB_URL,
+                "mongodb://localhost:27017/quckchat",
+                &["mongodb", "mongodb+srv"],
+            )?,
+        })
+    }
+}

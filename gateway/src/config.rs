@@ -1,0 +1,146 @@
+//! Gateway configuration.
+
+use std::time::Duration;
+
+use quckchat_runtime::config::{
+    BusConfig, ConfigError, ConfigReader, ServerConfig, JWT_SECRET, SECRET_KEY_BASE,
+};
+
+pub const SOCKET_IDLE_TIMEOUT_SECS: &str = "SOCKET_IDLE_TIMEOUT_SECS";
+pub const MAX_FRAME_BYTES: &str = "MAX_FRAME_BYTES";
+pub const SOCKET_RATE_LIMIT_PER_SEC: &str = "SOCKET_RATE_LIMIT_PER_SEC";
+pub const SOCKET_OUTBOUND_QUEUE: &str = "SOCKET_OUTBOUND_QUEUE";
+pub const SOCKET_MAX_CHANNELS: &str = "SOCKET_MAX_CHANNELS";
+pub const SOCKET_MALFORMED_LIMIT: &str = "SOCKET_MALFORMED_LIMIT";
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub server: ServerConfig,
+    pub bus: BusConfig,
+    pub jwt_secret: String,
+    pub socket: SocketConfig,
+}
+
+/// Limits of one client socket.
+#[derive(Debug, Clone)]
+pub struct SocketConfig {
+    /// A socket that sends nothing for this long is closed (clients
+    /// heartbeat every 30 s).
+    pub idle_timeout: Duration,
+    /// Largest frame answered normally. Frames up to 4× this get a
+    /// `payload too large` error reply; larger ones close the socket (1009).
+    pub max_frame_bytes: usize,
+    /// Sustained pushes per second; bursts up to twice that.
+    pub rate_per_sec: u32,
+    /// Frames queued for a socket before it counts as a slow consumer and is
+    /// closed with 1013 (it reconnects and recovers with `lastSeq`).
+    pub outbound_queue: usize,
+    /// Channels one socket may have joined at once.
+    pub max_channels: usize,
+    /// Unusable frames tolerated per minute before closing with 1008.
+    pub malformed_limit: u32,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            max_frame_bytes: 64 * 1024,
+            rate_per_sec: 50,
+            outbound_queue: 1024,
+            max_channels: 100,
+            malformed_limit: 20,
+        }
+    }
+}
+
+impl SocketConfig {
+    pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let positive = |key: &'static str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::new(key, "must be at least 1"))
+            } else {
+                Ok(v)
+            }
+        };
+        Ok(Self {
+            idle_timeout: r.secs(SOCKET_IDLE_TIMEOUT_SECS, d.idle_timeout.as_secs())?,
+            max_frame_bytes: positive(
+                MAX_FRAME_BYTES,
+                r.parse(MAX_FRAME_BYTES, d.max_frame_bytes as u64)?,
+            )? as usize,
+            rate_per_sec: positive(
+                SOCKET_RATE_LIMIT_PER_SEC,
+                r.parse(SOCKET_RATE_LIMIT_PER_SEC, u64::from(d.rate_per_sec))?,
+            )? as u32,
+            outbound_queue: positive(
+                SOCKET_OUTBOUND_QUEUE,
+                r.parse(SOCKET_OUTBOUND_QUEUE, d.outbound_queue as u64)?,
+            )? as usize,
+            max_channels: positive(
+                SOCKET_MAX_CHANNELS,
+                r.parse(SOCKET_MAX_CHANNELS, d.max_channels as u64)?,
+            )? as usize,
+            malformed_limit: positive(
+                SOCKET_MALFORMED_LIMIT,
+                r.parse(SOCKET_MALFORMED_LIMIT, u64::from(d.malformed_limit))?,
+            )? as u32,
+        })
+    }
+}
+
+impl GatewayConfig {
+    /// Reads the gateway's settings. `dev_secret` is the fallback for a missing
+    /// `JWT_SECRET` (all-in-one only); without it the secret is required.
+    pub fn read(r: &mut ConfigReader<'_>, dev_secret: Option<&str>) -> Result<Self, ConfigError> {
+        let server = ServerConfig::read(r, 4000)?;
+        let bus = BusConfig::read(r)?;
+        let jwt_secret = match (r.secret(JWT_SECRET), dev_secret) {
+            (Some(s), _) => s,
+            (None, Some(dev)) => dev.to_owned(),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    JWT_SECRET,
+                    "required (HS256 secret shared with the backend)",
+                ))
+            }
+        };
+        // Kept from the Phoenix server for drop-in env files; QuckChat signs nothing with it.
+        let _ = r.secret(SECRET_KEY_BASE);
+        Ok(Self {
+            server,
+            bus,
+            jwt_secret,
+            socket: SocketConfig::read(r)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn jwt_secret_required_without_dev_fallback() {
+        let env: HashMap<&str, &str> = HashMap::new();
+        let err = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap_err();
+        assert_eq!(err.key, JWT_SECRET);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), Some("dev")).unwrap();
+        assert_eq!(cfg.jwt_secret, "dev");
+        assert_eq!(cfg.socket.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn socket_limits_are_validated() {
+        let env: HashMap<&str, &str> =
+            HashMap::from([(JWT_SECRET, "k"), (SOCKET_RATE_LIMIT_PER_SEC, "0")]);
+        let err = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap_err();
+        assert_eq!(err.key, SOCKET_RATE_LIMIT_PER_SEC);
+        let env: HashMap<&str, &str> =
+            HashMap::from([(JWT_SECRET, "k"), (SOCKET_IDLE_TIMEOUT_SECS, "2")]);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+        assert_eq!(cfg.socket.idle_timeout, Duration::from_secs(2));
+    }
+}

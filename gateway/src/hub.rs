@@ -1,0 +1,289 @@
+//! Local fan-out: one bus subscription per subject this node needs, shared by
+//! every local socket that joined it.
+//!
+//! The first socket to join a topic subscribes to `<prefix>.topic.<kind>.<id>`;
+//! later ones only register; the last to leave drops the subscription. Each
+//! event is decoded and encoded once, then the same bytes are queued to every
+//! local subscriber. A subscriber whose queue is full is a slow consumer: it
+//! is cancelled (its socket closes with 1013 and the client reconnects and
+//! catches up with `lastSeq`) rather than slowing everyone else down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+use axum::extract::ws::Utf8Bytes;
+use prost::Message as _;
+use quckchat_proto::bus::{DirectEvent, TopicEvent};
+use quckchat_runtime::bus::{Bus, BusError, BusMessage, Subscription};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{self, Vsn};
+
+/// What a subject carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectKind {
+    /// `TopicEvent`s for a channel topic.
+    Topic,
+    /// `DirectEvent`s for a user or a connection.
+    Direct,
+}
+
+/// A local socket's registration on a subject.
+#[derive(Clone)]
+pub struct Subscriber {
+    pub user_id: Arc<str>,
+    pub tx: mpsc::Sender<Delivery>,
+    /// Cancelled when the socket falls behind.
+    pub slow: CancellationToken,
+}
+
+/// One item queued to one socket.
+pub struct Delivery {
+    /// Which registration it came through (a socket may rejoin a topic).
+    pub sub_id: u64,
+    pub item: Arc<Item>,
+}
+
+pub enum Item {
+    Broadcast(Broadcast),
+    Direct(DirectEvent),
+    /// The bus subscription ended: channels on it must error and rejoin.
+    SubscriptionLost {
+        topic: Option<String>,
+    },
+}
+
+/// A topic event, encoded once per serializer for every socket.
+pub struct Broadcast {
+    pub topic: String,
+    pub event: String,
+    payload: Box<RawValue>,
+    v2: Utf8Bytes,
+    v1: OnceLock<Utf8Bytes>,
+}
+
+impl Broadcast {
+    pub fn new(topic: String, event: String, payload: Box<RawValue>) -> Self {
+        let v2 = frame::encode(Vsn::V2, None, None, &topic, &event, payload.get()).into();
+        Self {
+            topic,
+            event,
+            payload,
+            v2,
+            v1: OnceLock::new(),
+        }
+    }
+
+    /// The frame for a socket speaking `vsn`; cheap to clone.
+    pub fn frame(&self, vsn: Vsn) -> Utf8Bytes {
+        match vsn {
+            Vsn::V2 => self.v2.clone(),
+            Vsn::V1 => self
+                .v1
+                .get_or_init(|| {
+                    frame::encode(
+                        Vsn::V1,
+                        None,
+                        None,
+                        &self.topic,
+                        &self.event,
+                        self.payload.get(),
+                    )
+                    .into()
+                })
+                .clone(),
+        }
+    }
+}
+
+/// Parses a payload that came from a service: it must be JSON.
+pub fn json_payload(bytes: &[u8]) -> Option<Box<RawValue>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let text = if text.is_empty() { "{}" } else { text };
+    RawValue::from_string(text.to_owned()).ok()
+}
+
+pub struct Hub {
+    bus: Arc<dyn Bus>,
+    subjects: Mutex<HashMap<String, Arc<Entry>>>,
+    next_sub_id: AtomicU64,
+}
+
+struct Entry {
+    subject: String,
+    kind: SubjectKind,
+    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    forwarder: tokio::sync::OnceCell<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Hub {
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Self {
+            bus,
+            subjects: Mutex::new(HashMap::new()),
+            next_sub_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh registration id.
+    pub fn next_sub_id(&self) -> u64 {
+        self.next_sub_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Subjects with a live bus subscription on this node.
+    pub fn subject_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+        self.subjects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `subscriber` on `subject`; returns once the bus delivers
+    /// that subject's messages to this node.
+    pub async fn subscribe(
+        &self,
+        subject: &str,
+        kind: SubjectKind,
+        sub_id: u64,
+        subscriber: Subscriber,
+    ) -> Result<(), BusError> {
+        let entry = {
+            let mut subjects = self.lock();
+            let entry = subjects
+                .entry(subject.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Entry {
+                        subject: subject.to_owned(),
+                        kind,
+                        subscribers: RwLock::new(HashMap::new()),
+                        forwarder: tokio::sync::OnceCell::new(),
+                    })
+                })
+                .clone();
+            entry
+                .subscribers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(sub_id, subscriber);
+            entry
+        };
+        let ready = entry
+            .forwarder
+            .get_or_try_init(|| async {
+                let sub = self.bus.subscribe(&entry.subject, None).await?;
+                metrics::gauge!("quckchat_gateway_subscriptions").increment(1.0);
+                Ok::<_, BusError>(AbortOnDrop(tokio::spawn(forward(
+                    Arc::downgrade(&entry),
+                    sub,
+                ))))
+            })
+            .await;
+        match ready {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                self.unsubscribe(subject, sub_id);
+                Err(err)
+            }
+        }
+    }
+
+    /// Removes a registration; the last one out drops the bus subscription.
+    pub fn unsubscribe(&self, subject: &str, sub_id: u64) {
+        let removed = {
+            let mut subjects = self.lock();
+            let Some(entry) = subjects.get(subject) else {
+                return;
+            };
+            let mut subs = entry.subscribers.write().unwrap_or_else(|e| e.into_inner());
+            subs.remove(&sub_id);
+            let empty = subs.is_empty();
+            drop(subs);
+            if empty {
+                subjects.remove(subject)
+            } else {
+                None
+            }
+        };
+        if let Some(entry) = removed {
+            if entry.forwarder.initialized() {
+                metrics::gauge!("quckchat_gateway_subscriptions").decrement(1.0);
+            }
+        }
+    }
+}
+
+/// Moves one subject's messages from the bus to its local subscribers.
+async fn forward(entry: Weak<Entry>, mut sub: Subscription) {
+    while let Some(msg) = sub.next().await {
+        let Some(entry) = entry.upgrade() else {
+            return;
+        };
+        match decode(entry.kind, &msg) {
+            Some((item, exclude_user)) => fan_out(&entry, Arc::new(item), exclude_user.as_deref()),
+            None => {
+                metrics::counter!("quckchat_gateway_bad_events_total").increment(1);
+                tracing::warn!(subject = %msg.subject, "undecodable event dropped");
+            }
+        }
+    }
+    // The bus closed the subscription (e.g. connection lost for good).
+    if let Some(entry) = entry.upgrade() {
+        fan_out(
+            &entry,
+            Arc::new(Item::SubscriptionLost { topic: None }),
+            None,
+        );
+    }
+}
+
+fn decode(kind: SubjectKind, msg: &BusMessage) -> Option<(Item, Option<String>)> {
+    match kind {
+        SubjectKind::Topic => {
+            let ev = TopicEvent::decode(msg.payload.as_ref()).ok()?;
+            let payload = json_payload(&ev.payload)?;
+            let exclude = (!ev.exclude_user_id.is_empty()).then_some(ev.exclude_user_id);
+            Some((
+                Item::Broadcast(Broadcast::new(ev.topic, ev.event, payload)),
+                exclude,
+            ))
+        }
+        SubjectKind::Direct => Some((
+            Item::Direct(DirectEvent::decode(msg.payload.as_ref()).ok()?),
+            None,
+        )),
+    }
+}
+
+fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
+    let subs = entry.subscribers.read().unwrap_or_else(|e| e.into_inner());
+    let mut delivered = 0u64;
+    for (sub_id, s) in subs.iter() {
+        if exclude_user.is_some_and(|u| u == &*s.user_id) {
+            continue;
+        }
+        match s.tx.try_send(Delivery {
+            sub_id: *sub_id,
+            item: item.clone(),
+        }) {
+            Ok(()) => delivered += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
+                s.slow.cancel();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+    metrics::counter!("quckchat_gateway_deliveries_total").increment(delivered);
+}

@@ -1,0 +1,262 @@
+//! The QuckChat gateway: WebSocket endpoint of the Phoenix Channels protocol
+//! (PROTOCOL.md §1–2), stateless apart from its sockets.
+//!
+//! - [`frame`] — the 2.0.0 / 1.0.0 serializers;
+//! - [`routing`] — topic kinds → owning service, topic id validation;
+//! - [`socket`] — one socket's channels, heartbeats, limits, replies;
+//! - [`hub`] — one bus subscription per topic per node, fanned out locally.
+//!
+//! A client push travels: socket → [`socket`] → bus request on
+//! `<prefix>.cmd.<service>` → service → reply → `phx_reply`. A broadcast
+//! travels: service → `<prefix>.topic.<kind>.<id>` → [`hub`] → every local
+//! socket that joined the topic. Losing a gateway loses no data: clients
+//! reconnect elsewhere and rejoin.
+
+pub mod config;
+pub mod frame;
+pub mod hub;
+pub mod routing;
+pub mod socket;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use prost::Message as _;
+use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle, NodeHeartbeat};
+use quckchat_runtime::auth::JwtVerifier;
+use quckchat_runtime::bus::{Bus, Subjects};
+use quckchat_runtime::time::now_ms;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{GatewayConfig, SocketConfig};
+use frame::Vsn;
+use socket::Peer;
+
+/// Subprotocol prefix carrying the token (phoenix ≥ 1.8 `authToken`).
+const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
+/// How often this node tells presence it is alive.
+const NODE_HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+
+/// State shared by every socket of this gateway.
+pub struct Shared {
+    pub(crate) config: GatewayConfig,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) subjects: Subjects,
+    pub(crate) hub: hub::Hub,
+    pub(crate) shutdown: CancellationToken,
+    verifier: JwtVerifier,
+    sockets: TaskTracker,
+    connections: AtomicUsize,
+}
+
+/// A gateway: build it, mount [`Gateway::router`], and on shutdown await
+/// [`Gateway::drained`].
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig, bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Self {
+        let subjects = Subjects::new(config.bus.subject_prefix.clone());
+        let verifier = JwtVerifier::hs256(&config.jwt_secret);
+        let shared = Arc::new(Shared {
+            hub: hub::Hub::new(bus.clone()),
+            config,
+            bus,
+            subjects,
+            shutdown,
+            verifier,
+            sockets: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+        });
+        let gateway = Self { shared };
+        gateway.spawn_node_heartbeat();
+        gateway
+    }
+
+    /// `GET /socket/websocket` (the Phoenix client appends `/websocket`).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/socket/websocket", get(upgrade))
+            .with_state(self.shared.clone())
+    }
+
+    /// Open sockets on this node.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every socket has closed (they close by themselves within
+    /// the drain window once shutdown begins), at most `bound`.
+    pub async fn drained(&self, bound: Duration) {
+        self.shared.sockets.close();
+        if tokio::time::timeout(bound, self.shared.sockets.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.connections(),
+                "sockets still open after the drain window"
+            );
+        }
+    }
+
+    fn spawn_node_heartbeat(&self) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(NODE_HEARTBEAT_EVERY);
+            loop {
+                tokio::select! {
+                    () = shared.shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let beat = NodeHeartbeat {
+                    node_id: shared.config.server.node_name.clone(),
+                    connections: u32::try_from(shared.connections.load(Ordering::Relaxed))
+                        .unwrap_or(u32::MAX),
+                    at_ms: now_ms(),
+                };
+                let subject = shared.subjects.node_heartbeat();
+                if let Err(err) = shared
+                    .bus
+                    .publish(&subject, None, Vec::new(), beat.encode_to_vec().into())
+                    .await
+                {
+                    tracing::debug!(%err, "node heartbeat not sent");
+                }
+            }
+        });
+    }
+}
+
+/// Extracts the token from the connect params or the bearer subprotocol.
+fn token_from(params: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
+    if let Some(t) = params.get("token").filter(|t| !t.is_empty()) {
+        return Some(t.clone());
+    }
+    headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
+        .and_then(|b64| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(b64.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if shared.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server shutting down").into_response();
+    }
+    let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "unsupported vsn: use 2.0.0 or 1.0.0",
+        )
+            .into_response();
+    };
+    let identity = match token_from(&params, &headers).map(|t| shared.verifier.verify(&t)) {
+        Some(Ok(identity)) => identity,
+        Some(Err(err)) => {
+            metrics::counter!("quckchat_gateway_auth_refused_total").increment(1);
+            tracing::debug!(%err, "socket refused");
+            return StatusCode::FORBIDDEN.into_response();
+        }
+        None => {
+            metrics::counter!("quckchat_gateway_auth_refused_total").increment(1);
+            return StatusCode::FORBIDDEN.into_response();
+        }
+    };
+    let device_id = identity
+        .device_id
+        .or_else(|| {
+            params
+                .get("deviceId")
+                .filter(|d| routing::valid_id(d))
+                .cloned()
+        })
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let peer = Peer {
+        conn_id: uuid::Uuid::new_v4().simple().to_string(),
+        user_id: identity.user_id.into(),
+        device_id,
+        vsn,
+    };
+    let max = shared.config.socket.max_frame_bytes;
+    let tracker = shared.sockets.clone();
+    ws.protocols(["phoenix"])
+        .max_message_size(max * 4)
+        .max_frame_size(max * 4)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                lifecycle(&shared, &peer, connection_lifecycle::Kind::Opened).await;
+                socket::run(socket, shared.clone(), peer.clone()).await;
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+                lifecycle(&shared, &peer, connection_lifecycle::Kind::Closed).await;
+            })
+        })
+}
+
+/// Reports a socket opening or closing (presence listens).
+async fn lifecycle(shared: &Shared, peer: &Peer, kind: connection_lifecycle::Kind) {
+    let event = ConnectionLifecycle {
+        kind: kind as i32,
+        node_id: shared.config.server.node_name.clone(),
+        conn_id: peer.conn_id.clone(),
+        user_id: peer.user_id.to_string(),
+        device_id: peer.device_id.clone(),
+        at_ms: now_ms(),
+    };
+    let subject = shared.subjects.connection_lifecycle();
+    if let Err(err) = shared
+        .bus
+        .publish(&subject, None, Vec::new(), event.encode_to_vec().into())
+        .await
+    {
+        tracing::debug!(%err, "connection lifecycle not sent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_from_param_or_bearer_subprotocol() {
+        let mut params = HashMap::new();
+        let mut headers = HeaderMap::new();
+        assert_eq!(token_from(&params, &headers), None);
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("a.b.c");
+        headers.insert(
+            "sec-websocket-protocol",
+            format!("phoenix, {BEARER_PROTOCOL_PREFIX}{b64}")
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(token_from(&params, &headers).as_deref(), Some("a.b.c"));
+        params.insert("token".to_owned(), "x.y.z".to_owned());
+        assert_eq!(token_from(&params, &headers).as_deref(), Some("x.y.z"));
+    }
+}

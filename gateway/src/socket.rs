@@ -1,0 +1,811 @@
+//! One client socket: Phoenix channel semantics on top of the bus.
+//!
+//! A single task owns the socket. It reads frames, answers heartbeats, keeps
+//! the socket's channels (joined topics), forwards pushes to the owning
+//! service as bus requests, and writes replies and fan-out deliveries. Pushes
+//! on one channel are handled one at a time, in order, as a Phoenix channel
+//! process would; different channels proceed concurrently.
+//!
+//! Written against `Stream + Sink` of WebSocket messages so the protocol is
+//! tested without a network.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use prost::Message as _;
+use quckchat_proto::bus::{command_reply, direct_event, ClientCommand, CommandReply};
+use quckchat_runtime::bus::BusError;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{self, FrameError, InFrame, Vsn};
+use crate::hub::{json_payload, Delivery, Item, SubjectKind, Subscriber};
+use crate::routing::{self, Route, TopicError};
+use crate::Shared;
+
+/// Close codes (RFC 6455 and IANA registry).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Who is on the socket.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub conn_id: String,
+    pub user_id: Arc<str>,
+    pub device_id: String,
+    pub vsn: Vsn,
+}
+
+struct Channel {
+    join_ref: Option<String>,
+    sub_id: u64,
+    route: &'static Route,
+    joined: bool,
+    /// Deliveries that arrived while joining; written after the join reply.
+    held: Vec<Delivery>,
+    /// Pushes waiting for the one in flight.
+    queue: VecDeque<Push>,
+    busy: bool,
+}
+
+struct Push {
+    ref_: Option<String>,
+    event: String,
+    payload: Box<RawValue>,
+}
+
+struct Completion {
+    topic: String,
+    join_ref: Option<String>,
+    sub_id: u64,
+    ref_: Option<String>,
+    join: bool,
+    result: Result<CommandReply, String>,
+}
+
+/// Why the loop ended, for the close frame.
+struct Close(u16, &'static str);
+
+struct Strikes {
+    window_start: Instant,
+    count: u32,
+}
+
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+}
+
+pub async fn run<S, E>(ws: S, shared: Arc<Shared>, peer: Peer)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+{
+    let (tx, rx) = mpsc::channel(shared.config.socket.outbound_queue);
+    let mut socket = Socket {
+        shared: shared.clone(),
+        peer,
+        ws,
+        channels: HashMap::new(),
+        tx,
+        slow: CancellationToken::new(),
+        inflight: FuturesUnordered::new(),
+        strikes: Strikes {
+            window_start: Instant::now(),
+            count: 0,
+        },
+        rate: RateLimit {
+            tokens: f64::from(shared.config.socket.rate_per_sec) * 2.0,
+            last: Instant::now(),
+        },
+        user_sub_id: shared.hub.next_sub_id(),
+    };
+    socket.serve(rx).await;
+}
+
+struct Socket<S> {
+    shared: Arc<Shared>,
+    peer: Peer,
+    ws: S,
+    channels: HashMap<String, Channel>,
+    tx: mpsc::Sender<Delivery>,
+    slow: CancellationToken,
+    inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
+    strikes: Strikes,
+    rate: RateLimit,
+    user_sub_id: u64,
+}
+
+impl<S, E> Socket<S>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+{
+    fn subscriber(&self) -> Subscriber {
+        Subscriber {
+            user_id: self.peer.user_id.clone(),
+            tx: self.tx.clone(),
+            slow: self.slow.clone(),
+        }
+    }
+
+    async fn serve(&mut self, mut rx: mpsc::Receiver<Delivery>) {
+        metrics::gauge!("quckchat_gateway_connections").increment(1.0);
+        let user_subject = self.shared.subjects.user(&self.peer.user_id);
+        if let Err(err) = self
+            .shared
+            .hub
+            .subscribe(
+                &user_subject,
+                SubjectKind::Direct,
+                self.user_sub_id,
+                self.subscriber(),
+            )
+            .await
+        {
+            tracing::warn!(conn_id = %self.peer.conn_id, %err, "user subscription failed");
+        }
+        let close = self.event_loop(&mut rx).await;
+        if let Some(Close(code, reason)) = close {
+            let _ = self
+                .ws
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+        }
+        let _ = self.ws.close().await;
+        let topics: Vec<String> = self.channels.keys().cloned().collect();
+        for topic in topics {
+            self.drop_channel(&topic);
+        }
+        self.shared.hub.unsubscribe(&user_subject, self.user_sub_id);
+        metrics::gauge!("quckchat_gateway_connections").decrement(1.0);
+    }
+
+    async fn event_loop(&mut self, rx: &mut mpsc::Receiver<Delivery>) -> Option<Close> {
+        let idle_timeout = self.shared.config.socket.idle_timeout;
+        let idle = sleep_until(Instant::now() + idle_timeout);
+        tokio::pin!(idle);
+        let shutdown = self.shared.shutdown.clone();
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let drain = sleep_until(far);
+        tokio::pin!(drain);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                biased;
+                () = self.slow.cancelled() => return Some(Close(close_code::TRY_AGAIN_LATER, "slow consumer")),
+                () = shutdown.cancelled(), if !draining => {
+                    // Spread reconnects over the drain window.
+                    draining = true;
+                    let window = self.shared.config.server.drain.mul_f64(0.8);
+                    drain.as_mut().reset(Instant::now() + window.mul_f64(rand::random::<f64>()));
+                }
+                () = &mut drain, if draining => return Some(Close(close_code::RESTART, "server restart")),
+                () = &mut idle => return Some(Close(close_code::NORMAL, "idle timeout")),
+                incoming = self.ws.next() => {
+                    let msg = match incoming {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(_)) | None => return None,
+                    };
+                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    match self.on_message(msg).await {
+                        Ok(()) => {}
+                        Err(close) => return close,
+                    }
+                }
+                Some(delivery) = rx.recv() => {
+                    if self.on_delivery(delivery).await.is_err() {
+                        return None;
+                    }
+                    // Write what else is queued, then flush once.
+                    let mut batch = 0;
+                    while batch < 64 {
+                        let Ok(delivery) = rx.try_recv() else { break };
+                        if self.on_delivery(delivery).await.is_err() {
+                            return None;
+                        }
+                        batch += 1;
+                    }
+                    if self.ws.flush().await.is_err() {
+                        return None;
+                    }
+                }
+                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if self.on_completion(done).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a frame without flushing.
+    async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ()> {
+        self.ws.feed(Message::Text(text)).await.map_err(|_| ())
+    }
+
+    async fn write(&mut self, text: String) -> Result<(), ()> {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|_| ())
+    }
+
+    async fn reply(
+        &mut self,
+        join_ref: Option<&str>,
+        ref_: Option<&str>,
+        topic: &str,
+        ok: bool,
+        response: &str,
+    ) -> Result<(), ()> {
+        let payload = frame::reply_payload(ok, response);
+        let text = frame::encode(self.peer.vsn, join_ref, ref_, topic, "phx_reply", &payload);
+        self.write(text).await
+    }
+
+    async fn error(
+        &mut self,
+        join_ref: Option<&str>,
+        ref_: Option<&str>,
+        topic: &str,
+        reason: &str,
+    ) -> Result<(), ()> {
+        self.reply(join_ref, ref_, topic, false, &frame::reason(reason))
+            .await
+    }
+
+    /// `phx_close` for a channel, as Phoenix sends it (ref = join_ref).
+    async fn send_close(&mut self, join_ref: Option<&str>, topic: &str) -> Result<(), ()> {
+        let text = frame::encode(self.peer.vsn, join_ref, join_ref, topic, "phx_close", "{}");
+        self.write(text).await
+    }
+
+    /// Counts an unusable frame; too many in a minute closes the socket.
+    fn strike(&mut self) -> Result<(), Option<Close>> {
+        metrics::counter!("quckchat_gateway_malformed_frames_total").increment(1);
+        let now = Instant::now();
+        if now.duration_since(self.strikes.window_start) > Duration::from_secs(60) {
+            self.strikes = Strikes {
+                window_start: now,
+                count: 0,
+            };
+        }
+        self.strikes.count += 1;
+        if self.strikes.count > self.shared.config.socket.malformed_limit {
+            return Err(Some(Close(close_code::POLICY, "too many malformed frames")));
+        }
+        Ok(())
+    }
+
+    /// Takes one token from the push budget.
+    fn allow_push(&mut self) -> bool {
+        let rate = f64::from(self.shared.config.socket.rate_per_sec);
+        let now = Instant::now();
+        let refill = now.duration_since(self.rate.last).as_secs_f64() * rate;
+        self.rate.tokens = (self.rate.tokens + refill).min(rate * 2.0);
+        self.rate.last = now;
+        if self.rate.tokens >= 1.0 {
+            self.rate.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) -> Result<(), Option<Close>> {
+        let max = self.shared.config.socket.max_frame_bytes;
+        match msg {
+            Message::Text(text) => {
+                let decoded = frame::decode_text(self.peer.vsn, text.as_str());
+                if text.len() > max {
+                    return match decoded {
+                        Ok(InFrame {
+                            join_ref,
+                            ref_: Some(ref_),
+                            topic,
+                            ..
+                        })
+                        | Err(FrameError::Invalid {
+                            join_ref,
+                            ref_,
+                            topic,
+                            ..
+                        }) => {
+                            metrics::counter!("quckchat_gateway_oversized_frames_total")
+                                .increment(1);
+                            let body =
+                                serde_json::json!({"reason": "payload too large", "limit": max});
+                            self.reply(
+                                join_ref.as_deref(),
+                                Some(&ref_),
+                                &topic,
+                                false,
+                                &body.to_string(),
+                            )
+                            .await
+                            .map_err(|()| None)
+                        }
+                        _ => self.strike(),
+                    };
+                }
+                match decoded {
+                    Ok(frame) => self.on_frame(frame).await.map_err(|()| None),
+                    Err(FrameError::Invalid {
+                        join_ref,
+                        ref_,
+                        topic,
+                        reason,
+                    }) => {
+                        self.strike()?;
+                        self.error(join_ref.as_deref(), Some(&ref_), &topic, &reason)
+                            .await
+                            .map_err(|()| None)
+                    }
+                    Err(FrameError::Unusable) => self.strike(),
+                }
+            }
+            Message::Binary(data) => match frame::decode_binary_push(&data) {
+                Some(p) => self
+                    .error(
+                        p.join_ref.as_deref(),
+                        Some(&p.ref_),
+                        &p.topic,
+                        "binary payloads are not supported",
+                    )
+                    .await
+                    .map_err(|()| None),
+                None => self.strike(),
+            },
+            Message::Close(_) => Err(None),
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+        }
+    }
+
+    async fn on_frame(&mut self, f: InFrame) -> Result<(), ()> {
+        if f.topic == "phoenix" && f.event == "heartbeat" {
+            return self
+                .reply(None, f.ref_.as_deref(), "phoenix", true, "{}")
+                .await;
+        }
+        if !self.allow_push() {
+            metrics::counter!("quckchat_gateway_rate_limited_total").increment(1);
+            return self
+                .error(
+                    f.join_ref.as_deref(),
+                    f.ref_.as_deref(),
+                    &f.topic,
+                    "rate_limited",
+                )
+                .await;
+        }
+        if f.event == "phx_join" {
+            return self.join(f).await;
+        }
+        let Some(channel) = self.channels.get_mut(&f.topic) else {
+            return self
+                .error(
+                    f.join_ref.as_deref(),
+                    f.ref_.as_deref(),
+                    &f.topic,
+                    "unmatched topic",
+                )
+                .await;
+        };
+        if f.event == "phx_leave" {
+            let join_ref = channel.join_ref.clone();
+            self.abandon(&f.topic).await?;
+            self.reply(join_ref.as_deref(), f.ref_.as_deref(), &f.topic, true, "{}")
+                .await?;
+            return self.send_close(join_ref.as_deref(), &f.topic).await;
+        }
+        if channel.queue.len() >= self.shared.config.socket.outbound_queue {
+            let join_ref = channel.join_ref.clone();
+            return self
+                .error(
+                    join_ref.as_deref(),
+                    f.ref_.as_deref(),
+                    &f.topic,
+                    "rate_limited",
+                )
+                .await;
+        }
+        channel.queue.push_back(Push {
+            ref_: f.ref_,
+            event: f.event,
+            payload: f.payload,
+        });
+        self.pump(&f.topic);
+        Ok(())
+    }
+
+    async fn join(&mut self, f: InFrame) -> Result<(), ()> {
+        let route = match routing::route(&f.topic) {
+            Ok(route) => route,
+            Err(e) => {
+                let reason = match e {
+                    TopicError::Unmatched => "unmatched topic",
+                    TopicError::Invalid => "invalid topic",
+                };
+                return self
+                    .error(f.join_ref.as_deref(), f.ref_.as_deref(), &f.topic, reason)
+                    .await;
+            }
+        };
+        if let Some(old) = self.channels.get(&f.topic) {
+            // A second join closes the first, as Phoenix does.
+            let old_ref = old.join_ref.clone();
+            self.abandon(&f.topic).await?;
+            self.send_close(old_ref.as_deref(), &f.topic).await?;
+        } else if self.channels.len() >= self.shared.config.socket.max_channels {
+            return self
+                .error(
+                    f.join_ref.as_deref(),
+                    f.ref_.as_deref(),
+                    &f.topic,
+                    "too many channels",
+                )
+                .await;
+        }
+        let sub_id = self.shared.hub.next_sub_id();
+        self.channels.insert(
+            f.topic.clone(),
+            Channel {
+                join_ref: f.join_ref.clone(),
+                sub_id,
+                route,
+                joined: false,
+                held: Vec::new(),
+                queue: VecDeque::new(),
+                busy: true,
+            },
+        );
+        let shared = self.shared.clone();
+        let subscriber = self.subscriber();
+        let command = self.command(&f.topic, "phx_join", f.payload.get());
+        let topic = f.topic;
+        let ref_ = f.ref_;
+        let join_ref = f.join_ref;
+        self.inflight.push(Box::pin(async move {
+            let subject = shared.subjects.topic(&topic);
+            let result = match shared
+                .hub
+                .subscribe(&subject, SubjectKind::Topic, sub_id, subscriber)
+                .await
+            {
+                Ok(()) => shared.request(route, command).await,
+                Err(err) => {
+                    tracing::warn!(%err, %topic, "topic subscription failed");
+                    Err("service unavailable".to_owned())
+                }
+            };
+            Completion {
+                topic,
+                join_ref,
+                sub_id,
+                ref_,
+                join: true,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    fn command(&self, topic: &str, event: &str, payload: &str) -> ClientCommand {
+        ClientCommand {
+            conn_id: self.peer.conn_id.clone(),
+            user_id: self.peer.user_id.to_string(),
+            device_id: self.peer.device_id.clone(),
+            topic: topic.to_owned(),
+            event: event.to_owned(),
+            payload: payload.as_bytes().to_vec(),
+        }
+    }
+
+    /// Starts the next queued push of a channel if none is in flight.
+    fn pump(&mut self, topic: &str) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if channel.busy || !channel.joined {
+            return;
+        }
+        let Some(push) = channel.queue.pop_front() else {
+            return;
+        };
+        channel.busy = true;
+        let (sub_id, route, join_ref) = (channel.sub_id, channel.route, channel.join_ref.clone());
+        let command = self.command(topic, &push.event, push.payload.get());
+        let shared = self.shared.clone();
+        let topic = topic.to_owned();
+        self.inflight.push(Box::pin(async move {
+            let result = shared.request(route, command).await;
+            Completion {
+                topic,
+                join_ref,
+                sub_id,
+                ref_: push.ref_,
+                join: false,
+                result,
+            }
+        }));
+    }
+
+    async fn on_completion(&mut self, done: Completion) -> Result<(), ()> {
+        let current = self
+            .channels
+            .get(&done.topic)
+            .is_some_and(|c| c.sub_id == done.sub_id);
+        if !current {
+            // The channel was left or replaced meanwhile. A superseded join
+            // already got its phx_close; a push still gets its one reply.
+            if done.join {
+                return Ok(());
+            }
+            let (ok, response) = match &done.result {
+                Ok(r) => (
+                    r.status() == command_reply::Status::Ok,
+                    json_payload(&r.response)
+                        .map(|r| r.get().to_owned())
+                        .unwrap_or_else(|| "{}".into()),
+                ),
+                Err(reason) => (false, frame::reason(reason)),
+            };
+            return self
+                .reply(
+                    done.join_ref.as_deref(),
+                    done.ref_.as_deref(),
+                    &done.topic,
+                    ok,
+                    &response,
+                )
+                .await;
+        }
+        let join_ref = done.join_ref.clone();
+        let topic = done.topic;
+        let reply = match done.result {
+            Ok(reply) => reply,
+            Err(reason) => {
+                if done.join {
+                    self.abandon(&topic).await?;
+                } else if let Some(ch) = self.channels.get_mut(&topic) {
+                    ch.busy = false;
+                }
+                self.error(join_ref.as_deref(), done.ref_.as_deref(), &topic, &reason)
+                    .await?;
+                self.pump(&topic);
+                return Ok(());
+            }
+        };
+        let ok = reply.status() == command_reply::Status::Ok;
+        let response = json_payload(&reply.response)
+            .map(|r| r.get().to_owned())
+            .unwrap_or_else(|| frame::reason("internal error"));
+        if done.join && !ok {
+            metrics::counter!("quckchat_gateway_joins_total", "result" => "refused").increment(1);
+            self.abandon(&topic).await?;
+            return self
+                .reply(
+                    join_ref.as_deref(),
+                    done.ref_.as_deref(),
+                    &topic,
+                    false,
+                    &response,
+                )
+                .await;
+        }
+        self.reply(
+            join_ref.as_deref(),
+            done.ref_.as_deref(),
+            &topic,
+            ok,
+            &response,
+        )
+        .await?;
+        for ev in reply.followups {
+            let payload = json_payload(&ev.payload)
+                .map(|p| p.get().to_owned())
+                .unwrap_or_else(|| "{}".into());
+            let text = frame::encode(
+                self.peer.vsn,
+                join_ref.as_deref(),
+                None,
+                &topic,
+                &ev.event,
+                &payload,
+            );
+            self.feed(text.into()).await?;
+        }
+        let held = match self.channels.get_mut(&topic) {
+            Some(ch) => {
+                ch.busy = false;
+                if done.join {
+                    metrics::counter!("quckchat_gateway_joins_total", "result" => "ok")
+                        .increment(1);
+                    ch.joined = true;
+                }
+                std::mem::take(&mut ch.held)
+            }
+            None => Vec::new(),
+        };
+        for delivery in held {
+            self.on_delivery(delivery).await?;
+        }
+        self.ws.flush().await.map_err(|_| ())?;
+        self.pump(&topic);
+        Ok(())
+    }
+
+    /// Writes one fan-out delivery (fed, not flushed).
+    async fn on_delivery(&mut self, d: Delivery) -> Result<(), ()> {
+        let topic = match &*d.item {
+            Item::Broadcast(b) => b.topic.clone(),
+            Item::Direct(ev) => ev.topic.clone(),
+            Item::SubscriptionLost { topic } => match topic {
+                Some(t) => t.clone(),
+                None => return self.on_subscription_lost(d.sub_id).await,
+            },
+        };
+        let Some(channel) = self.channels.get_mut(&topic) else {
+            return Ok(());
+        };
+        let direct = matches!(&*d.item, Item::Direct(_));
+        if !direct && channel.sub_id != d.sub_id {
+            return Ok(());
+        }
+        if !channel.joined {
+            if channel.held.len() >= self.shared.config.socket.outbound_queue {
+                self.slow.cancel();
+            } else {
+                channel.held.push(d);
+            }
+            return Ok(());
+        }
+        let join_ref = channel.join_ref.clone();
+        match &*d.item {
+            Item::Broadcast(b) => {
+                let text = b.frame(self.peer.vsn);
+                self.feed(text).await
+            }
+            Item::Direct(ev) => match &ev.kind {
+                Some(direct_event::Kind::Push(p)) => {
+                    let payload = json_payload(&p.payload)
+                        .map(|p| p.get().to_owned())
+                        .unwrap_or_else(|| "{}".into());
+                    let text = frame::encode(
+                        self.peer.vsn,
+                        join_ref.as_deref(),
+                        None,
+                        &topic,
+                        &p.event,
+                        &payload,
+                    );
+                    self.feed(text.into()).await
+                }
+                Some(direct_event::Kind::Close(_)) => {
+                    self.abandon(&topic).await?;
+                    self.send_close(join_ref.as_deref(), &topic).await
+                }
+                None => Ok(()),
+            },
+            Item::SubscriptionLost { .. } => Ok(()),
+        }
+    }
+
+    /// The bus subscription behind a channel ended: `phx_error` so the client
+    /// rejoins (with backoff) and resubscribes.
+    async fn on_subscription_lost(&mut self, sub_id: u64) -> Result<(), ()> {
+        let Some((topic, join_ref)) = self
+            .channels
+            .iter()
+            .find(|(_, c)| c.sub_id == sub_id)
+            .map(|(t, c)| (t.clone(), c.join_ref.clone()))
+        else {
+            return Ok(());
+        };
+        self.abandon(&topic).await?;
+        let text = frame::encode(
+            self.peer.vsn,
+            join_ref.as_deref(),
+            join_ref.as_deref(),
+            &topic,
+            "phx_error",
+            "{}",
+        );
+        self.write(text).await
+    }
+
+    /// Forgets a channel and answers the pushes still queued on it, so every
+    /// push gets exactly one reply.
+    async fn abandon(&mut self, topic: &str) -> Result<(), ()> {
+        let Some(channel) = self.drop_channel(topic) else {
+            return Ok(());
+        };
+        for push in channel.queue {
+            self.error(
+                channel.join_ref.as_deref(),
+                push.ref_.as_deref(),
+                topic,
+                "unmatched topic",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a channel: its hub registration, and tells the service when it
+    /// wants to know.
+    fn drop_channel(&mut self, topic: &str) -> Option<Channel> {
+        let channel = self.channels.remove(topic)?;
+        self.shared
+            .hub
+            .unsubscribe(&self.shared.subjects.topic(topic), channel.sub_id);
+        if channel.route.notify_leave && channel.joined {
+            let command = self.command(topic, "phx_leave", "{}");
+            let shared = self.shared.clone();
+            let route = channel.route;
+            tokio::spawn(async move { shared.notify(route, command).await });
+        }
+        Some(channel)
+    }
+}
+
+impl Shared {
+    /// Sends a command to the service owning `route` and waits for its reply.
+    /// Errors come back as a client-facing reason.
+    pub(crate) async fn request(
+        &self,
+        route: &Route,
+        command: ClientCommand,
+    ) -> Result<CommandReply, String> {
+        let subject = self.subjects.command(route.service);
+        let started = std::time::Instant::now();
+        let res = self
+            .bus
+            .request(
+                &subject,
+                Vec::new(),
+                command.encode_to_vec().into(),
+                self.config.bus.request_timeout,
+            )
+            .await;
+        metrics::histogram!("quckchat_gateway_command_seconds", "service" => route.service)
+            .record(started.elapsed().as_secs_f64());
+        match res {
+            Ok(msg) => CommandReply::decode(msg.payload.as_ref()).map_err(|err| {
+                tracing::warn!(%err, service = route.service, "undecodable reply");
+                "internal error".to_owned()
+            }),
+            Err(BusError::TimedOut(_)) => Err("timeout".to_owned()),
+            Err(err) => {
+                tracing::warn!(%err, service = route.service, "command not delivered");
+                Err("service unavailable".to_owned())
+            }
+        }
+    }
+
+    /// Fire-and-forget notice to a service (no reply expected).
+    pub(crate) async fn notify(&self, route: &Route, command: ClientCommand) {
+        let subject = self.subjects.command(route.service);
+        if let Err(err) = self
+            .bus
+            .publish(&subject, None, Vec::new(), command.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(%err, service = route.service, "leave notice not sent");
+        }
+    }
+}

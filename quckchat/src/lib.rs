@@ -1,0 +1,117 @@
+//! The all-in-one QuckChat server: the gateway and every service in one
+//! process, over the in-process bus, with the embedded store under
+//! `DATA_DIR`. The same service code runs distributed over NATS and MongoDB;
+//! only the three seams (bus, store, ephemeral state) differ.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use quckchat_chat::grpc::ChatGrpc;
+use quckchat_chat::service::ChatService;
+use quckchat_chat::store::{ChatStore, EmbeddedStore};
+use quckchat_chat::{commands, StoreHealth};
+use quckchat_gateway::{Gateway, GatewayConfig};
+use quckchat_runtime::admin::{self, BusHealth, Health};
+use quckchat_runtime::auth::DEV_JWT_SECRET;
+use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
+use quckchat_runtime::config::{ConfigError, ConfigReader, DATA_DIR};
+use quckchat_runtime::server;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Configuration of the all-in-one server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub gateway: GatewayConfig,
+    /// Where the embedded store keeps its file.
+    pub data_dir: PathBuf,
+}
+
+impl ServeConfig {
+    pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            gateway: GatewayConfig::read(r, Some(DEV_JWT_SECRET))?,
+            data_dir: PathBuf::from(r.string(DATA_DIR, "./data")),
+        })
+    }
+}
+
+/// A token cancelled by SIGTERM/SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    quckchat_runtime::shutdown::cancel_on_signal(token.clone());
+    token
+}
+
+/// Binds `PORT` and runs until `shutdown` is cancelled.
+pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = server::bind(config.gateway.server.listen_addr()).await?;
+    run(config, listener, shutdown.cancelled_owned()).await
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    {
+        let token = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+    }
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    let store: Arc<dyn ChatStore> = Arc::new(
+        EmbeddedStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
+    );
+    let subjects = Subjects::new(config.gateway.bus.subject_prefix.clone());
+    let drain = config.gateway.server.drain;
+    let chat = Arc::new(ChatService::new(
+        store.clone(),
+        bus.clone(),
+        subjects.clone(),
+    ));
+    // The chat service keeps answering while sockets drain; it stops after.
+    let chat_stop = CancellationToken::new();
+    let chat_consumer = commands::serve(
+        chat.clone(),
+        bus.clone(),
+        &subjects,
+        chat_stop.clone(),
+        drain,
+    )
+    .await?;
+    let health = Health::new(
+        config.gateway.server.node_name.clone(),
+        vec![
+            Arc::new(BusHealth(bus.clone())),
+            Arc::new(StoreHealth(store)),
+        ],
+    );
+    let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
+    let router = gateway
+        .router()
+        .merge(admin::router(health.clone()))
+        .merge(tonic::service::Routes::new(ChatGrpc::server(chat)).into_axum_router());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "quckchat listening (all-in-one)");
+    health.set_started();
+    let draining = {
+        let (token, health) = (token.clone(), health.clone());
+        async move {
+            token.cancelled().await;
+            health.set_draining();
+        }
+    };
+    let (served, ()) = tokio::join!(server::serve(listener, router, token.clone()), draining);
+    served?;
+    gateway.drained(drain).await;
+    chat_stop.cancel();
+    chat_consumer.await?;
+    tracing::info!("quckchat stopped");
+    Ok(())
+}

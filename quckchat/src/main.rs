@@ -1,0 +1,185 @@
+//! `quckchat`: the all-in-one server and the commands people and scripts use
+//! with it.
+//!
+//! - `quckchat` (or `quckchat serve`): gateway + chat service in one process,
+//!   in-process bus, embedded store under `DATA_DIR`; nothing else to install.
+//! - `quckchat token <userId> [--ttl 1h]`: prints a JWT signed with `JWT_SECRET`.
+//! - `quckchat conversation put <id> --members u1,u2`: upserts membership
+//!   through the server's gRPC API.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use quckchat::{serve, ServeConfig};
+use quckchat_proto::chat::chat_service_client::ChatServiceClient;
+use quckchat_proto::chat::{GetConversationRequest, UpsertConversationRequest};
+use quckchat_runtime::auth::{mint_token, DEV_JWT_SECRET};
+use quckchat_runtime::config::{exit_on_config_error, ConfigReader, ProcessEnv, JWT_SECRET};
+use quckchat_runtime::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "quckchat",
+    version,
+    about = "QuckChat Realtime: Phoenix-compatible chat, calls and presence"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the all-in-one server (the default).
+    Serve,
+    /// Print a JWT for a user, signed with JWT_SECRET (or the development secret).
+    Token {
+        user_id: String,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Manage conversations through the chat service's gRPC API.
+    Conversation {
+        #[command(subcommand)]
+        action: ConversationAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConversationAction {
+    /// Create a conversation or replace its members.
+    Put {
+        conversation_id: String,
+        /// Member user ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+        /// gRPC address of the server (all-in-one) or of chat-svc.
+        #[arg(long, env = "QUCKCHAT_ADDR", default_value = "http://127.0.0.1:4000")]
+        addr: String,
+    },
+    /// Show a conversation's members and last seq.
+    Get {
+        conversation_id: String,
+        #[arg(long, env = "QUCKCHAT_ADDR", default_value = "http://127.0.0.1:4000")]
+        addr: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => run_server(),
+        Command::Token { user_id, ttl } => {
+            let secret = std::env::var(JWT_SECRET)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| {
+                    eprintln!(
+                        "quckchat: JWT_SECRET is not set; signing with the development secret"
+                    );
+                    DEV_JWT_SECRET.to_owned()
+                });
+            println!("{}", mint_token(&secret, &user_id, ttl));
+            0
+        }
+        Command::Conversation { action } => run_client(action),
+    };
+    std::process::exit(code);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("quckchat: cannot start the async runtime: {e}");
+            std::process::exit(1)
+        })
+}
+
+fn run_server() -> i32 {
+    telemetry::init();
+    let mut reader = ConfigReader::new(&ProcessEnv);
+    let config = ServeConfig::read(&mut reader).unwrap_or_else(|e| exit_on_config_error(&e));
+    reader.log("quckchat");
+    if config.gateway.jwt_secret == DEV_JWT_SECRET {
+        tracing::warn!(
+            "JWT_SECRET is not set: using the DEVELOPMENT secret. Anyone can mint tokens for this server. \
+             Set JWT_SECRET to the backend's HS256 secret before exposing it."
+        );
+    }
+    match runtime().block_on(async { serve(config, quckchat::shutdown_on_signal()).await }) {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("quckchat: {err:#}");
+            1
+        }
+    }
+}
+
+fn run_client(action: ConversationAction) -> i32 {
+    let result = runtime().block_on(async {
+        match action {
+            ConversationAction::Put {
+                conversation_id,
+                members,
+                addr,
+            } => {
+                let mut client = connect(&addr).await?;
+                let conv = client
+                    .upsert_conversation(UpsertConversationRequest {
+                        conversation_id,
+                        member_ids: members,
+                    })
+                    .await?
+                    .into_inner();
+                println!(
+                    "{} members={} lastSeq={}",
+                    conv.conversation_id,
+                    conv.member_ids.join(","),
+                    conv.last_seq
+                );
+            }
+            ConversationAction::Get {
+                conversation_id,
+                addr,
+            } => {
+                let mut client = connect(&addr).await?;
+                let conv = client
+                    .get_conversation(GetConversationRequest { conversation_id })
+                    .await?
+                    .into_inner();
+                println!(
+                    "{} members={} lastSeq={}",
+                    conv.conversation_id,
+                    conv.member_ids.join(","),
+                    conv.last_seq
+                );
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            match err.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("quckchat: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("quckchat: {err:#}"),
+            }
+            1
+        }
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
+    Ok(ChatServiceClient::new(channel))
+}

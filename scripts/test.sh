@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's one test command:
+#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> build -> cargo test -> e2e
+# Usage: scripts/test.sh [--no-lint] [--no-e2e]   (skips are for local iteration only)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+lint=1 e2e=1
+for arg in "$@"; do
+  case $arg in
+    --no-lint) lint=0 ;;
+    --no-e2e) e2e=0 ;;
+    -h | --help) sed -n '2,4p' "$0"; exit 0 ;;
+    *) echo "test.sh: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+start=$SECONDS
+step() { printf '\n=== [%s +%ds] %s\n' "$(date +%T)" "$((SECONDS - start))" "$*"; }
+finish() {
+  local rc=$?
+  printf '\n=== test.sh %s (exit %d) in %dm%02ds\n' "$([[ $rc == 0 ]] && echo PASSED || echo FAILED)" \
+    "$rc" "$(((SECONDS - start) / 60))" "$(((SECONDS - start) % 60))"
+}
+trap finish EXIT
+
+step "dependencies (scripts/deps.sh)"
+scripts/deps.sh
+# Exports NATS_URL, REDIS_URL, TEST_MONGODB_URL for the Rust tests and e2e servers.
+# shellcheck source=/dev/null
+source "${QC_TEST_STATE_DIR:-/tmp/quckchat-test}/env"
+
+if ((lint)); then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy"
+  cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+# Debug build on purpose: cargo test and the e2e suite reuse these artifacts.
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+step "cargo test --workspace"
+cargo test --workspace
+
+if ((e2e)); then
+  step "e2e (npm ci && npm test)"
+  cd "$ROOT/e2e"
+  npm ci --no-audit --no-fund
+  QUCKCHAT_BIN_DIR="$ROOT/target/debug" npm test
+fi
