@@ -12,6 +12,7 @@ pub const SOCKET_RATE_LIMIT_PER_SEC: &str = "SOCKET_RATE_LIMIT_PER_SEC";
 pub const SOCKET_OUTBOUND_QUEUE: &str = "SOCKET_OUTBOUND_QUEUE";
 pub const SOCKET_MAX_CHANNELS: &str = "SOCKET_MAX_CHANNELS";
 pub const SOCKET_MALFORMED_LIMIT: &str = "SOCKET_MALFORMED_LIMIT";
+pub const SOCKET_WRITE_TIMEOUT_SECS: &str = "SOCKET_WRITE_TIMEOUT_SECS";
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -39,6 +40,9 @@ pub struct SocketConfig {
     pub max_channels: usize,
     /// Unusable frames tolerated per minute before closing with 1008.
     pub malformed_limit: u32,
+    /// A write that cannot complete this long means the client stopped
+    /// reading: the socket is dropped.
+    pub write_timeout: Duration,
 }
 
 impl Default for SocketConfig {
@@ -50,6 +54,7 @@ impl Default for SocketConfig {
             outbound_queue: 1024,
             max_channels: 100,
             malformed_limit: 20,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -86,6 +91,7 @@ impl SocketConfig {
                 SOCKET_MALFORMED_LIMIT,
                 r.parse(SOCKET_MALFORMED_LIMIT, u64::from(d.malformed_limit))?,
             )? as u32,
+            write_timeout: r.secs(SOCKET_WRITE_TIMEOUT_SECS, d.write_timeout.as_secs())?,
         })
     }
 }

@@ -156,16 +156,18 @@ where
             tracing::warn!(conn_id = %self.peer.conn_id, %err, "user subscription failed");
         }
         let close = self.event_loop(&mut rx).await;
-        if let Some(Close(code, reason)) = close {
-            let _ = self
-                .ws
-                .send(Message::Close(Some(CloseFrame {
+        let limit = self.shared.config.socket.write_timeout;
+        let _ = tokio::time::timeout(limit, async {
+            if let Some(Close(code, reason)) = close {
+                let frame = CloseFrame {
                     code,
                     reason: reason.into(),
-                })))
-                .await;
-        }
-        let _ = self.ws.close().await;
+                };
+                let _ = self.ws.send(Message::Close(Some(frame))).await;
+            }
+            let _ = self.ws.close().await;
+        })
+        .await;
         let topics: Vec<String> = self.channels.keys().cloned().collect();
         for topic in topics {
             self.drop_channel(&topic);
@@ -219,7 +221,7 @@ where
                         }
                         batch += 1;
                     }
-                    if self.ws.flush().await.is_err() {
+                    if self.flush().await.is_err() {
                         return None;
                     }
                 }
@@ -234,14 +236,25 @@ where
 
     /// Queues a frame without flushing.
     async fn feed(&mut self, text: Utf8Bytes) -> Result<(), ()> {
-        self.ws.feed(Message::Text(text)).await.map_err(|_| ())
+        let limit = self.shared.config.socket.write_timeout;
+        match tokio::time::timeout(limit, self.ws.feed(Message::Text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Flushes what was fed; a client that stopped reading fails it.
+    async fn flush(&mut self) -> Result<(), ()> {
+        let limit = self.shared.config.socket.write_timeout;
+        match tokio::time::timeout(limit, self.ws.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
     }
 
     async fn write(&mut self, text: String) -> Result<(), ()> {
-        self.ws
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|_| ())
+        self.feed(text.into()).await?;
+        self.flush().await
     }
 
     async fn reply(
@@ -644,7 +657,7 @@ where
         for delivery in held {
             self.on_delivery(delivery).await?;
         }
-        self.ws.flush().await.map_err(|_| ())?;
+        self.flush().await?;
         self.pump(&topic);
         Ok(())
     }
@@ -809,3 +822,7 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "socket_tests.rs"]
+mod tests;

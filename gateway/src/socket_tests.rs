@@ -1,0 +1,445 @@
+//! Socket protocol tests over in-memory pipes and the in-process bus, with a
+//! scripted service on `qc.cmd.chat`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use futures::channel::mpsc as fmpsc;
+use futures::{Sink, Stream, StreamExt};
+use prost::Message as _;
+use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply, TopicEvent};
+use quckchat_runtime::bus::{respond, Bus, MemoryBus, Subjects};
+use quckchat_runtime::config::ConfigReader;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{run, Peer};
+use crate::frame::Vsn;
+use crate::{Gateway, GatewayConfig, SocketConfig};
+
+/// The server's end of an in-memory WebSocket.
+struct Pipe {
+    rx: fmpsc::UnboundedReceiver<Message>,
+    tx: fmpsc::Sender<Message>,
+}
+
+impl Stream for Pipe {
+    type Item = Result<Message, Infallible>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_next_unpin(cx).map(|m| m.map(Ok))
+    }
+}
+
+impl Sink<Message> for Pipe {
+    type Error = fmpsc::SendError;
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tx.poll_ready(cx)
+    }
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+        self.tx.start_send(item)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.tx).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.tx).poll_close(cx)
+    }
+}
+
+/// The client's end.
+struct Client {
+    tx: fmpsc::UnboundedSender<Message>,
+    rx: fmpsc::Receiver<Message>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    fn send(&self, frame: Value) {
+        self.tx
+            .unbounded_send(Message::Text(frame.to_string().into()))
+            .unwrap();
+    }
+
+    fn send_raw(&self, text: &str) {
+        self.tx
+            .unbounded_send(Message::Text(text.to_owned().into()))
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> Value {
+        match tokio::time::timeout(Duration::from_secs(3), self.rx.next()).await {
+            Ok(Some(Message::Text(t))) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    async fn recv_close(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), self.rx.next()).await {
+                Ok(Some(Message::Close(Some(c)))) => return c.code,
+                Ok(Some(Message::Text(_))) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn quiet(&mut self) -> bool {
+        tokio::time::timeout(Duration::from_millis(150), self.rx.next())
+            .await
+            .is_err()
+    }
+}
+
+struct Fixture {
+    gateway: Gateway,
+    bus: Arc<dyn Bus>,
+    _service: tokio::task::JoinHandle<()>,
+}
+
+fn config(socket: SocketConfig) -> GatewayConfig {
+    let env: HashMap<&str, &str> = HashMap::from([("JWT_SECRET", "k")]);
+    let mut cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+    cfg.socket = socket;
+    // Sockets close within 80% of this on shutdown.
+    cfg.server.drain = Duration::from_secs(1);
+    cfg
+}
+
+/// A scripted chat service: joins by anyone but "mallory"; `echo` replies
+/// with the payload; `slow` replies after 200 ms; `shout` broadcasts the
+/// payload to the topic as `shouted`.
+async fn fixture(socket: SocketConfig) -> Fixture {
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    let subjects = Subjects::new("qc");
+    let mut sub = bus
+        .subscribe(&subjects.command("chat"), Some("chat"))
+        .await
+        .unwrap();
+    let service_bus = bus.clone();
+    let service = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let bus = service_bus.clone();
+            let subjects = subjects.clone();
+            tokio::spawn(async move {
+                let cmd = ClientCommand::decode(msg.payload.as_ref()).unwrap();
+                let (ok, response) = match cmd.event.as_str() {
+                    "phx_join" => (
+                        cmd.user_id != "mallory",
+                        if cmd.user_id == "mallory" {
+                            r#"{"reason":"unauthorized"}"#.to_owned()
+                        } else {
+                            r#"{"joined":true}"#.to_owned()
+                        },
+                    ),
+                    "echo" => (true, String::from_utf8(cmd.payload.clone()).unwrap()),
+                    "slow" => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        (true, r#"{"slow":true}"#.to_owned())
+                    }
+                    "shout" => {
+                        let ev = TopicEvent {
+                            topic: cmd.topic.clone(),
+                            event: "shouted".into(),
+                            payload: cmd.payload.clone(),
+                            exclude_user_id: String::new(),
+                        };
+                        bus.publish(
+                            &subjects.topic(&cmd.topic),
+                            None,
+                            Vec::new(),
+                            ev.encode_to_vec().into(),
+                        )
+                        .await
+                        .unwrap();
+                        (true, "{}".to_owned())
+                    }
+                    _ => (false, r#"{"reason":"unknown event"}"#.to_owned()),
+                };
+                let reply = CommandReply {
+                    status: if ok {
+                        command_reply::Status::Ok
+                    } else {
+                        command_reply::Status::Error
+                    } as i32,
+                    response: response.into_bytes(),
+                    followups: Vec::new(),
+                };
+                respond(bus.as_ref(), &msg, reply.encode_to_vec().into())
+                    .await
+                    .unwrap();
+            });
+        }
+    });
+    let gateway = Gateway::new(config(socket), bus.clone(), CancellationToken::new());
+    Fixture {
+        gateway,
+        bus,
+        _service: service,
+    }
+}
+
+fn connect(f: &Fixture, user: &str, client_buffer: usize) -> Client {
+    let (client_tx, server_rx) = fmpsc::unbounded();
+    let (server_tx, client_rx) = fmpsc::channel(client_buffer);
+    let peer = Peer {
+        conn_id: uuid::Uuid::new_v4().simple().to_string(),
+        user_id: user.into(),
+        device_id: "d1".into(),
+        vsn: Vsn::V2,
+    };
+    let shared = f.gateway.shared.clone();
+    let task = tokio::spawn(run(
+        Pipe {
+            rx: server_rx,
+            tx: server_tx,
+        },
+        shared,
+        peer,
+    ));
+    Client {
+        tx: client_tx,
+        rx: client_rx,
+        task,
+    }
+}
+
+async fn join(c: &mut Client, join_ref: &str, topic: &str) -> Value {
+    c.send(json!([join_ref, join_ref, topic, "phx_join", {}]));
+    c.recv().await
+}
+
+#[tokio::test]
+async fn heartbeat_join_push_and_join_refs() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    c.send(json!([null, "1", "phoenix", "heartbeat", {}]));
+    assert_eq!(
+        c.recv().await,
+        json!([null, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    c.send(json!(["9", "2", "chat:c1", "echo", {}]));
+    assert_eq!(c.recv().await[4]["response"]["reason"], "unmatched topic");
+    assert_eq!(
+        join(&mut c, "3", "chat:c1").await,
+        json!(["3", "3", "chat:c1", "phx_reply", {"status": "ok", "response": {"joined": true}}])
+    );
+    c.send(json!(["3", "4", "chat:c1", "echo", {"x": 1}]));
+    assert_eq!(
+        c.recv().await,
+        json!(["3", "4", "chat:c1", "phx_reply", {"status": "ok", "response": {"x": 1}}])
+    );
+    c.send(json!(["3", "5", "chat:c1", "nope", {}]));
+    assert_eq!(c.recv().await[4]["status"], "error");
+}
+
+#[tokio::test]
+async fn refused_join_leaves_no_channel() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "mallory", 64);
+    let reply = join(&mut c, "1", "chat:c1").await;
+    assert_eq!(
+        reply[4],
+        json!({"status": "error", "response": {"reason": "unauthorized"}})
+    );
+    c.send(json!(["1", "2", "chat:c1", "echo", {}]));
+    assert_eq!(c.recv().await[4]["response"]["reason"], "unmatched topic");
+    assert_eq!(
+        f.gateway.shared.hub.subject_count(),
+        1,
+        "only the user subject stays subscribed"
+    );
+}
+
+#[tokio::test]
+async fn duplicate_join_closes_the_old_channel_and_leave_closes() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    c.send(json!(["3", "3", "chat:c1", "phx_join", {}]));
+    assert_eq!(
+        c.recv().await,
+        json!(["1", "1", "chat:c1", "phx_close", {}])
+    );
+    assert_eq!(c.recv().await[4]["status"], "ok");
+    c.send(json!(["3", "4", "chat:c1", "phx_leave", {}]));
+    assert_eq!(
+        c.recv().await,
+        json!(["3", "4", "chat:c1", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["3", "3", "chat:c1", "phx_close", {}])
+    );
+}
+
+#[tokio::test]
+async fn pushes_on_one_channel_are_answered_in_order() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    c.send(json!(["1", "2", "chat:c1", "slow", {}]));
+    c.send(json!(["1", "3", "chat:c1", "echo", {}]));
+    assert_eq!(c.recv().await[1], "2");
+    assert_eq!(c.recv().await[1], "3");
+}
+
+#[tokio::test]
+async fn one_bus_subscription_per_topic_shared_by_local_sockets() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut a = connect(&f, "alice", 64);
+    let mut b = connect(&f, "bob", 64);
+    join(&mut a, "1", "chat:c1").await;
+    join(&mut b, "1", "chat:c1").await;
+    // Two user subjects plus one topic subject.
+    assert_eq!(f.gateway.shared.hub.subject_count(), 3);
+    a.send(json!(["1", "2", "chat:c1", "shout", {"hi": true}]));
+    let expected = json!([null, null, "chat:c1", "shouted", {"hi": true}]);
+    let mut got_a = vec![a.recv().await, a.recv().await];
+    got_a.sort_by_key(|v| v[3].to_string());
+    assert_eq!(got_a[1], expected);
+    assert_eq!(b.recv().await, expected);
+    b.send(json!(["1", "3", "chat:c1", "phx_leave", {}]));
+    b.recv().await;
+    b.recv().await;
+    assert_eq!(
+        f.gateway.shared.hub.subject_count(),
+        3,
+        "still joined by alice"
+    );
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        f.gateway.shared.hub.subject_count(),
+        1,
+        "only bob's user subject remains"
+    );
+    // With nobody joined, the topic subject has no subscriber on the bus.
+    let subject = Subjects::new("qc").topic("chat:c1");
+    let err = f
+        .bus
+        .request(
+            &subject,
+            Vec::new(),
+            bytes::Bytes::new(),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        quckchat_runtime::bus::BusError::NoResponders(_)
+    ));
+}
+
+#[tokio::test]
+async fn rate_limit_answers_every_push() {
+    let f = fixture(SocketConfig {
+        rate_per_sec: 5,
+        ..SocketConfig::default()
+    })
+    .await;
+    let mut c = connect(&f, "alice", 64);
+    for i in 0..15 {
+        c.send(json!([null, i.to_string(), "chat:zz", "echo", {}]));
+    }
+    let mut limited = 0;
+    for _ in 0..15 {
+        let reply = c.recv().await;
+        assert_eq!(reply[3], "phx_reply");
+        if reply[4]["response"]["reason"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(
+        (4..=6).contains(&limited),
+        "burst of 10 allowed, then limited: {limited}"
+    );
+    assert!(c.quiet().await, "exactly one reply per push");
+}
+
+#[tokio::test]
+async fn persistent_garbage_closes_with_policy_violation() {
+    let f = fixture(SocketConfig {
+        malformed_limit: 3,
+        ..SocketConfig::default()
+    })
+    .await;
+    let mut c = connect(&f, "alice", 64);
+    for _ in 0..3 {
+        c.send_raw("not json");
+    }
+    c.send(json!([null, "1", "phoenix", "heartbeat", {}]));
+    assert_eq!(
+        c.recv().await[4]["status"],
+        "ok",
+        "the socket survives a few bad frames"
+    );
+    c.send_raw("{\"still\": \"not a frame\"}");
+    assert_eq!(c.recv_close().await, 1008);
+}
+
+#[tokio::test]
+async fn oversized_frame_gets_an_error_reply() {
+    let f = fixture(SocketConfig {
+        max_frame_bytes: 100,
+        ..SocketConfig::default()
+    })
+    .await;
+    let mut c = connect(&f, "alice", 64);
+    c.send(json!([null, "1", "phoenix", "heartbeat", {"pad": "x".repeat(200)}]));
+    let reply = c.recv().await;
+    assert_eq!(
+        reply[4]["response"],
+        json!({"reason": "payload too large", "limit": 100})
+    );
+}
+
+#[tokio::test]
+async fn idle_socket_is_closed() {
+    let f = fixture(SocketConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..SocketConfig::default()
+    })
+    .await;
+    let mut c = connect(&f, "alice", 64);
+    assert_eq!(c.recv_close().await, 1000);
+}
+
+#[tokio::test]
+async fn slow_consumer_is_dropped_without_blocking_others() {
+    let socket = SocketConfig {
+        outbound_queue: 8,
+        write_timeout: Duration::from_millis(300),
+        ..SocketConfig::default()
+    };
+    let f = fixture(socket).await;
+    let mut fast = connect(&f, "alice", 1024);
+    let mut stuck = connect(&f, "bob", 0);
+    join(&mut fast, "1", "chat:c1").await;
+    join(&mut stuck, "1", "chat:c1").await;
+    // bob stops reading; alice's shouts keep flowing to alice.
+    for i in 0..40 {
+        fast.send(json!(["1", i.to_string(), "chat:c1", "shout", {"n": i}]));
+        fast.recv().await;
+        fast.recv().await;
+    }
+    let stuck_task = stuck.task;
+    tokio::time::timeout(Duration::from_secs(3), stuck_task)
+        .await
+        .expect("the slow socket is closed within the write timeout")
+        .unwrap();
+    assert!(!fast.task.is_finished());
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1012() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    f.gateway.shared.shutdown.cancel();
+    assert_eq!(c.recv_close().await, 1012);
+}
