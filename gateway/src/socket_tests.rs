@@ -299,7 +299,7 @@ async fn one_bus_subscription_per_topic_shared_by_local_sockets() {
     assert_eq!(f.gateway.shared.hub.subject_count(), 3);
     a.send(json!(["1", "2", "chat:c1", "shout", {"hi": true}]));
     let expected = json!([null, null, "chat:c1", "shouted", {"hi": true}]);
-    let mut got_a = vec![a.recv().await, a.recv().await];
+    let mut got_a = [a.recv().await, a.recv().await];
     got_a.sort_by_key(|v| v[3].to_string());
     assert_eq!(got_a[1], expected);
     assert_eq!(b.recv().await, expected);
