@@ -15,8 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::service::ChatService;
 
-/// Queue group and command subject suffix of this service.
-pub const SERVICE: &str = "chat";
+use crate::service::SERVICE;
 /// Commands handled at once per replica; more wait on the bus.
 const MAX_IN_FLIGHT: usize = 1024;
 
@@ -32,6 +31,18 @@ pub async fn serve(
     let mut sub = bus
         .subscribe(&subjects.command(SERVICE), Some(SERVICE))
         .await?;
+    // Every replica hears membership changes (no queue group).
+    let mut changes = bus.subscribe(&service.membership_subject(), None).await?;
+    let listener = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = changes.next().await {
+                if let Ok(id) = std::str::from_utf8(&msg.payload) {
+                    service.invalidate(id).await;
+                }
+            }
+        })
+    };
     Ok(tokio::spawn(async move {
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let tasks = TaskTracker::new();
@@ -65,6 +76,7 @@ pub async fn serve(
             });
         }
         drop(sub);
+        listener.abort();
         tasks.close();
         if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
             tracing::warn!("chat commands still running after the drain window");

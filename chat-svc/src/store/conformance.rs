@@ -5,14 +5,23 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{ChatStore, NewMessage, StoreError};
+use super::{ChatStore, MessageChange, MessageRef, NewMessage, StoreError};
 
 pub async fn run_all(store: Arc<dyn ChatStore>) {
     conversations_upsert_and_read(store.as_ref()).await;
+    members_are_removed_and_listed(store.as_ref()).await;
+    messages_are_found_by_id_and_seq(store.as_ref()).await;
+    edits_only_by_the_sender_and_not_after_delete(store.as_ref()).await;
+    delete_is_an_idempotent_tombstone(store.as_ref()).await;
+    reactions_are_per_user_and_idempotent(store.as_ref()).await;
+    history_pages_backwards(store.as_ref()).await;
+    changes_since_replays_what_a_client_missed(store.as_ref()).await;
+    read_state_only_moves_forward_and_counts_unread(store.as_ref()).await;
     appends_number_messages_from_one(store.as_ref()).await;
     client_message_id_makes_sends_idempotent(store.as_ref()).await;
     append_to_unknown_conversation_fails(store.as_ref()).await;
     concurrent_appends_get_distinct_gap_free_seqs(store.clone()).await;
+    concurrent_retries_store_one_message(store.clone()).await;
     store.ping().await.expect("ping");
 }
 
@@ -181,4 +190,393 @@ pub async fn concurrent_appends_get_distinct_gap_free_seqs(store: Arc<dyn ChatSt
     let distinct: HashSet<u64> = all.iter().copied().collect();
     assert_eq!(distinct.len(), 32, "no duplicate seq");
     assert_eq!(distinct, (1..=32).collect(), "no gap");
+}
+
+async fn conversation_with(
+    store: &dyn ChatStore,
+    members: &[&str],
+    messages: usize,
+) -> (String, Vec<String>) {
+    let c = id("c");
+    let members: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
+    store.upsert_conversation(&c, &members).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..messages {
+        let sender = &members[i % members.len()];
+        ids.push(
+            store
+                .append_message(text(&c, sender, &format!("m{}", i + 1), None))
+                .await
+                .unwrap()
+                .message
+                .id,
+        );
+    }
+    (c, ids)
+}
+
+pub async fn members_are_removed_and_listed(store: &dyn ChatStore) {
+    let user = id("u");
+    let (c1, _) = conversation_with(store, &[&user, "x"], 0).await;
+    let (c2, _) = conversation_with(store, &["y", &user], 1).await;
+    let mut mine: Vec<(String, u64)> = store
+        .conversations_of(&user)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.id, c.last_seq))
+        .collect();
+    mine.sort();
+    let mut expected = vec![(c1.clone(), 0), (c2.clone(), 1)];
+    expected.sort();
+    assert_eq!(mine, expected);
+    let conv = store.remove_member(&c1, &user).await.unwrap();
+    assert_eq!(conv.member_ids, vec!["x"]);
+    assert_eq!(
+        store.remove_member(&c1, &user).await.unwrap().member_ids,
+        vec!["x"],
+        "removing twice is harmless"
+    );
+    assert_eq!(store.conversations_of(&user).await.unwrap().len(), 1);
+    assert_eq!(
+        store.remove_member(&id("nope"), &user).await.unwrap_err(),
+        StoreError::ConversationNotFound
+    );
+}
+
+pub async fn messages_are_found_by_id_and_seq(store: &dyn ChatStore) {
+    let (c, ids) = conversation_with(store, &["a"], 2).await;
+    let by_id = store
+        .message(&c, &MessageRef::Id(ids[1].clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((by_id.seq, by_id.content.as_str()), (2, "m2"));
+    let by_seq = store
+        .message(&c, &MessageRef::Seq(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_seq.id, ids[0]);
+    assert!(store
+        .message(&c, &MessageRef::Seq(3))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .message(&c, &MessageRef::Id("not-an-id".into()))
+        .await
+        .unwrap()
+        .is_none());
+    let (other, _) = conversation_with(store, &["a"], 0).await;
+    assert!(
+        store
+            .message(&other, &MessageRef::Id(ids[0].clone()))
+            .await
+            .unwrap()
+            .is_none(),
+        "ids are per conversation"
+    );
+}
+
+pub async fn edits_only_by_the_sender_and_not_after_delete(store: &dyn ChatStore) {
+    let (c, ids) = conversation_with(store, &["a", "b"], 1).await;
+    let edit = |by: &str, content: &str| MessageChange::Edit {
+        by: by.into(),
+        content: content.into(),
+    };
+    assert_eq!(
+        store
+            .update_message(&c, &ids[0], &edit("b", "hack"))
+            .await
+            .unwrap_err(),
+        StoreError::NotSender
+    );
+    let before = store
+        .message(&c, &MessageRef::Id(ids[0].clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    let edited = store
+        .update_message(&c, &ids[0], &edit("a", "fixed"))
+        .await
+        .unwrap();
+    assert!(edited.changed);
+    assert_eq!(edited.message.content, "fixed");
+    assert!(edited.message.edited_at.is_some());
+    assert!(edited.message.version > before.version);
+    assert_eq!(
+        (edited.message.id.as_str(), edited.message.seq),
+        (ids[0].as_str(), 1)
+    );
+    let stored = store
+        .message(&c, &MessageRef::Id(ids[0].clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, edited.message, "the edit is stored");
+    store
+        .update_message(&c, &ids[0], &MessageChange::Delete { by: "a".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .update_message(&c, &ids[0], &edit("a", "again"))
+            .await
+            .unwrap_err(),
+        StoreError::MessageDeleted
+    );
+    let unknown = super::new_message_id();
+    assert_eq!(
+        store
+            .update_message(&c, &unknown, &edit("a", "x"))
+            .await
+            .unwrap_err(),
+        StoreError::MessageNotFound
+    );
+    assert_eq!(
+        store
+            .update_message(&c, "bogus", &edit("a", "x"))
+            .await
+            .unwrap_err(),
+        StoreError::MessageNotFound
+    );
+    assert_eq!(
+        store.conversation(&c).await.unwrap().unwrap().last_seq,
+        1,
+        "changes take no seq"
+    );
+}
+
+pub async fn delete_is_an_idempotent_tombstone(store: &dyn ChatStore) {
+    let (c, _) = conversation_with(store, &["a", "b"], 0).await;
+    let mut meta = serde_json::Map::new();
+    meta.insert("url".into(), serde_json::json!("https://files/x"));
+    let m = store
+        .append_message(NewMessage {
+            kind: "file".into(),
+            metadata: Some(meta),
+            ..text(&c, "a", "x.pdf", None)
+        })
+        .await
+        .unwrap()
+        .message;
+    let delete = |by: &str| MessageChange::Delete { by: by.into() };
+    assert_eq!(
+        store
+            .update_message(&c, &m.id, &delete("b"))
+            .await
+            .unwrap_err(),
+        StoreError::NotSender
+    );
+    let deleted = store.update_message(&c, &m.id, &delete("a")).await.unwrap();
+    assert!(deleted.changed);
+    let t = &deleted.message;
+    assert_eq!(
+        (t.id.as_str(), t.seq, t.content.as_str()),
+        (m.id.as_str(), m.seq, "")
+    );
+    assert!(t.metadata.is_none() && t.deleted_at.is_some());
+    let again = store.update_message(&c, &m.id, &delete("a")).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.message.deleted_at, t.deleted_at);
+}
+
+pub async fn reactions_are_per_user_and_idempotent(store: &dyn ChatStore) {
+    let (c, ids) = conversation_with(store, &["a", "b"], 1).await;
+    let add = |by: &str, e: &str| MessageChange::AddReaction {
+        by: by.into(),
+        emoji: e.into(),
+    };
+    let remove = |by: &str, e: &str| MessageChange::RemoveReaction {
+        by: by.into(),
+        emoji: e.into(),
+    };
+    assert!(
+        store
+            .update_message(&c, &ids[0], &add("a", "👍"))
+            .await
+            .unwrap()
+            .changed
+    );
+    let r = store
+        .update_message(&c, &ids[0], &add("b", "👍"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.message.reactions.get("👍").unwrap(),
+        &vec!["a".to_owned(), "b".to_owned()]
+    );
+    let repeat = store
+        .update_message(&c, &ids[0], &add("a", "👍"))
+        .await
+        .unwrap();
+    assert!(!repeat.changed, "adding twice changes nothing");
+    assert_eq!(repeat.message.reactions.get("👍").unwrap().len(), 2);
+    store
+        .update_message(&c, &ids[0], &add("a", "🎉"))
+        .await
+        .unwrap();
+    let r = store
+        .update_message(&c, &ids[0], &remove("a", "👍"))
+        .await
+        .unwrap();
+    assert!(r.changed);
+    assert_eq!(
+        r.message.reactions.get("👍").unwrap(),
+        &vec!["b".to_owned()]
+    );
+    let r = store
+        .update_message(&c, &ids[0], &remove("a", "🎉"))
+        .await
+        .unwrap();
+    assert!(
+        !r.message.reactions.contains_key("🎉"),
+        "an emoji nobody uses disappears"
+    );
+    assert!(
+        !store
+            .update_message(&c, &ids[0], &remove("a", "🎉"))
+            .await
+            .unwrap()
+            .changed
+    );
+    let stored = store
+        .message(&c, &MessageRef::Seq(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.reactions, r.message.reactions);
+    store
+        .update_message(&c, &ids[0], &MessageChange::Delete { by: "a".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .update_message(&c, &ids[0], &add("b", "👍"))
+            .await
+            .unwrap_err(),
+        StoreError::MessageDeleted
+    );
+}
+
+pub async fn history_pages_backwards(store: &dyn ChatStore) {
+    let (c, _) = conversation_with(store, &["a"], 5).await;
+    let seqs = |p: &super::Page| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let latest = store.history(&c, None, 2).await.unwrap();
+    assert_eq!((seqs(&latest), latest.has_more), (vec![4, 5], true));
+    let older = store.history(&c, Some(4), 2).await.unwrap();
+    assert_eq!((seqs(&older), older.has_more), (vec![2, 3], true));
+    let oldest = store.history(&c, Some(2), 2).await.unwrap();
+    assert_eq!((seqs(&oldest), oldest.has_more), (vec![1], false));
+    let all = store.history(&c, None, 100).await.unwrap();
+    assert_eq!((seqs(&all), all.has_more), (vec![1, 2, 3, 4, 5], false));
+}
+
+pub async fn changes_since_replays_what_a_client_missed(store: &dyn ChatStore) {
+    let (c, ids) = conversation_with(store, &["a"], 3).await;
+    // A client saw 1..=3, then went offline while these happened:
+    store
+        .update_message(
+            &c,
+            &ids[1],
+            &MessageChange::Edit {
+                by: "a".into(),
+                content: "m2'".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .update_message(
+            &c,
+            &ids[0],
+            &MessageChange::AddReaction {
+                by: "a".into(),
+                emoji: "👍".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .append_message(text(&c, "a", "m4", None))
+        .await
+        .unwrap();
+    store
+        .append_message(text(&c, "a", "m5", None))
+        .await
+        .unwrap();
+    let replay = store.changes_since(&c, 3, 10).await.unwrap();
+    let seqs = |v: &[super::Message]| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(&replay.changed), vec![1, 2]);
+    assert_eq!(replay.changed[1].content, "m2'");
+    assert_eq!(seqs(&replay.new), vec![4, 5]);
+    assert!(replay.complete);
+    let bounded = store.changes_since(&c, 3, 1).await.unwrap();
+    assert_eq!(seqs(&bounded.new), vec![5], "the newest within the bound");
+    assert!(!bounded.complete);
+    let fresh = store.changes_since(&c, 0, 10).await.unwrap();
+    assert!(fresh.changed.is_empty());
+    assert_eq!(seqs(&fresh.new), vec![1, 2, 3, 4, 5]);
+    let current = store.changes_since(&c, 5, 10).await.unwrap();
+    assert!(current.new.is_empty() && current.changed.is_empty() && current.complete);
+}
+
+pub async fn read_state_only_moves_forward_and_counts_unread(store: &dyn ChatStore) {
+    let (c, ids) = conversation_with(store, &["a", "b"], 4).await; // a: 1,3  b: 2,4
+    assert_eq!(store.read_up_to(&c, "a").await.unwrap(), 0);
+    assert_eq!(store.unread_count(&c, "a").await.unwrap(), 2);
+    let r = store.mark_read(&c, "a", 2).await.unwrap();
+    assert_eq!((r.read_up_to, r.advanced), (2, true));
+    let r = store.mark_read(&c, "a", 1).await.unwrap();
+    assert_eq!((r.read_up_to, r.advanced), (2, false), "never backwards");
+    let r = store.mark_read(&c, "a", 2).await.unwrap();
+    assert!(!r.advanced, "same position is no change");
+    assert_eq!(store.unread_count(&c, "a").await.unwrap(), 1);
+    store
+        .update_message(&c, &ids[3], &MessageChange::Delete { by: "b".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.unread_count(&c, "a").await.unwrap(),
+        0,
+        "deleted messages are not unread"
+    );
+    assert_eq!(store.read_up_to(&c, "b").await.unwrap(), 0);
+    assert_eq!(store.unread_count(&c, "b").await.unwrap(), 2);
+}
+
+pub async fn concurrent_retries_store_one_message(store: Arc<dyn ChatStore>) {
+    let c = id("c");
+    store.upsert_conversation(&c, &["a".into()]).await.unwrap();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (store, c) = (store.clone(), c.clone());
+            tokio::spawn(async move {
+                store
+                    .append_message(text(&c, "a", "once", Some("retry-1")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = HashSet::new();
+    for t in tasks {
+        let appended = t.await.unwrap();
+        created += usize::from(appended.created);
+        ids.insert(appended.message.id);
+    }
+    assert_eq!(created, 1, "one retry stores, the others get the original");
+    assert_eq!(ids.len(), 1);
+    assert_eq!(
+        store.conversation(&c).await.unwrap().unwrap().last_seq,
+        1,
+        "no seq spent on a retry"
+    );
+    let next = store
+        .append_message(text(&c, "a", "next", None))
+        .await
+        .unwrap();
+    assert_eq!(next.message.seq, 2, "no gap after a lost race");
 }

@@ -1,16 +1,17 @@
 //! The all-in-one store: SQLite (bundled, nothing to install) in WAL mode, in
-//! `DATA_DIR/quckchat.db`. One connection serialises writes; each append is
-//! one transaction, so `seq` has no gap and a failed send leaves nothing.
+//! `DATA_DIR/quckchat.db`. One connection serialises writes; every write is
+//! one transaction, so `seq` has no gap and a failed write leaves nothing.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::{
-    new_message_id, now_millis, Appended, ChatStore, Conversation, Message, NewMessage, StoreError,
+    materialize, now_millis, Appended, ChatStore, Conversation, Message, MessageChange, MessageRef,
+    NewMessage, Page, ReadState, Replay, StoreError, Updated,
 };
 
 #[derive(Clone)]
@@ -24,13 +25,15 @@ PRAGMA synchronous = NORMAL;
 PRAGMA foreign_keys = ON;
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL DEFAULT 0
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS conversation_members (
     conversation_id TEXT NOT NULL REFERENCES conversations(id),
     user_id TEXT NOT NULL,
     PRIMARY KEY (conversation_id, user_id)
 );
+CREATE INDEX IF NOT EXISTS conversation_members_user ON conversation_members (user_id);
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
     conversation_id TEXT NOT NULL REFERENCES conversations(id),
@@ -45,15 +48,33 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at TEXT NOT NULL,
     edited_at TEXT,
     deleted_at TEXT,
+    created_version INTEGER NOT NULL,
+    version INTEGER NOT NULL,
     UNIQUE (conversation_id, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_client_message_id
     ON messages (conversation_id, sender_id, client_message_id)
     WHERE client_message_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_version ON messages (conversation_id, version);
+CREATE TABLE IF NOT EXISTS read_states (
+    conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    read_up_to INTEGER NOT NULL,
+    read_at TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, user_id)
+);
 ";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 impl EmbeddedStore {
@@ -69,16 +90,19 @@ impl EmbeddedStore {
         })
     }
 
-    /// Runs `f` on the connection off the async runtime.
-    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` in one transaction off the async runtime.
+    async fn tx<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut guard)
+            let tx = guard.transaction().map_err(unavailable)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(out)
         })
         .await
         .map_err(unavailable)?
@@ -110,7 +134,7 @@ fn read_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>
     Ok(Some(Conversation {
         id: id.to_owned(),
         member_ids,
-        last_seq: u64::try_from(last_seq).unwrap_or(0),
+        last_seq: to_u64(last_seq),
     }))
 }
 
@@ -119,9 +143,13 @@ fn parse_time(s: Option<String>) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+fn time_text(t: Option<DateTime<Utc>>) -> Option<String> {
+    t.map(quckchat_runtime::time::iso)
+}
+
 const MESSAGE_COLUMNS: &str =
     "id, conversation_id, seq, sender_id, type, content, client_message_id, \
-     reply_to, metadata, reactions, created_at, edited_at, deleted_at";
+     reply_to, metadata, reactions, created_at, edited_at, deleted_at, created_version, version";
 
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     let metadata: Option<String> = r.get(8)?;
@@ -129,7 +157,7 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     Ok(Message {
         id: r.get(0)?,
         conversation_id: r.get(1)?,
-        seq: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+        seq: to_u64(r.get(2)?),
         sender_id: r.get(3)?,
         kind: r.get(4)?,
         content: r.get(5)?,
@@ -140,7 +168,70 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         created_at: parse_time(r.get(10)?).unwrap_or_default(),
         edited_at: parse_time(r.get(11)?),
         deleted_at: parse_time(r.get(12)?),
+        created_version: to_u64(r.get(13)?),
+        version: to_u64(r.get(14)?),
     })
+}
+
+/// Messages matching `where_sql` (with `?1` = conversation id), in `order`.
+fn select_messages(
+    conn: &Connection,
+    where_sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+    order: &str,
+    limit: usize,
+) -> Result<Vec<Message>, StoreError> {
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {where_sql} ORDER BY {order} LIMIT {limit}"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params, row_to_message)
+        .map_err(unavailable)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+}
+
+fn find_message(
+    conn: &Connection,
+    conversation_id: &str,
+    which: &MessageRef,
+) -> Result<Option<Message>, StoreError> {
+    let found = match which {
+        MessageRef::Id(id) => select_messages(
+            conn,
+            "conversation_id = ?1 AND id = ?2",
+            params![conversation_id, id],
+            "seq",
+            1,
+        )?,
+        MessageRef::Seq(seq) => select_messages(
+            conn,
+            "conversation_id = ?1 AND seq = ?2",
+            params![conversation_id, to_i64(*seq)],
+            "seq",
+            1,
+        )?,
+    };
+    Ok(found.into_iter().next())
+}
+
+/// Takes the conversation's next version (and next seq when `new_message`).
+fn bump(
+    tx: &Transaction<'_>,
+    conversation_id: &str,
+    new_message: bool,
+) -> Result<(u64, u64), StoreError> {
+    let sql = if new_message {
+        "UPDATE conversations SET last_seq = last_seq + 1, version = version + 1 WHERE id = ?1 RETURNING last_seq, version"
+    } else {
+        "UPDATE conversations SET version = version + 1 WHERE id = ?1 RETURNING last_seq, version"
+    };
+    let row: Option<(i64, i64)> = tx
+        .query_row(sql, [conversation_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(unavailable)?;
+    let (seq, version) = row.ok_or(StoreError::ConversationNotFound)?;
+    Ok((to_u64(seq), to_u64(version)))
 }
 
 #[async_trait]
@@ -152,8 +243,7 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<Conversation, StoreError> {
         let id = id.to_owned();
         let members = member_ids.to_vec();
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.tx(move |tx| {
             tx.execute("INSERT INTO conversations (id) VALUES (?1) ON CONFLICT (id) DO NOTHING", [&id])
                 .map_err(unavailable)?;
             tx.execute("DELETE FROM conversation_members WHERE conversation_id = ?1", [&id])
@@ -165,92 +255,278 @@ impl ChatStore for EmbeddedStore {
                 )
                 .map_err(unavailable)?;
             }
-            let conv = read_conversation(&tx, &id)?.ok_or(StoreError::ConversationNotFound)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(conv)
+            read_conversation(tx, &id)?.ok_or(StoreError::ConversationNotFound)
+        })
+        .await
+    }
+
+    async fn remove_member(&self, id: &str, user_id: &str) -> Result<Conversation, StoreError> {
+        let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        self.tx(move |tx| {
+            tx.execute(
+                "DELETE FROM conversation_members WHERE conversation_id = ?1 AND user_id = ?2",
+                params![id, user_id],
+            )
+            .map_err(unavailable)?;
+            read_conversation(tx, &id)?.ok_or(StoreError::ConversationNotFound)
         })
         .await
     }
 
     async fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
         let id = id.to_owned();
-        self.with(move |conn| read_conversation(conn, &id)).await
+        self.tx(move |tx| read_conversation(tx, &id)).await
+    }
+
+    async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.tx(move |tx| {
+            let ids = {
+                let mut stmt = tx
+                    .prepare_cached("SELECT conversation_id FROM conversation_members WHERE user_id = ?1 ORDER BY conversation_id")
+                    .map_err(unavailable)?;
+                let rows = stmt.query_map([&user_id], |r| r.get::<_, String>(0)).map_err(unavailable)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)?
+            };
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.extend(read_conversation(tx, &id)?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn append_message(&self, new: NewMessage) -> Result<Appended, StoreError> {
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.tx(move |tx| {
             if let Some(cmid) = &new.client_message_id {
-                let existing = tx
-                    .query_row(
-                        &format!(
-                            "SELECT {MESSAGE_COLUMNS} FROM messages \
-                             WHERE conversation_id = ?1 AND sender_id = ?2 AND client_message_id = ?3"
-                        ),
-                        params![new.conversation_id, new.sender_id, cmid],
-                        row_to_message,
-                    )
-                    .optional()
-                    .map_err(unavailable)?;
-                if let Some(message) = existing {
+                let existing = select_messages(
+                    tx,
+                    "conversation_id = ?1 AND sender_id = ?2 AND client_message_id = ?3",
+                    params![new.conversation_id, new.sender_id, cmid],
+                    "seq",
+                    1,
+                )?;
+                if let Some(message) = existing.into_iter().next() {
                     return Ok(Appended {
                         message,
                         created: false,
                     });
                 }
             }
-            let seq: Option<i64> = tx
-                .query_row(
-                    "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-                    [&new.conversation_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            let seq = seq.ok_or(StoreError::ConversationNotFound)?;
-            let message = Message {
-                id: new_message_id(),
-                conversation_id: new.conversation_id,
-                seq: u64::try_from(seq).unwrap_or(0),
-                sender_id: new.sender_id,
-                kind: new.kind,
-                content: new.content,
-                client_message_id: new.client_message_id,
-                reply_to: new.reply_to,
-                metadata: new.metadata,
-                reactions: Default::default(),
-                created_at: now_millis(),
-                edited_at: None,
-                deleted_at: None,
-            };
+            let (seq, version) = bump(tx, &new.conversation_id, true)?;
+            let m = materialize(new, seq, version);
             tx.execute(
-                &format!("INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '{{}}', ?10, NULL, NULL)"),
+                &format!(
+                    "INSERT INTO messages ({MESSAGE_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '{{}}', ?10, NULL, NULL, ?11, ?11)"
+                ),
                 params![
-                    message.id,
-                    message.conversation_id,
-                    seq,
-                    message.sender_id,
-                    message.kind,
-                    message.content,
-                    message.client_message_id,
-                    message.reply_to,
-                    message.metadata.as_ref().map(|m| serde_json::Value::Object(m.clone()).to_string()),
-                    quckchat_runtime::time::iso(message.created_at),
+                    m.id,
+                    m.conversation_id,
+                    to_i64(m.seq),
+                    m.sender_id,
+                    m.kind,
+                    m.content,
+                    m.client_message_id,
+                    m.reply_to,
+                    m.metadata
+                        .as_ref()
+                        .map(|v| serde_json::Value::Object(v.clone()).to_string()),
+                    quckchat_runtime::time::iso(m.created_at),
+                    to_i64(version),
                 ],
             )
             .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
             Ok(Appended {
-                message,
+                message: m,
                 created: true,
             })
         })
         .await
     }
 
+    async fn message(
+        &self,
+        conversation_id: &str,
+        which: &MessageRef,
+    ) -> Result<Option<Message>, StoreError> {
+        let (conversation_id, which) = (conversation_id.to_owned(), which.clone());
+        self.tx(move |tx| find_message(tx, &conversation_id, &which))
+            .await
+    }
+
+    async fn update_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        change: &MessageChange,
+    ) -> Result<Updated, StoreError> {
+        let (conversation_id, message_id, change) = (
+            conversation_id.to_owned(),
+            message_id.to_owned(),
+            change.clone(),
+        );
+        self.tx(move |tx| {
+            let mut m = find_message(tx, &conversation_id, &MessageRef::Id(message_id))?
+                .ok_or(StoreError::MessageNotFound)?;
+            if !change.apply(&mut m, now_millis())? {
+                return Ok(Updated { message: m, changed: false });
+            }
+            let (_, version) = bump(tx, &conversation_id, false)?;
+            m.version = version;
+            tx.execute(
+                "UPDATE messages SET content = ?1, metadata = ?2, reactions = ?3, edited_at = ?4, deleted_at = ?5, \
+                 version = ?6 WHERE id = ?7",
+                params![
+                    m.content,
+                    m.metadata.as_ref().map(|v| serde_json::Value::Object(v.clone()).to_string()),
+                    serde_json::to_string(&m.reactions).map_err(unavailable)?,
+                    time_text(m.edited_at),
+                    time_text(m.deleted_at),
+                    to_i64(version),
+                    m.id,
+                ],
+            )
+            .map_err(unavailable)?;
+            Ok(Updated { message: m, changed: true })
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        before_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let conversation_id = conversation_id.to_owned();
+        self.tx(move |tx| {
+            let before = to_i64(before_seq.unwrap_or(u64::MAX));
+            let mut messages = select_messages(
+                tx,
+                "conversation_id = ?1 AND seq < ?2",
+                params![conversation_id, before],
+                "seq DESC",
+                limit + 1,
+            )?;
+            let has_more = messages.len() > limit;
+            messages.truncate(limit);
+            messages.reverse();
+            Ok(Page { messages, has_more })
+        })
+        .await
+    }
+
+    async fn changes_since(
+        &self,
+        conversation_id: &str,
+        last_seq: u64,
+        max: usize,
+    ) -> Result<Replay, StoreError> {
+        let conversation_id = conversation_id.to_owned();
+        self.tx(move |tx| {
+            let mut new = select_messages(
+                tx,
+                "conversation_id = ?1 AND seq > ?2",
+                params![conversation_id, to_i64(last_seq)],
+                "seq DESC",
+                max + 1,
+            )?;
+            let mut complete = new.len() <= max;
+            new.truncate(max);
+            new.reverse();
+            let seen_version = find_message(tx, &conversation_id, &MessageRef::Seq(last_seq))?
+                .map_or(0, |m| m.created_version);
+            let mut changed = if last_seq == 0 {
+                Vec::new()
+            } else {
+                select_messages(
+                    tx,
+                    "conversation_id = ?1 AND seq <= ?2 AND version > ?3",
+                    params![conversation_id, to_i64(last_seq), to_i64(seen_version)],
+                    "seq",
+                    max + 1,
+                )?
+            };
+            if changed.len() > max {
+                complete = false;
+                changed.truncate(max);
+            }
+            Ok(Replay {
+                changed,
+                new,
+                complete,
+            })
+        })
+        .await
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> Result<ReadState, StoreError> {
+        let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
+        self.tx(move |tx| {
+            let advanced = tx
+                .execute(
+                    "INSERT INTO read_states (conversation_id, user_id, read_up_to, read_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (conversation_id, user_id) DO UPDATE \
+                     SET read_up_to = excluded.read_up_to, read_at = excluded.read_at \
+                     WHERE excluded.read_up_to > read_states.read_up_to",
+                    params![conversation_id, user_id, to_i64(seq), quckchat_runtime::time::iso(now_millis())],
+                )
+                .map_err(unavailable)?
+                > 0;
+            let read_up_to: i64 = tx
+                .query_row(
+                    "SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2",
+                    params![conversation_id, user_id],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            Ok(ReadState { read_up_to: to_u64(read_up_to), advanced })
+        })
+        .await
+    }
+
+    async fn read_up_to(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
+        let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
+        self.tx(move |tx| {
+            let v: Option<i64> = tx
+                .query_row(
+                    "SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2",
+                    params![conversation_id, user_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            Ok(v.map_or(0, to_u64))
+        })
+        .await
+    }
+
+    async fn unread_count(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
+        let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
+        self.tx(move |tx| {
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND sender_id != ?2 AND deleted_at IS NULL \
+                     AND seq > COALESCE((SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2), 0)",
+                    params![conversation_id, user_id],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            Ok(to_u64(n))
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
-        self.with(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(()))
+        self.tx(|tx| {
+            tx.query_row("SELECT 1", [], |_| Ok(()))
                 .map_err(unavailable)
         })
         .await

@@ -1,27 +1,40 @@
 //! The distributed store: MongoDB (any MongoDB-wire server).
 //!
 //! Collections, shaped for the NestJS backend to read:
-//! - `conversations` — shared with the backend: `{_id, participants: [userId]}`.
+//! - `conversations` — the backend's own: `{_id, participants: [userId]}`.
 //!   `_id` and participants may be strings or ObjectIds; we read both and
-//!   write strings for conversations we create.
-//! - `conversation_seqs` — `{_id: conversationId, seq}`: the last `seq` given.
-//! - `messages` — `{_id: ObjectId, conversationId, seq, senderId, type, content,
-//!   clientMessageId?, replyTo, metadata, reactions, createdAt, editedAt,
-//!   deletedAt}`; unique `(conversationId, seq)` and unique
-//!   `(conversationId, senderId, clientMessageId)` where a clientMessageId is set.
+//!   write strings for conversations we create. We create no index on it.
+//! - `conversation_seqs` — `{_id: conversationId, seq, version}`: the last
+//!   `seq` given and the conversation's change counter.
+//! - `messages` — `{_id: ObjectId, conversationId, seq, senderId, type,
+//!   content, clientMessageId?, replyTo, metadata, reactions: {emoji: [userId]},
+//!   createdAt, editedAt, deletedAt, createdVersion, version}`; unique
+//!   `(conversationId, seq)`, unique `(conversationId, senderId,
+//!   clientMessageId)` where a clientMessageId is set, and
+//!   `(conversationId, version)`.
+//! - `read_states` — `{conversationId, userId, readUpTo, readAt}`, unique
+//!   `(conversationId, userId)`.
+//!
+//! Every write that takes a `seq` or a `version` runs in a transaction with
+//! the counter, so a failed write leaves no gap; the driver retries
+//! transactions that lose a write conflict to a concurrent replica.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
-use mongodb::{Collection, Database, IndexModel};
+use mongodb::{ClientSession, Collection, Database, IndexModel};
 
 use super::{
-    new_message_id, now_millis, Appended, ChatStore, Conversation, Message, NewMessage, StoreError,
+    materialize, now_millis, Appended, ChatStore, Conversation, Message, MessageChange, MessageRef,
+    NewMessage, Page, ReadState, Replay, StoreError, Updated,
 };
 
 #[derive(Clone)]
 pub struct MongoStore {
+    client: mongodb::Client,
     db: Database,
 }
 
@@ -29,12 +42,38 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// `_id` filter matching a string id or the ObjectId it spells.
-fn id_filter(id: &str) -> Document {
-    match ObjectId::parse_str(id) {
-        Ok(oid) => doc! { "_id": { "$in": [id, oid] } },
-        Err(_) => doc! { "_id": id },
+/// A store error raised inside a transaction callback.
+fn abort(e: StoreError) -> mongodb::error::Error {
+    mongodb::error::Error::custom(e)
+}
+
+fn from_driver(e: mongodb::error::Error) -> StoreError {
+    match e.get_custom::<StoreError>() {
+        Some(se) => se.clone(),
+        None => unavailable(e),
     }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    let code = match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    };
+    code == Some(11000) || e.to_string().contains("E11000")
+}
+
+/// Values matching a string id or the ObjectId it spells.
+fn id_values(id: &str) -> Vec<Bson> {
+    let mut values = vec![Bson::String(id.to_owned())];
+    if let Ok(oid) = ObjectId::parse_str(id) {
+        values.push(Bson::ObjectId(oid));
+    }
+    values
+}
+
+fn id_filter(id: &str) -> Document {
+    doc! { "_id": { "$in": id_values(id) } }
 }
 
 fn bson_to_string(b: &Bson) -> Option<String> {
@@ -47,6 +86,19 @@ fn bson_to_string(b: &Bson) -> Option<String> {
     }
 }
 
+fn bson_u64(b: Option<&Bson>) -> Option<u64> {
+    match b? {
+        Bson::Int64(n) => u64::try_from(*n).ok(),
+        Bson::Int32(n) => u64::try_from(*n).ok(),
+        Bson::Double(f) if *f >= 0.0 => Some(*f as u64),
+        _ => None,
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn to_time(b: Option<&Bson>) -> Option<DateTime<Utc>> {
     match b? {
         Bson::DateTime(d) => DateTime::from_timestamp_millis(d.timestamp_millis()),
@@ -54,8 +106,11 @@ fn to_time(b: Option<&Bson>) -> Option<DateTime<Utc>> {
     }
 }
 
-fn bson_time(t: DateTime<Utc>) -> Bson {
-    Bson::DateTime(mongodb::bson::DateTime::from_millis(t.timestamp_millis()))
+fn bson_time(t: Option<DateTime<Utc>>) -> Bson {
+    match t {
+        Some(t) => Bson::DateTime(mongodb::bson::DateTime::from_millis(t.timestamp_millis())),
+        None => Bson::Null,
+    }
 }
 
 fn doc_to_message(d: &Document) -> Option<Message> {
@@ -67,11 +122,7 @@ fn doc_to_message(d: &Document) -> Option<Message> {
     Some(Message {
         id: str_field("_id")?,
         conversation_id: str_field("conversationId")?,
-        seq: match d.get("seq")? {
-            Bson::Int64(n) => u64::try_from(*n).ok()?,
-            Bson::Int32(n) => u64::try_from(*n).ok()?,
-            _ => return None,
-        },
+        seq: bson_u64(d.get("seq"))?,
         sender_id: str_field("senderId")?,
         kind: str_field("type")?,
         content: str_field("content").unwrap_or_default(),
@@ -81,14 +132,64 @@ fn doc_to_message(d: &Document) -> Option<Message> {
             Some(serde_json::Value::Object(m)) => Some(m),
             _ => None,
         },
-        reactions: match json("reactions") {
-            Some(v) => serde_json::from_value(v).unwrap_or_default(),
-            None => Default::default(),
-        },
+        reactions: json("reactions")
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default(),
         created_at: to_time(d.get("createdAt")).unwrap_or_default(),
         edited_at: to_time(d.get("editedAt")),
         deleted_at: to_time(d.get("deletedAt")),
+        created_version: bson_u64(d.get("createdVersion")).unwrap_or(0),
+        version: bson_u64(d.get("version")).unwrap_or(0),
     })
+}
+
+fn metadata_bson(m: &Message) -> Result<Bson, StoreError> {
+    match &m.metadata {
+        Some(map) => Ok(Bson::Document(
+            mongodb::bson::to_document(map).map_err(unavailable)?,
+        )),
+        None => Ok(Bson::Null),
+    }
+}
+
+fn reactions_bson(m: &Message) -> Result<Bson, StoreError> {
+    Ok(Bson::Document(
+        mongodb::bson::to_document(&m.reactions).map_err(unavailable)?,
+    ))
+}
+
+fn message_to_doc(m: &Message) -> Result<Document, StoreError> {
+    let mut d = doc! {
+        "_id": ObjectId::parse_str(&m.id).map_err(unavailable)?,
+        "conversationId": &m.conversation_id,
+        "seq": to_i64(m.seq),
+        "senderId": &m.sender_id,
+        "type": &m.kind,
+        "content": &m.content,
+        "replyTo": m.reply_to.clone().map_or(Bson::Null, Bson::String),
+        "metadata": metadata_bson(m)?,
+        "reactions": reactions_bson(m)?,
+        "createdAt": bson_time(Some(m.created_at)),
+        "editedAt": bson_time(m.edited_at),
+        "deletedAt": bson_time(m.deleted_at),
+        "createdVersion": to_i64(m.created_version),
+        "version": to_i64(m.version),
+    };
+    if let Some(cmid) = &m.client_message_id {
+        d.insert("clientMessageId", cmid);
+    }
+    Ok(d)
+}
+
+fn message_filter(conversation_id: &str, which: &MessageRef) -> Option<Document> {
+    match which {
+        MessageRef::Id(id) => {
+            Some(doc! { "_id": ObjectId::parse_str(id).ok()?, "conversationId": conversation_id })
+        }
+        MessageRef::Seq(seq) => {
+            Some(doc! { "conversationId": conversation_id, "seq": to_i64(*seq) })
+        }
+    }
 }
 
 impl MongoStore {
@@ -107,6 +208,7 @@ impl MongoStore {
         let client = mongodb::Client::with_options(options).map_err(unavailable)?;
         let store = Self {
             db: client.database(&database),
+            client,
         };
         store.ping().await?;
         store.create_indexes().await?;
@@ -125,16 +227,22 @@ impl MongoStore {
         self.db.collection("messages")
     }
 
+    fn read_states(&self) -> Collection<Document> {
+        self.db.collection("read_states")
+    }
+
     async fn create_indexes(&self) -> Result<(), StoreError> {
-        let seq = IndexModel::builder()
-            .keys(doc! { "conversationId": 1, "seq": 1 })
-            .options(
-                IndexOptions::builder()
-                    .unique(true)
-                    .name("conversation_seq".to_owned())
-                    .build(),
-            )
-            .build();
+        let index = |keys: Document, name: &str, unique: bool| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(
+                    IndexOptions::builder()
+                        .unique(unique)
+                        .name(name.to_owned())
+                        .build(),
+                )
+                .build()
+        };
         let client_id = IndexModel::builder()
             .keys(doc! { "conversationId": 1, "senderId": 1, "clientMessageId": 1 })
             .options(
@@ -146,10 +254,96 @@ impl MongoStore {
             )
             .build();
         self.messages()
-            .create_indexes([seq, client_id])
+            .create_indexes([
+                index(
+                    doc! { "conversationId": 1, "seq": 1 },
+                    "conversation_seq",
+                    true,
+                ),
+                client_id,
+                index(
+                    doc! { "conversationId": 1, "version": 1 },
+                    "conversation_version",
+                    false,
+                ),
+            ])
+            .await
+            .map_err(unavailable)?;
+        self.read_states()
+            .create_index(index(
+                doc! { "conversationId": 1, "userId": 1 },
+                "conversation_user",
+                true,
+            ))
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn find_messages(
+        &self,
+        filter: Document,
+        sort: Document,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let docs: Vec<Document> = self
+            .messages()
+            .find(filter)
+            .sort(sort)
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(docs.iter().filter_map(doc_to_message).collect())
+    }
+
+    async fn last_seq(&self, id: &str) -> Result<u64, StoreError> {
+        let d = self
+            .seqs()
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(unavailable)?;
+        Ok(d.and_then(|d| bson_u64(d.get("seq"))).unwrap_or(0))
+    }
+
+    fn to_conversation(&self, d: &Document, id: String, last_seq: u64) -> Conversation {
+        let member_ids = match d.get("participants") {
+            Some(Bson::Array(a)) => a.iter().filter_map(bson_to_string).collect(),
+            _ => Vec::new(),
+        };
+        Conversation {
+            id,
+            member_ids,
+            last_seq,
+        }
+    }
+
+    /// Takes the next version (and next seq when `new_message`) in `session`.
+    async fn bump(
+        &self,
+        session: &mut ClientSession,
+        conversation_id: &str,
+        new_message: bool,
+    ) -> mongodb::error::Result<(u64, u64)> {
+        let inc = if new_message {
+            doc! { "seq": 1_i64, "version": 1_i64 }
+        } else {
+            doc! { "version": 1_i64 }
+        };
+        let counter = self
+            .seqs()
+            .find_one_and_update(doc! { "_id": conversation_id }, doc! { "$inc": inc })
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .session(session)
+            .await?
+            .ok_or_else(|| abort(unavailable("sequence counter missing after upsert")))?;
+        Ok((
+            bson_u64(counter.get("seq")).unwrap_or(0),
+            bson_u64(counter.get("version")).unwrap_or(0),
+        ))
     }
 
     async fn find_by_client_id(&self, new: &NewMessage) -> Result<Option<Message>, StoreError> {
@@ -166,20 +360,6 @@ impl MongoStore {
             .await
             .map_err(unavailable)?;
         Ok(found.as_ref().and_then(doc_to_message))
-    }
-
-    async fn last_seq(&self, id: &str) -> Result<u64, StoreError> {
-        let d = self
-            .seqs()
-            .find_one(doc! { "_id": id })
-            .await
-            .map_err(unavailable)?;
-        Ok(d.and_then(|d| match d.get("seq") {
-            Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
-            Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
-            _ => None,
-        })
-        .unwrap_or(0))
     }
 }
 
@@ -212,6 +392,23 @@ impl ChatStore for MongoStore {
             .ok_or(StoreError::ConversationNotFound)
     }
 
+    async fn remove_member(&self, id: &str, user_id: &str) -> Result<Conversation, StoreError> {
+        let res = self
+            .conversations()
+            .update_one(
+                id_filter(id),
+                doc! { "$pull": { "participants": { "$in": id_values(user_id) } } },
+            )
+            .await
+            .map_err(unavailable)?;
+        if res.matched_count == 0 {
+            return Err(StoreError::ConversationNotFound);
+        }
+        self.conversation(id)
+            .await?
+            .ok_or(StoreError::ConversationNotFound)
+    }
+
     async fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
         let Some(d) = self
             .conversations()
@@ -221,15 +418,29 @@ impl ChatStore for MongoStore {
         else {
             return Ok(None);
         };
-        let member_ids = match d.get("participants") {
-            Some(Bson::Array(a)) => a.iter().filter_map(bson_to_string).collect(),
-            _ => Vec::new(),
-        };
-        Ok(Some(Conversation {
-            id: id.to_owned(),
-            member_ids,
-            last_seq: self.last_seq(id).await?,
-        }))
+        let last_seq = self.last_seq(id).await?;
+        Ok(Some(self.to_conversation(&d, id.to_owned(), last_seq)))
+    }
+
+    async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError> {
+        let docs: Vec<Document> = self
+            .conversations()
+            .find(doc! { "participants": { "$in": id_values(user_id) } })
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(docs.len());
+        for d in docs {
+            let Some(id) = d.get("_id").and_then(bson_to_string) else {
+                continue;
+            };
+            let last_seq = self.last_seq(&id).await?;
+            out.push(self.to_conversation(&d, id, last_seq));
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     async fn append_message(&self, new: NewMessage) -> Result<Appended, StoreError> {
@@ -248,74 +459,28 @@ impl ChatStore for MongoStore {
         {
             return Err(StoreError::ConversationNotFound);
         }
-        let counter = self
-            .seqs()
-            .find_one_and_update(
-                doc! { "_id": &new.conversation_id },
-                doc! { "$inc": { "seq": 1_i64 } },
-            )
-            .upsert(true)
-            .return_document(ReturnDocument::After)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| unavailable("sequence counter missing after upsert"))?;
-        let seq = match counter.get("seq") {
-            Some(Bson::Int64(n)) => *n,
-            Some(Bson::Int32(n)) => i64::from(*n),
-            _ => return Err(unavailable("sequence counter is not a number")),
-        };
-        let message = Message {
-            id: new_message_id(),
-            conversation_id: new.conversation_id,
-            seq: u64::try_from(seq).unwrap_or(0),
-            sender_id: new.sender_id,
-            kind: new.kind,
-            content: new.content,
-            client_message_id: new.client_message_id,
-            reply_to: new.reply_to,
-            metadata: new.metadata,
-            reactions: Default::default(),
-            created_at: now_millis(),
-            edited_at: None,
-            deleted_at: None,
-        };
-        let mut d = doc! {
-            "_id": ObjectId::parse_str(&message.id).map_err(unavailable)?,
-            "conversationId": &message.conversation_id,
-            "seq": seq,
-            "senderId": &message.sender_id,
-            "type": &message.kind,
-            "content": &message.content,
-            "replyTo": message.reply_to.as_deref().map_or(Bson::Null, |r| Bson::String(r.to_owned())),
-            "metadata": match &message.metadata {
-                Some(m) => Bson::Document(mongodb::bson::to_document(m).map_err(unavailable)?),
-                None => Bson::Null,
-            },
-            "reactions": Document::new(),
-            "createdAt": bson_time(message.created_at),
-            "editedAt": Bson::Null,
-            "deletedAt": Bson::Null,
-        };
-        if let Some(cmid) = &message.client_message_id {
-            d.insert("clientMessageId", cmid);
-        }
-        match self.messages().insert_one(d).await {
-            Ok(_) => Ok(Appended {
+        let mut session = self.client.start_session().await.map_err(unavailable)?;
+        let result = session
+            .start_transaction()
+            .and_run((self.clone(), new.clone()), |session, (store, new)| {
+                async move {
+                    let (seq, version) = store.bump(session, &new.conversation_id, true).await?;
+                    let message = materialize(new.clone(), seq, version);
+                    let d = message_to_doc(&message).map_err(abort)?;
+                    store.messages().insert_one(d).session(session).await?;
+                    Ok(message)
+                }
+                .boxed()
+            })
+            .await;
+        match result {
+            Ok(message) => Ok(Appended {
                 message,
                 created: true,
             }),
-            Err(e) if e.to_string().contains("E11000") => {
-                // A concurrent retry of the same send won the race.
-                let retry = NewMessage {
-                    conversation_id: message.conversation_id,
-                    sender_id: message.sender_id,
-                    kind: message.kind,
-                    content: message.content,
-                    client_message_id: message.client_message_id,
-                    reply_to: message.reply_to,
-                    metadata: message.metadata,
-                };
-                match self.find_by_client_id(&retry).await? {
+            Err(e) if is_duplicate_key(&e) => {
+                // A concurrent retry of the same send committed first.
+                match self.find_by_client_id(&new).await? {
                     Some(message) => Ok(Appended {
                         message,
                         created: false,
@@ -323,8 +488,199 @@ impl ChatStore for MongoStore {
                     None => Err(unavailable(e)),
                 }
             }
-            Err(e) => Err(unavailable(e)),
+            Err(e) => Err(from_driver(e)),
         }
+    }
+
+    async fn message(
+        &self,
+        conversation_id: &str,
+        which: &MessageRef,
+    ) -> Result<Option<Message>, StoreError> {
+        let Some(filter) = message_filter(conversation_id, which) else {
+            return Ok(None);
+        };
+        let found = self
+            .messages()
+            .find_one(filter)
+            .await
+            .map_err(unavailable)?;
+        Ok(found.as_ref().and_then(doc_to_message))
+    }
+
+    async fn update_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        change: &MessageChange,
+    ) -> Result<Updated, StoreError> {
+        let filter = message_filter(conversation_id, &MessageRef::Id(message_id.to_owned()))
+            .ok_or(StoreError::MessageNotFound)?;
+        let mut session = self.client.start_session().await.map_err(unavailable)?;
+        let context = (
+            self.clone(),
+            filter,
+            change.clone(),
+            conversation_id.to_owned(),
+        );
+        session
+            .start_transaction()
+            .and_run(
+                context,
+                |session, (store, filter, change, conversation_id)| {
+                    async move {
+                        let found = store
+                            .messages()
+                            .find_one(filter.clone())
+                            .session(&mut *session)
+                            .await?;
+                        let mut m = found
+                            .as_ref()
+                            .and_then(doc_to_message)
+                            .ok_or_else(|| abort(StoreError::MessageNotFound))?;
+                        if !change.apply(&mut m, now_millis()).map_err(abort)? {
+                            return Ok(Updated {
+                                message: m,
+                                changed: false,
+                            });
+                        }
+                        let (_, version) = store.bump(session, conversation_id, false).await?;
+                        m.version = version;
+                        let set = doc! {
+                            "content": &m.content,
+                            "metadata": metadata_bson(&m).map_err(abort)?,
+                            "reactions": reactions_bson(&m).map_err(abort)?,
+                            "editedAt": bson_time(m.edited_at),
+                            "deletedAt": bson_time(m.deleted_at),
+                            "version": to_i64(version),
+                        };
+                        store
+                            .messages()
+                            .update_one(filter.clone(), doc! { "$set": set })
+                            .session(&mut *session)
+                            .await?;
+                        Ok(Updated {
+                            message: m,
+                            changed: true,
+                        })
+                    }
+                    .boxed()
+                },
+            )
+            .await
+            .map_err(from_driver)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: &str,
+        before_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let mut filter = doc! { "conversationId": conversation_id };
+        if let Some(before) = before_seq {
+            filter.insert("seq", doc! { "$lt": to_i64(before) });
+        }
+        let mut messages = self
+            .find_messages(filter, doc! { "seq": -1 }, limit + 1)
+            .await?;
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        messages.reverse();
+        Ok(Page { messages, has_more })
+    }
+
+    async fn changes_since(
+        &self,
+        conversation_id: &str,
+        last_seq: u64,
+        max: usize,
+    ) -> Result<Replay, StoreError> {
+        let mut new = self
+            .find_messages(
+                doc! { "conversationId": conversation_id, "seq": { "$gt": to_i64(last_seq) } },
+                doc! { "seq": -1 },
+                max + 1,
+            )
+            .await?;
+        let mut complete = new.len() <= max;
+        new.truncate(max);
+        new.reverse();
+        let mut changed = if last_seq == 0 {
+            Vec::new()
+        } else {
+            let seen_version = self
+                .message(conversation_id, &MessageRef::Seq(last_seq))
+                .await?
+                .map_or(0, |m| m.created_version);
+            self.find_messages(
+                doc! {
+                    "conversationId": conversation_id,
+                    "seq": { "$lte": to_i64(last_seq) },
+                    "version": { "$gt": to_i64(seen_version) },
+                },
+                doc! { "seq": 1 },
+                max + 1,
+            )
+            .await?
+        };
+        if changed.len() > max {
+            complete = false;
+            changed.truncate(max);
+        }
+        Ok(Replay {
+            changed,
+            new,
+            complete,
+        })
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> Result<ReadState, StoreError> {
+        let res = self
+            .read_states()
+            .update_one(
+                doc! { "conversationId": conversation_id, "userId": user_id, "readUpTo": { "$lt": to_i64(seq) } },
+                doc! { "$set": { "readUpTo": to_i64(seq), "readAt": bson_time(Some(now_millis())) } },
+            )
+            .upsert(true)
+            .await;
+        let advanced = match res {
+            Ok(r) => r.modified_count > 0 || r.upserted_id.is_some(),
+            // The position is already at or past `seq`.
+            Err(e) if is_duplicate_key(&e) => false,
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(ReadState {
+            read_up_to: self.read_up_to(conversation_id, user_id).await?,
+            advanced,
+        })
+    }
+
+    async fn read_up_to(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
+        let d = self
+            .read_states()
+            .find_one(doc! { "conversationId": conversation_id, "userId": user_id })
+            .await
+            .map_err(unavailable)?;
+        Ok(d.and_then(|d| bson_u64(d.get("readUpTo"))).unwrap_or(0))
+    }
+
+    async fn unread_count(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
+        let read = self.read_up_to(conversation_id, user_id).await?;
+        self.messages()
+            .count_documents(doc! {
+                "conversationId": conversation_id,
+                "senderId": { "$ne": user_id },
+                "deletedAt": Bson::Null,
+                "seq": { "$gt": to_i64(read) },
+            })
+            .await
+            .map_err(unavailable)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -341,22 +697,25 @@ impl ChatStore for MongoStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// Runs the store conformance suite against a real MongoDB-wire server
-    /// (`TEST_MONGODB_URL`, started by `scripts/deps.sh`), in a fresh database.
-    #[tokio::test]
-    async fn mongo_store_conformance() {
+    /// A store on a fresh database of the MongoDB-wire server named by
+    /// `TEST_MONGODB_URL` (started by `scripts/deps.sh`).
+    pub(crate) async fn test_store() -> MongoStore {
         let base = std::env::var("TEST_MONGODB_URL").expect(
             "TEST_MONGODB_URL must name a MongoDB-wire server (scripts/test.sh starts SecantusDB and sets it)",
         );
         let db = format!("qc_test_{}", uuid::Uuid::new_v4().simple());
-        let url = with_database(&base, &db);
-        let store = MongoStore::connect(&url)
+        MongoStore::connect(&with_database(&base, &db))
             .await
-            .expect("connect to TEST_MONGODB_URL");
+            .expect("connect to TEST_MONGODB_URL")
+    }
+
+    #[tokio::test]
+    async fn mongo_store_conformance() {
+        let store = test_store().await;
         super::super::conformance::run_all(Arc::new(store.clone())).await;
         // Conversations written by the NestJS backend use ObjectIds.
         let oid = ObjectId::new();
@@ -368,6 +727,13 @@ mod tests {
             .unwrap();
         let conv = store.conversation(&oid.to_hex()).await.unwrap().unwrap();
         assert_eq!(conv.member_ids, vec![member.to_hex(), "u2".to_owned()]);
+        let mine = store.conversations_of(&member.to_hex()).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        let conv = store
+            .remove_member(&oid.to_hex(), &member.to_hex())
+            .await
+            .unwrap();
+        assert_eq!(conv.member_ids, vec!["u2".to_owned()]);
         // Index creation is idempotent.
         store.create_indexes().await.unwrap();
         store.db.drop().await.unwrap();
@@ -380,6 +746,11 @@ mod tests {
             "mongodb://127.0.0.1:27018/x?directConnection=true"
         );
         assert_eq!(with_database("mongodb://h:1", "x"), "mongodb://h:1/x");
+    }
+
+    #[test]
+    fn message_ids_are_object_ids() {
+        assert!(ObjectId::parse_str(super::super::new_message_id()).is_ok());
     }
 
     /// Puts `db` into a MongoDB URL's path, keeping its options.
@@ -398,10 +769,5 @@ mod tests {
             out.push_str(q);
         }
         out
-    }
-
-    #[test]
-    fn message_ids_are_object_ids() {
-        assert!(ObjectId::parse_str(new_message_id()).is_ok());
     }
 }

@@ -44,6 +44,12 @@ impl Subjects {
         format!("{}.conn.{conn_id}", self.prefix)
     }
 
+    /// A service's own notices to all of its replicas (no queue group), e.g.
+    /// `chat` / `membership` when a conversation's members change.
+    pub fn service_event(&self, service: &str, name: &str) -> String {
+        format!("{}.svc.{service}.{name}", self.prefix)
+    }
+
     /// Gateway connection open/close reports (presence).
     pub fn connection_lifecycle(&self) -> String {
         format!("{}.gateway.connection", self.prefix)
