@@ -1,0 +1,205 @@
+//! Two chat-svc replicas over real NATS and one MongoDB-wire database:
+//! concurrent senders get a gap-free, duplicate-free seq, and a send retried
+//! on both replicas at once stores one message.
+//!
+//! Needs NATS (`NATS_URL`, default 127.0.0.1:4222) and `TEST_MONGODB_URL`;
+//! `scripts/test.sh` provides both.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+use quckchat_chat::commands;
+use quckchat_chat::service::ChatService;
+use quckchat_chat::store::{ChatStore, MongoStore};
+use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
+use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+fn mongo_url(db: &str) -> String {
+    let base = std::env::var("TEST_MONGODB_URL")
+        .expect("TEST_MONGODB_URL must name a MongoDB-wire server (scripts/test.sh sets it)");
+    let (head, query) = base
+        .split_once('?')
+        .map_or((base.as_str(), None), |(h, q)| (h, Some(q)));
+    let host_end = head["mongodb://".len()..]
+        .find('/')
+        .map_or(head.len(), |i| i + "mongodb://".len());
+    match query {
+        Some(q) => format!("{}/{db}?{q}", &head[..host_end]),
+        None => format!("{}/{db}", &head[..host_end]),
+    }
+}
+
+struct Cluster {
+    mongo_url: String,
+    bus: Arc<dyn Bus>,
+    subjects: Subjects,
+    store: Arc<dyn ChatStore>,
+    stop: CancellationToken,
+}
+
+/// Starts `n` replicas, each with its own NATS connection and MongoDB client.
+async fn cluster(n: usize) -> Cluster {
+    let nats = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!("replicas{}", uuid::Uuid::new_v4().simple());
+    let url = mongo_url(&prefix);
+    let subjects = Subjects::new(prefix);
+    let stop = CancellationToken::new();
+    let mut first_store = None;
+    for i in 0..n {
+        let bus: Arc<dyn Bus> = Arc::new(
+            NatsBus::connect(&nats, &format!("replica-{i}"))
+                .await
+                .expect("NATS"),
+        );
+        let store: Arc<dyn ChatStore> = Arc::new(MongoStore::connect(&url).await.expect("MongoDB"));
+        first_store.get_or_insert_with(|| store.clone());
+        let service = Arc::new(ChatService::new(store, bus.clone(), subjects.clone()));
+        commands::serve(
+            service,
+            bus,
+            &subjects,
+            stop.clone(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    }
+    let bus: Arc<dyn Bus> = Arc::new(NatsBus::connect(&nats, "client").await.unwrap());
+    Cluster {
+        mongo_url: url,
+        bus,
+        subjects,
+        store: first_store.unwrap(),
+        stop,
+    }
+}
+
+impl Cluster {
+    /// Stops the replicas and drops the test database.
+    async fn finish(&self) {
+        self.stop.cancel();
+        let client = mongodb::Client::with_uri_str(&self.mongo_url)
+            .await
+            .unwrap();
+        client.default_database().unwrap().drop().await.unwrap();
+    }
+
+    async fn push(&self, user: &str, event: &str, payload: Value) -> (bool, Value) {
+        let cmd = ClientCommand {
+            conn_id: user.into(),
+            user_id: user.into(),
+            device_id: "d".into(),
+            topic: "chat:c1".into(),
+            event: event.into(),
+            payload: payload.to_string().into_bytes(),
+        };
+        let msg = self
+            .bus
+            .request(
+                &self.subjects.command("chat"),
+                Vec::new(),
+                cmd.encode_to_vec().into(),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        let reply = CommandReply::decode(msg.payload.as_ref()).unwrap();
+        (
+            reply.status == command_reply::Status::Ok as i32,
+            serde_json::from_slice(&reply.response).unwrap(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_on_two_replicas_get_seq_one_to_n() {
+    let c = cluster(2).await;
+    let senders = ["a", "b", "c", "d"];
+    c.store
+        .upsert_conversation("c1", &senders.map(str::to_owned))
+        .await
+        .unwrap();
+    const EACH: usize = 10;
+    let c = Arc::new(c);
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|s| {
+            let c = c.clone();
+            let s = (*s).to_owned();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..EACH {
+                    let (ok, r) = c
+                        .push(
+                            &s,
+                            "message:send",
+                            json!({"type": "text", "content": format!("{s}{i}")}),
+                        )
+                        .await;
+                    assert!(ok, "{r}");
+                    seqs.push(r["message"]["seq"].as_u64().unwrap());
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "a sender's messages keep their order: {seqs:?}"
+        );
+        all.extend(seqs);
+    }
+    let n = (senders.len() * EACH) as u64;
+    let distinct: HashSet<u64> = all.iter().copied().collect();
+    assert_eq!(all.len() as u64, n);
+    assert_eq!(
+        distinct,
+        (1..=n).collect(),
+        "seq 1..N, no gap, no duplicate"
+    );
+    assert_eq!(
+        c.store.conversation("c1").await.unwrap().unwrap().last_seq,
+        n
+    );
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_landing_on_another_replica_returns_the_original() {
+    let c = Arc::new(cluster(2).await);
+    c.store
+        .upsert_conversation("c1", &["a".into()])
+        .await
+        .unwrap();
+    let payload = json!({"type": "text", "content": "once", "clientMessageId": "cm-1"});
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, p) = (c.clone(), payload.clone());
+            tokio::spawn(async move { c.push("a", "message:send", p).await })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tasks {
+        let (ok, r) = t.await.unwrap();
+        assert!(ok, "{r}");
+        assert_eq!(r["message"]["seq"], 1);
+        ids.insert(r["message"]["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1, "one message for every retry");
+    let (_, next) = c
+        .push(
+            "a",
+            "message:send",
+            json!({"type": "text", "content": "next"}),
+        )
+        .await;
+    assert_eq!(next["message"]["seq"], 2, "no seq lost to the retries");
+    c.finish().await;
+}
