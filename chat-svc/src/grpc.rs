@@ -6,7 +6,7 @@ use std::sync::Arc;
 use quckchat_proto::chat::chat_service_server::{ChatService as ChatApi, ChatServiceServer};
 use quckchat_proto::chat::{
     ChatMessage, Conversation, GetConversationRequest, GetHistoryRequest, GetHistoryResponse,
-    GetUnreadCountsRequest, GetUnreadCountsResponse, PostMessageRequest, RemoveMemberRequest,
+    GetUnreadCountsRequest, GetUnreadCountsResponse, ListConversationsRequest, ListConversationsResponse, PostMessageRequest, RemoveMemberRequest,
     UnreadCount, UpsertConversationRequest, UserIds,
 };
 use quckchat_runtime::ids::valid_id;
@@ -196,6 +196,18 @@ impl ChatApi for ChatGrpc {
         Ok(Response::new(GetHistoryResponse {
             messages: page.messages.into_iter().map(message_to_proto).collect(),
             has_more: page.has_more,
+        }))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<ListConversationsRequest>,
+    ) -> Result<Response<ListConversationsResponse>, Status> {
+        let req = request.into_inner();
+        check_id("user_id", &req.user_id)?;
+        let conversations = self.service.store().conversations_of(&req.user_id).await.map_err(store_status)?;
+        Ok(Response::new(ListConversationsResponse {
+            conversation_ids: conversations.into_iter().map(|c| c.id).collect(),
         }))
     }
 

@@ -13,6 +13,7 @@ pub const SOCKET_OUTBOUND_QUEUE: &str = "SOCKET_OUTBOUND_QUEUE";
 pub const SOCKET_MAX_CHANNELS: &str = "SOCKET_MAX_CHANNELS";
 pub const SOCKET_MALFORMED_LIMIT: &str = "SOCKET_MALFORMED_LIMIT";
 pub const SOCKET_WRITE_TIMEOUT_SECS: &str = "SOCKET_WRITE_TIMEOUT_SECS";
+pub const NODE_HEARTBEAT_SECS: &str = "NODE_HEARTBEAT_SECS";
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -20,6 +21,9 @@ pub struct GatewayConfig {
     pub bus: BusConfig,
     pub jwt_secret: String,
     pub socket: SocketConfig,
+    /// How often this gateway tells presence it is alive; presence drops the
+    /// connections of a gateway silent for its node TTL (default 30 s).
+    pub node_heartbeat: Duration,
 }
 
 /// Limits of one client socket.
@@ -119,6 +123,7 @@ impl GatewayConfig {
             bus,
             jwt_secret,
             socket: SocketConfig::read(r)?,
+            node_heartbeat: r.secs(NODE_HEARTBEAT_SECS, 10)?,
         })
     }
 }

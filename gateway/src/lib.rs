@@ -44,8 +44,6 @@ use socket::Peer;
 
 /// Subprotocol prefix carrying the token (phoenix ≥ 1.8 `authToken`).
 const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
-/// How often this node tells presence it is alive.
-const NODE_HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 
 /// State shared by every socket of this gateway.
 pub struct Shared {
@@ -110,33 +108,36 @@ impl Gateway {
                 "sockets still open after the drain window"
             );
         }
+        // Tell presence this node is gone, so whatever it missed is dropped.
+        node_heartbeat(&self.shared, true).await;
     }
 
     fn spawn_node_heartbeat(&self) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(NODE_HEARTBEAT_EVERY);
+            let mut every = tokio::time::interval(shared.config.node_heartbeat);
             loop {
                 tokio::select! {
                     () = shared.shutdown.cancelled() => return,
                     _ = every.tick() => {}
                 }
-                let beat = NodeHeartbeat {
-                    node_id: shared.config.server.node_name.clone(),
-                    connections: u32::try_from(shared.connections.load(Ordering::Relaxed))
-                        .unwrap_or(u32::MAX),
-                    at_ms: now_ms(),
-                };
-                let subject = shared.subjects.node_heartbeat();
-                if let Err(err) = shared
-                    .bus
-                    .publish(&subject, None, Vec::new(), beat.encode_to_vec().into())
-                    .await
-                {
-                    tracing::debug!(%err, "node heartbeat not sent");
-                }
+                node_heartbeat(&shared, false).await;
             }
         });
+    }
+}
+
+/// Tells presence this node is alive (or, `leaving`, gone).
+async fn node_heartbeat(shared: &Shared, leaving: bool) {
+    let beat = NodeHeartbeat {
+        node_id: shared.config.server.node_name.clone(),
+        connections: u32::try_from(shared.connections.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+        at_ms: now_ms(),
+        leaving,
+    };
+    let subject = shared.subjects.node_heartbeat();
+    if let Err(err) = shared.bus.publish(&subject, None, Vec::new(), beat.encode_to_vec().into()).await {
+        tracing::debug!(%err, "node heartbeat not sent");
     }
 }
 

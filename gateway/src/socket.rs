@@ -39,6 +39,15 @@ pub mod close_code {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
+/// How long a server-initiated close waits for the client's close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// Whether a read error is a message over the size limit (tungstenite's
+/// capacity error, as axum wraps it).
+fn too_big(err: &impl std::fmt::Display) -> bool {
+    err.to_string().contains("Message too long")
+}
+
 /// Who is on the socket.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -91,6 +100,7 @@ struct RateLimit {
 pub async fn run<S, E>(ws: S, shared: Arc<Shared>, peer: Peer)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+    E: std::fmt::Display,
 {
     let (tx, rx) = mpsc::channel(shared.config.socket.outbound_queue);
     let mut socket = Socket {
@@ -130,6 +140,7 @@ struct Socket<S> {
 impl<S, E> Socket<S>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
+    E: std::fmt::Display,
 {
     fn subscriber(&self) -> Subscriber {
         Subscriber {
@@ -163,7 +174,19 @@ where
                     code,
                     reason: reason.into(),
                 };
-                let _ = self.ws.send(Message::Close(Some(frame))).await;
+                if self.ws.send(Message::Close(Some(frame))).await.is_ok() {
+                    // Closing handshake: read (and discard) until the client's
+                    // close, so unread input does not turn our close into a
+                    // TCP reset the client would see as 1006.
+                    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+                        while let Some(Ok(msg)) = self.ws.next().await {
+                            if matches!(msg, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
             }
             let _ = self.ws.close().await;
         })
@@ -200,6 +223,10 @@ where
                 incoming = self.ws.next() => {
                     let msg = match incoming {
                         Some(Ok(msg)) => msg,
+                        Some(Err(err)) if too_big(&err) => {
+                            metrics::counter!("quckchat_gateway_oversized_frames_total").increment(1);
+                            return Some(Close(close_code::TOO_BIG, "message too big"));
+                        }
                         Some(Err(_)) | None => return None,
                     };
                     idle.as_mut().reset(Instant::now() + idle_timeout);

@@ -2,6 +2,7 @@
 //!
 //! - [`bus`]: envelopes between the gateway and the services on the bus.
 //! - [`chat`]: the chat service's gRPC API.
+//! - [`presence`]: the presence service's gRPC API.
 
 #![allow(clippy::all, clippy::pedantic)]
 
@@ -15,6 +16,13 @@ pub mod bus {
 pub mod chat {
     pub mod v1 {
         tonic::include_proto!("quckchat.chat.v1");
+    }
+    pub use v1::*;
+}
+
+pub mod presence {
+    pub mod v1 {
+        tonic::include_proto!("quckchat.presence.v1");
     }
     pub use v1::*;
 }

@@ -1,0 +1,430 @@
+// Starts a QuckChat server set (all-in-one, or gateway + chat-svc over NATS/MongoDB) on free
+// ports, waits until it is ready, hands out URLs and client helpers, and tears everything
+// down again: processes get SIGTERM, then SIGKILL after a bound; temp dirs are removed.
+import {spawn, execFile} from "node:child_process"
+import {existsSync, mkdtempSync, rmSync} from "node:fs"
+import {createServer} from "node:net"
+import {tmpdir} from "node:os"
+import path from "node:path"
+import {fileURLToPath} from "node:url"
+import {randomBytes} from "node:crypto"
+import {before, after, afterEach} from "node:test"
+
+import {connectPhoenix, disconnectPhoenix} from "./phx.js"
+import {RawClient} from "./raw.js"
+import {mintUserToken, authTokenProtocol} from "./jwt.js"
+import {sleep, withTimeout, randomId} from "./util.js"
+
+export const E2E_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
+export const BIN_DIR = path.resolve(E2E_DIR, process.env.QUCKCHAT_BIN_DIR ?? "../target/debug")
+
+const READY_TIMEOUT_MS = Number(process.env.E2E_READY_TIMEOUT_MS ?? 30_000)
+const STOP_TIMEOUT_MS = Number(process.env.E2E_STOP_TIMEOUT_MS ?? 5_000)
+const CLI_TIMEOUT_MS = 15_000
+const LOG_TAIL_BYTES = 64 * 1024
+const SHOW_LOGS = process.env.E2E_SERVER_LOGS === "1"
+
+export const ALL_MODES = ["allinone", "distributed"]
+
+/** Modes to run, from E2E_MODES (comma separated), default both. */
+export const modes = (() => {
+  const raw = process.env.E2E_MODES ?? ALL_MODES.join(",")
+  const list = raw.split(",").map((m) => m.trim()).filter(Boolean)
+  for(const m of list){
+    if(!ALL_MODES.includes(m)){ throw new Error(`E2E_MODES: unknown mode ${JSON.stringify(m)} (known: ${ALL_MODES.join(", ")})`) }
+  }
+  return list
+})()
+
+// ---------------------------------------------------------------------------------------------
+// process bookkeeping: whatever happens to the test process, no server outlives it
+
+const liveChildren = new Set()
+const liveDirs = new Set()
+
+function killEverythingNow(){
+  for(const child of liveChildren){
+    try { child.kill("SIGKILL") } catch { /* gone */ }
+  }
+  for(const dir of liveDirs){
+    try { rmSync(dir, {recursive: true, force: true}) } catch { /* best effort */ }
+  }
+}
+process.on("exit", killEverythingNow)
+for(const signal of ["SIGINT", "SIGTERM", "SIGHUP"]){
+  process.once(signal, () => {
+    killEverythingNow()
+    process.exit(128 + ({SIGINT: 2, SIGTERM: 15, SIGHUP: 1}[signal]))
+  })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+export function binPath(name){
+  return path.join(BIN_DIR, name)
+}
+
+function requireBin(name){
+  const p = binPath(name)
+  if(!existsSync(p)){
+    throw new Error(`server binary not found: ${p} (build it with \`cargo build --workspace\`, or set QUCKCHAT_BIN_DIR)`)
+  }
+  return p
+}
+
+/** A free TCP port on 127.0.0.1 (bound then released). */
+export function freePort(){
+  return new Promise((resolve, reject) => {
+    const srv = createServer()
+    srv.unref()
+    srv.on("error", reject)
+    srv.listen(0, "127.0.0.1", () => {
+      const {port} = srv.address()
+      srv.close(() => resolve(port))
+    })
+  })
+}
+
+/** Inserts a database path into a MongoDB URL: mongodb://h:1/?x=y + db → mongodb://h:1/db?x=y */
+export function mongoUrlWithDb(base, db){
+  const m = /^(mongodb(?:\+srv)?:\/\/[^/?]+)(\/[^?]*)?(\?.*)?$/.exec(base)
+  if(!m){ throw new Error(`TEST_MONGODB_URL is not a mongodb:// URL: ${base}`) }
+  return `${m[1]}/${db}${m[3] ?? ""}`
+}
+
+/** Runs a CLI command, resolving with trimmed stdout; rejects with its output on failure. */
+export function runCli(file, args, {env, timeoutMs = CLI_TIMEOUT_MS} = {}){
+  return new Promise((resolve, reject) => {
+    execFile(file, args, {env, timeout: timeoutMs, killSignal: "SIGKILL", maxBuffer: 4 * 1024 * 1024}, (err, stdout, stderr) => {
+      if(err){
+        const how = err.killed ? `killed after ${timeoutMs} ms` : `exit code ${err.code}`
+        reject(new Error(`${path.basename(file)} ${args.join(" ")} failed (${how})\nstdout: ${stdout}\nstderr: ${stderr}`))
+      } else {
+        resolve(stdout.trim())
+      }
+    })
+  })
+}
+
+class ManagedProcess {
+  constructor(name, file, args, env){
+    this.name = name
+    this.output = ""
+    this.exit = null
+    this.child = spawn(file, args, {env, stdio: ["ignore", "pipe", "pipe"]})
+    liveChildren.add(this.child)
+    const capture = (chunk) => {
+      const text = chunk.toString("utf8")
+      this.output = (this.output + text).slice(-LOG_TAIL_BYTES)
+      if(SHOW_LOGS){ process.stderr.write(text.replace(/^(?=.)/gm, `[${this.name}] `)) }
+    }
+    this.child.stdout.on("data", capture)
+    this.child.stderr.on("data", capture)
+    this.exited = new Promise((resolve) => {
+      this.child.on("error", (err) => {
+        this.output += `\n[spawn error] ${err.message}`
+        this.exit = {code: null, signal: null, error: err}
+        liveChildren.delete(this.child)
+        resolve(this.exit)
+      })
+      this.child.on("exit", (code, signal) => {
+        this.exit = {code, signal}
+        liveChildren.delete(this.child)
+        resolve(this.exit)
+      })
+    })
+  }
+
+  describeExit(){
+    if(!this.exit){ return "still running" }
+    return this.exit.error ? `failed to start: ${this.exit.error.message}` : `exited with code ${this.exit.code} signal ${this.exit.signal}`
+  }
+
+  /** SIGTERM, then SIGKILL after `graceMs`; resolves once the process is gone (bounded). */
+  async stop(graceMs = STOP_TIMEOUT_MS){
+    if(this.exit){ return this.exit }
+    this.child.kill("SIGTERM")
+    const exit = await withTimeout(this.exited, graceMs, `${this.name} to exit after SIGTERM`).catch(() => null)
+    if(exit){ return exit }
+    this.child.kill("SIGKILL")
+    return withTimeout(this.exited, 2000, `${this.name} to exit after SIGKILL`)
+      .catch(() => ({code: null, signal: "SIGKILL (no exit seen)"}))
+  }
+}
+
+/** Polls GET url until 200; fails early if the process exits, and after `timeoutMs`. */
+async function waitReady(proc, url, timeoutMs = READY_TIMEOUT_MS){
+  const deadline = Date.now() + timeoutMs
+  let last = "no answer yet"
+  while(Date.now() < deadline){
+    if(proc.exit){
+      throw new Error(`${proc.name} ${proc.describeExit()} before ${url} was ready; output:\n${proc.output}`)
+    }
+    try {
+      const res = await fetch(url, {signal: AbortSignal.timeout(1000)})
+      await res.arrayBuffer()
+      if(res.status === 200){ return }
+      last = `HTTP ${res.status}`
+    } catch (err){
+      last = err.cause?.code ?? err.message
+    }
+    await sleep(100)
+  }
+  throw new Error(`${proc.name} not ready at ${url} within ${timeoutMs} ms (last: ${last}); output:\n${proc.output}`)
+}
+
+const looksLikePortClash = (proc) => /address (already )?in use|EADDRINUSE|os error 98/i.test(proc.output)
+
+/**
+ * Starts `file` on a fresh port, waiting until /health/ready answers 200. Retries with
+ * another port when the first one was taken in the meantime.
+ */
+async function startOnFreePort(name, file, args, envFor){
+  for(let attempt = 1; ; attempt++){
+    const port = await freePort()
+    const proc = new ManagedProcess(name, file, args, envFor(port))
+    try {
+      await waitReady(proc, `http://127.0.0.1:${port}/health/ready`)
+      return {proc, port}
+    } catch (err){
+      await proc.stop(1000)
+      if(attempt < 3 && looksLikePortClash(proc)){ continue }
+      throw err
+    }
+  }
+}
+
+function baseEnv(){
+  const env = {...process.env}
+  // the all-in-one server must not pick up a developer's distributed settings by accident
+  for(const key of ["NATS_URL", "NATS_SUBJECT_PREFIX", "MONGODB_URL", "PORT", "DATA_DIR"]){ delete env[key] }
+  env.RUST_LOG = process.env.E2E_RUST_LOG ?? process.env.RUST_LOG ?? "info"
+  return env
+}
+
+/** Why `mode` cannot run here, or null. */
+export function missingPrerequisite(mode){
+  if(mode === "distributed" && !process.env.TEST_MONGODB_URL){
+    return "distributed mode needs a MongoDB: set TEST_MONGODB_URL (e.g. mongodb://127.0.0.1:27018/?directConnection=true), " +
+      "or run only the all-in-one mode with E2E_MODES=allinone"
+  }
+  return null
+}
+
+export class ServerSet {
+  constructor(mode){
+    this.mode = mode
+    this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
+    this.procs = []
+    this.clients = new Set()
+    this.tokens = new Map()
+    this.dataDir = null
+    /** port of HTTP + WebSocket + gRPC of the socket-facing process (all-in-one or gateway) */
+    this.port = null
+    /** port of the process serving the conversation gRPC API */
+    this.grpcPort = null
+    this.cliEnv = null
+  }
+
+  get httpUrl(){ return `http://127.0.0.1:${this.port}` }
+  /** endpoint for the phoenix client (it appends /websocket) */
+  get socketUrl(){ return `ws://127.0.0.1:${this.port}/socket` }
+  get grpcAddr(){ return `http://127.0.0.1:${this.grpcPort}` }
+  /** every process of the set with its admin base URL */
+  get admins(){ return this.procs.map((p) => ({name: p.name, url: `http://127.0.0.1:${p.port}`})) }
+
+  /** The output (log tail) of every process, for failure messages. */
+  logs(){
+    return this.procs.map((p) => `----- ${p.name} (${p.proc.describeExit()}) -----\n${p.proc.output}`).join("\n")
+  }
+
+  async start(extraEnv = {}){
+    const quckchat = requireBin("quckchat")
+    this.dataDir = mkdtempSync(path.join(tmpdir(), "quckchat-e2e-"))
+    liveDirs.add(this.dataDir)
+    const common = {
+      ...baseEnv(),
+      BIND_ADDRESS: "127.0.0.1",
+      JWT_SECRET: this.jwtSecret,
+      DATA_DIR: this.dataDir,
+      ...extraEnv,
+    }
+    this.cliEnv = {...baseEnv(), JWT_SECRET: this.jwtSecret}
+
+    if(this.mode === "allinone"){
+      const {proc, port} = await startOnFreePort("quckchat", quckchat, [], (p) => ({...common, PORT: String(p)}))
+      this.procs.push({name: "quckchat", proc, port})
+      this.port = port
+      this.grpcPort = port
+      return this
+    }
+
+    if(this.mode === "distributed"){
+      const missing = missingPrerequisite(this.mode)
+      if(missing){ throw new Error(missing) }
+      const mongoBase = process.env.TEST_MONGODB_URL
+      const gatewayBin = requireBin("gateway")
+      const chatBin = requireBin("chat-svc")
+      const suffix = randomId("e2e_", 5)
+      const dist = {
+        ...common,
+        NATS_URL: process.env.NATS_URL ?? "nats://127.0.0.1:4222",
+        NATS_SUBJECT_PREFIX: suffix,
+      }
+      this.mongoUrl = mongoUrlWithDb(mongoBase, suffix)
+      this.natsPrefix = suffix
+      const chat = await startOnFreePort("chat-svc", chatBin, [], (p) => ({...dist, PORT: String(p), MONGODB_URL: this.mongoUrl}))
+      this.procs.push({name: "chat-svc", ...chat})
+      const gw = await startOnFreePort("gateway", gatewayBin, [], (p) => ({...dist, PORT: String(p)}))
+      this.procs.push({name: "gateway", ...gw})
+      this.port = gw.port
+      this.grpcPort = chat.port
+      return this
+    }
+
+    throw new Error(`unknown mode ${this.mode}`)
+  }
+
+  /** A JWT for `userId` from `quckchat token` (cached per user). */
+  async token(userId, {ttl = "1h"} = {}){
+    const key = `${userId}\u0000${ttl}`
+    if(!this.tokens.has(key)){
+      const out = await runCli(binPath("quckchat"), ["token", userId, "--ttl", ttl], {env: this.cliEnv})
+      const token = out.split(/\s+/).pop()
+      if(!/^[\w-]+\.[\w-]+\.[\w-]+$/.test(token)){ throw new Error(`quckchat token printed no JWT: ${JSON.stringify(out)}`) }
+      this.tokens.set(key, token)
+    }
+    return this.tokens.get(key)
+  }
+
+  /** A JWT minted in JS with this set's secret (ttlSecs < 0: expired). */
+  mintToken(userId, ttlSecs = 3600, claims = {}){
+    return mintUserToken(userId, this.jwtSecret, ttlSecs, claims)
+  }
+
+  /** Upserts a conversation's members through the gRPC API (`quckchat conversation put`). */
+  async putConversation(conversationId, members){
+    await runCli(binPath("quckchat"),
+      ["conversation", "put", conversationId, "--members", members.join(","), "--addr", this.grpcAddr],
+      {env: this.cliEnv})
+  }
+
+  /**
+   * A connected phoenix Socket for `userId` (tracked; closed by closeClients()).
+   * @param {object} [opts] - {authStyle: "param"|"subprotocol", token, socketOpts, params}
+   */
+  async connect(userId, opts = {}){
+    const token = opts.token ?? await this.token(userId)
+    const socket = await connectPhoenix(this.socketUrl, token, opts)
+    this.clients.add({kind: "phoenix", socket})
+    return socket
+  }
+
+  /** ws:// URL of the raw WebSocket endpoint with the given query (vsn defaults to 2.0.0). */
+  rawUrl(query = {}){
+    const q = new URLSearchParams()
+    for(const [k, v] of Object.entries({vsn: "2.0.0", ...query})){
+      if(v !== undefined && v !== null){ q.set(k, v) }
+    }
+    const qs = q.toString()
+    return `ws://127.0.0.1:${this.port}/socket/websocket${qs ? "?" + qs : ""}`
+  }
+
+  /**
+   * A raw, open WebSocket for `userId` (tracked).
+   * @param {object} [opts] - {vsn, authStyle: "param"|"subprotocol", token, query}
+   */
+  async raw(userId, {vsn = "2.0.0", authStyle = "param", token, query = {}, timeoutMs} = {}){
+    token = token ?? await this.token(userId)
+    let client
+    if(authStyle === "param"){
+      client = await RawClient.connect(this.rawUrl({vsn, token, ...query}), {timeoutMs})
+    } else {
+      client = await RawClient.connect(this.rawUrl({vsn, ...query}), {protocols: ["phoenix", authTokenProtocol(token)], timeoutMs})
+    }
+    this.clients.add({kind: "raw", client})
+    return client
+  }
+
+  /** Closes every client opened through this set (bounded). */
+  async closeClients(){
+    const all = [...this.clients]
+    this.clients.clear()
+    await Promise.all(all.map(async (c) => {
+      if(c.kind === "phoenix"){ await disconnectPhoenix(c.socket) }
+      else { c.client.close(); await withTimeout(c.client.closed, 1000, "raw close").catch(() => c.client.terminate()) }
+    }))
+  }
+
+  async stop(){
+    await this.closeClients().catch(() => {})
+    // gateway first, then the services behind it
+    for(const p of [...this.procs].reverse()){ await p.proc.stop() }
+    if(this.dataDir){
+      rmSync(this.dataDir, {recursive: true, force: true})
+      liveDirs.delete(this.dataDir)
+    }
+    if(this.mongoUrl){ await dropDatabase(this.mongoUrl) }
+  }
+}
+
+/**
+ * Drops a distributed set's database so runs leave nothing behind. Uses pymongo, which
+ * scripts/deps.sh installs with SecantusDB; a failure is reported, not fatal.
+ */
+async function dropDatabase(url){
+  const code = "import sys, pymongo; c = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=5000); " +
+    "c.drop_database(c.get_default_database().name)"
+  await new Promise((resolve) => {
+    const p = spawn(process.env.PYTHON ?? "python3", ["-c", code, url], {stdio: ["ignore", "ignore", "pipe"]})
+    let err = ""
+    p.stderr.on("data", (d) => { err += d })
+    const timer = setTimeout(() => p.kill("SIGKILL"), 15_000)
+    p.on("close", (code) => {
+      clearTimeout(timer)
+      if(code !== 0){ process.stderr.write(`e2e: could not drop ${url}: ${err.trim().split("\n").pop()}\n`) }
+      resolve()
+    })
+  })
+}
+
+/** Starts a server set for `mode`; on failure everything started so far is stopped. */
+export async function startServerSet(mode, {env = {}} = {}){
+  const set = new ServerSet(mode)
+  try {
+    return await set.start(env)
+  } catch (err){
+    await set.stop().catch(() => {})
+    throw err
+  }
+}
+
+/**
+ * Registers before/after hooks in the current describe: a server set for `mode` is started
+ * before its tests and stopped after them; clients are closed after each test. Returns a
+ * proxy to the set (usable inside tests once it started).
+ */
+export function useServerSet(mode, {env = {}} = {}){
+  let set = null
+  const missing = missingPrerequisite(mode)
+  if(missing){
+    // every test of the suite fails with the reason (counted as failures, not as cancellations)
+    return new Proxy({}, {get(){ throw new Error(missing) }})
+  }
+  before(async () => { set = await startServerSet(mode, {env}) }, {timeout: READY_TIMEOUT_MS * 2 + 20_000})
+  afterEach(async () => { await set?.closeClients() }, {timeout: 10_000})
+  after(async () => { await set?.stop() }, {timeout: STOP_TIMEOUT_MS * 3 + 10_000})
+  return new Proxy({}, {
+    get(_target, prop){
+      if(!set){ throw new Error(`server set for ${mode} is not running (its start failed)`) }
+      const value = set[prop]
+      return typeof value === "function" ? value.bind(set) : value
+    },
+  })
+}
+
+/** Fresh ids, unique per call: users and conversations never collide across tests. */
+export const ids = {
+  user: (name = "u") => randomId(`${name}_`, 4),
+  conv: (name = "c") => randomId(`${name}-`, 5),
+}
