@@ -2,12 +2,16 @@
 
 use quckchat_runtime::config::{BusConfig, ConfigError, ConfigReader, ServerConfig, MONGODB_URL};
 
+pub const PRESENCE_GRPC_URL: &str = "PRESENCE_GRPC_URL";
+
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
     /// Admin HTTP and gRPC, on one port (default 4001).
     pub server: ServerConfig,
     pub bus: BusConfig,
     pub mongodb_url: String,
+    /// presence-svc's gRPC address; unset: joins carry no `presence_state`.
+    pub presence_grpc_url: Option<String>,
 }
 
 impl ChatConfig {
@@ -20,6 +24,7 @@ impl ChatConfig {
                 "mongodb://localhost:27017/quckchat",
                 &["mongodb", "mongodb+srv"],
             )?,
+            presence_grpc_url: r.optional(PRESENCE_GRPC_URL),
         })
     }
 }

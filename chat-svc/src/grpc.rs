@@ -6,8 +6,9 @@ use std::sync::Arc;
 use quckchat_proto::chat::chat_service_server::{ChatService as ChatApi, ChatServiceServer};
 use quckchat_proto::chat::{
     ChatMessage, Conversation, GetConversationRequest, GetHistoryRequest, GetHistoryResponse,
-    GetUnreadCountsRequest, GetUnreadCountsResponse, ListConversationsRequest, ListConversationsResponse, PostMessageRequest, RemoveMemberRequest,
-    UnreadCount, UpsertConversationRequest, UserIds,
+    GetUnreadCountsRequest, GetUnreadCountsResponse, ListConversationsRequest,
+    ListConversationsResponse, PostMessageRequest, RemoveMemberRequest, UnreadCount,
+    UpsertConversationRequest, UserIds,
 };
 use quckchat_runtime::ids::valid_id;
 use tonic::{Request, Response, Status};
@@ -205,7 +206,12 @@ impl ChatApi for ChatGrpc {
     ) -> Result<Response<ListConversationsResponse>, Status> {
         let req = request.into_inner();
         check_id("user_id", &req.user_id)?;
-        let conversations = self.service.store().conversations_of(&req.user_id).await.map_err(store_status)?;
+        let conversations = self
+            .service
+            .store()
+            .conversations_of(&req.user_id)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(ListConversationsResponse {
             conversation_ids: conversations.into_iter().map(|c| c.id).collect(),
         }))

@@ -3,6 +3,7 @@
 //! Reads top-down: [`service`] (what each event does) → [`store`] (the
 //! `ChatStore` trait, its MongoDB and embedded implementations and their
 //! conformance suite) → [`grpc`] (the API for internal callers) →
+//! [`presence`] (who is online, for `presence_state` after a join) →
 //! [`commands`] (taking client commands off the bus). [`config`] is for the
 //! `chat-svc` binary; the all-in-one server wires the same pieces with the
 //! embedded store.
@@ -15,6 +16,7 @@
 pub mod commands;
 pub mod config;
 pub mod grpc;
+pub mod presence;
 pub mod service;
 pub mod store;
 

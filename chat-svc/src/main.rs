@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use quckchat_chat::config::ChatConfig;
 use quckchat_chat::grpc::ChatGrpc;
+use quckchat_chat::presence::GrpcPresence;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, MongoStore};
 use quckchat_chat::{commands, StoreHealth};
@@ -40,11 +41,13 @@ async fn run(config: ChatConfig) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone());
     let subjects = Subjects::new(config.bus.subject_prefix.clone());
-    let service = Arc::new(ChatService::new(
-        store.clone(),
-        bus.clone(),
-        subjects.clone(),
-    ));
+    let mut service = ChatService::new(store.clone(), bus.clone(), subjects.clone());
+    if let Some(url) = &config.presence_grpc_url {
+        let presence =
+            GrpcPresence::new(url).map_err(|e| anyhow::anyhow!("PRESENCE_GRPC_URL: {e}"))?;
+        service = service.with_presence(Arc::new(presence));
+    }
+    let service = Arc::new(service);
     let consumer = commands::serve(
         service.clone(),
         bus.clone(),

@@ -21,6 +21,7 @@ use quckchat_runtime::bus::{Bus, Subjects};
 use quckchat_runtime::ids::valid_id;
 use serde_json::{json, Map, Value};
 
+use crate::presence::{PresenceLookup, PRESENCE_TIMEOUT};
 use crate::store::{
     ChatStore, Conversation, Message, MessageChange, MessageRef, NewMessage, Page, StoreError,
     MESSAGE_TYPES,
@@ -116,6 +117,7 @@ pub struct ChatService {
     subjects: Subjects,
     members: moka::future::Cache<String, Arc<HashSet<String>>>,
     typing: Typing,
+    presence: Option<Arc<dyn PresenceLookup>>,
 }
 
 impl ChatService {
@@ -131,7 +133,14 @@ impl ChatService {
             subjects,
             members,
             typing,
+            presence: None,
         }
+    }
+
+    /// Sends `presence_state` after each join, asked of `presence`.
+    pub fn with_presence(mut self, presence: Arc<dyn PresenceLookup>) -> Self {
+        self.presence = Some(presence);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn ChatStore> {
@@ -301,13 +310,27 @@ impl ChatService {
             "readUpTo": read_up_to,
         });
         let mut followups = Vec::new();
+        if let Some(presence) = &self.presence {
+            match tokio::time::timeout(PRESENCE_TIMEOUT, presence.presence_state(&conv.member_ids))
+                .await
+            {
+                Ok(Ok(state)) => followups.push(ChannelEvent {
+                    event: "presence_state".into(),
+                    payload: state.to_string().into_bytes(),
+                }),
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "presence unavailable: join without presence_state")
+                }
+                Err(_) => tracing::warn!("presence timed out: join without presence_state"),
+            }
+        }
         if let Some(last_seen) = last_seen {
             let replay = self
                 .store
                 .changes_since(conversation_id, last_seen, MAX_REPLAY)
                 .await?;
             let (events, complete, from_seq) = replay_events(replay);
-            followups = events;
+            followups.extend(events);
             response["replayComplete"] = json!(complete);
             if let Some(seq) = from_seq.filter(|_| !complete) {
                 response["replayFromSeq"] = json!(seq);

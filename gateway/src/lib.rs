@@ -136,7 +136,11 @@ async fn node_heartbeat(shared: &Shared, leaving: bool) {
         leaving,
     };
     let subject = shared.subjects.node_heartbeat();
-    if let Err(err) = shared.bus.publish(&subject, None, Vec::new(), beat.encode_to_vec().into()).await {
+    if let Err(err) = shared
+        .bus
+        .publish(&subject, None, Vec::new(), beat.encode_to_vec().into())
+        .await
+    {
         tracing::debug!(%err, "node heartbeat not sent");
     }
 }
@@ -189,8 +193,15 @@ async fn upgrade(
             return StatusCode::FORBIDDEN.into_response();
         }
     };
+    // User ids name bus subjects and store keys: refuse what is not an id.
+    if !routing::valid_id(&identity.user_id) {
+        metrics::counter!("quckchat_gateway_auth_refused_total").increment(1);
+        tracing::debug!("socket refused: the token's user id is not an id");
+        return StatusCode::FORBIDDEN.into_response();
+    }
     let device_id = identity
         .device_id
+        .filter(|d| routing::valid_id(d))
         .or_else(|| {
             params
                 .get("deviceId")

@@ -8,10 +8,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use quckchat_chat::grpc::ChatGrpc;
+use quckchat_chat::presence::GrpcPresence;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, EmbeddedStore};
 use quckchat_chat::{commands, StoreHealth};
 use quckchat_gateway::{Gateway, GatewayConfig};
+use quckchat_presence::config::PresenceTiming;
+use quckchat_presence::grpc::PresenceGrpc;
+use quckchat_presence::service::{ChatMemberships, PresenceService};
+use quckchat_presence::state::{MemoryState, PresenceState};
 use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::auth::DEV_JWT_SECRET;
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
@@ -24,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub gateway: GatewayConfig,
+    pub presence: PresenceTiming,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
 }
@@ -32,6 +38,7 @@ impl ServeConfig {
     pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
         Ok(Self {
             gateway: GatewayConfig::read(r, Some(DEV_JWT_SECRET))?,
+            presence: PresenceTiming::read(r)?,
             data_dir: PathBuf::from(r.string(DATA_DIR, "./data")),
         })
     }
@@ -64,27 +71,48 @@ pub async fn run(
             token.cancel();
         });
     }
+    // Services call each other over real gRPC, here on this server's own port.
+    let addr = listener.local_addr()?;
+    let loopback = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let self_url = format!("http://{loopback}");
+
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     let store: Arc<dyn ChatStore> = Arc::new(
         EmbeddedStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
     );
     let subjects = Subjects::new(config.gateway.bus.subject_prefix.clone());
     let drain = config.gateway.server.drain;
-    let chat = Arc::new(ChatService::new(
-        store.clone(),
+    // Services keep answering while sockets drain; they stop after.
+    let services_stop = CancellationToken::new();
+
+    let presence_state: Arc<dyn PresenceState> = Arc::new(MemoryState::new());
+    let memberships = Arc::new(ChatMemberships::new(&self_url).map_err(anyhow::Error::msg)?);
+    let presence = Arc::new(PresenceService::new(
+        presence_state.clone(),
         bus.clone(),
         subjects.clone(),
+        memberships,
+        config.presence,
     ));
-    // The chat service keeps answering while sockets drain; it stops after.
-    let chat_stop = CancellationToken::new();
+    let presence_worker = presence.start(services_stop.clone()).await?;
+
+    let chat = ChatService::new(store.clone(), bus.clone(), subjects.clone()).with_presence(
+        Arc::new(GrpcPresence::new(&self_url).map_err(anyhow::Error::msg)?),
+    );
+    let chat = Arc::new(chat);
     let chat_consumer = commands::serve(
         chat.clone(),
         bus.clone(),
         &subjects,
-        chat_stop.clone(),
+        services_stop.clone(),
         drain,
     )
     .await?;
+
     let health = Health::new(
         config.gateway.server.node_name.clone(),
         vec![
@@ -93,11 +121,13 @@ pub async fn run(
         ],
     );
     let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
+    let grpc = tonic::service::Routes::new(ChatGrpc::server(chat))
+        .add_service(PresenceGrpc::server(presence_state))
+        .into_axum_router();
     let router = gateway
         .router()
         .merge(admin::router(health.clone()))
-        .merge(tonic::service::Routes::new(ChatGrpc::server(chat)).into_axum_router());
-    let addr = listener.local_addr()?;
+        .merge(grpc);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "quckchat listening (all-in-one)");
     health.set_started();
     let draining = {
@@ -110,8 +140,9 @@ pub async fn run(
     let (served, ()) = tokio::join!(server::serve(listener, router, token.clone()), draining);
     served?;
     gateway.drained(drain).await;
-    chat_stop.cancel();
+    services_stop.cancel();
     chat_consumer.await?;
+    presence_worker.await?;
     tracing::info!("quckchat stopped");
     Ok(())
 }

@@ -64,6 +64,16 @@ async fn recv(ws: &mut Ws) -> Value {
     }
 }
 
+/// The next frame for `event`, skipping presence traffic and other events.
+async fn recv_event(ws: &mut Ws, event: &str) -> Value {
+    loop {
+        let frame = recv(ws).await;
+        if frame[3] == event {
+            return frame;
+        }
+    }
+}
+
 async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::Text(frame.to_string().into()))
         .await
@@ -108,23 +118,25 @@ async fn message_between_members_persists_across_restart() {
     let mut bob = connect(server.addr, "bob").await;
     let mut eve = connect(server.addr, "eve").await;
     send(&mut eve, json!(["1", "1", "chat:c1", "phx_join", {}])).await;
-    assert_eq!(
-        recv(&mut eve).await[4]["response"]["reason"],
-        "unauthorized"
-    );
+    let refused = recv_event(&mut eve, "phx_reply").await;
+    assert_eq!(refused[4]["response"]["reason"], "unauthorized");
     for ws in [&mut alice, &mut bob] {
         send(ws, json!(["1", "1", "chat:c1", "phx_join", {}])).await;
-        assert_eq!(
-            recv(ws).await[4]["response"],
-            json!({"conversationId": "c1", "lastSeq": 0, "readUpTo": 0})
-        );
+        let reply = recv_event(ws, "phx_reply").await;
+        let joined = json!({"conversationId": "c1", "lastSeq": 0, "readUpTo": 0});
+        assert_eq!(reply[4]["response"], joined);
+        let state = recv(ws).await;
+        assert_eq!(state[3], "presence_state", "presence follows the join");
+        assert_eq!(state[0], "1", "with the channel's join_ref");
+        assert!(state[4].is_object());
     }
+    let text = json!({"type": "text", "content": "hello bob"});
     send(
         &mut alice,
-        json!(["1", "2", "chat:c1", "message:send", {"type": "text", "content": "hello bob"}]),
+        json!(["1", "2", "chat:c1", "message:send", text]),
     )
     .await;
-    let new = recv(&mut bob).await;
+    let new = recv_event(&mut bob, "message:new").await;
     assert_eq!(new[3], "message:new");
     assert_eq!(new[4]["message"]["content"], "hello bob");
     assert_eq!(new[4]["message"]["senderId"], "alice");
@@ -149,9 +161,9 @@ async fn message_between_members_persists_across_restart() {
     let server = start(dir.path()).await;
     let mut bob = connect(server.addr, "bob").await;
     send(&mut bob, json!(["1", "1", "chat:c1", "phx_join", {}])).await;
+    let reply = recv_event(&mut bob, "phx_reply").await;
     assert_eq!(
-        recv(&mut bob).await[4]["response"]["lastSeq"],
-        1,
+        reply[4]["response"]["lastSeq"], 1,
         "the message survived the restart"
     );
     server.stop.send(()).unwrap();

@@ -9,6 +9,7 @@
 //!   their shared conformance suite;
 //! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
 //! - [`telemetry`] — logging;
+//! - [`presence`] — the Phoenix Presence meta shape shared by services;
 //! - [`server`] — binding and serving HTTP on one port;
 //! - [`shutdown`] — SIGTERM/SIGINT handling;
 //! - [`time`] — timestamps as clients see them.
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod ids;
+pub mod presence;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

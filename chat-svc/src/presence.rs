@@ -1,0 +1,66 @@
+//! Who of a conversation is online, for the `presence_state` a client gets
+//! right after joining `chat:<id>` (Phoenix Presence). Asked of the presence
+//! service over gRPC; a join never waits on it for long or fails because of it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use quckchat_proto::presence::presence_service_client::PresenceServiceClient;
+use quckchat_proto::presence::GetPresenceRequest;
+use quckchat_runtime::presence::{entries, meta};
+use serde_json::Value;
+
+/// Longest a join waits for presence before going on without it.
+pub const PRESENCE_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[async_trait]
+pub trait PresenceLookup: Send + Sync {
+    /// The `presence_state` payload for these users.
+    async fn presence_state(&self, user_ids: &[String]) -> Result<Value, String>;
+}
+
+pub struct GrpcPresence {
+    client: PresenceServiceClient<tonic::transport::Channel>,
+}
+
+impl GrpcPresence {
+    /// Connects lazily to the presence service (or the all-in-one server).
+    pub fn new(url: &str) -> Result<Self, String> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("{url}: {e}"))?
+            .connect_timeout(PRESENCE_TIMEOUT)
+            .timeout(PRESENCE_TIMEOUT)
+            .connect_lazy();
+        Ok(Self {
+            client: PresenceServiceClient::new(channel),
+        })
+    }
+}
+
+#[async_trait]
+impl PresenceLookup for GrpcPresence {
+    async fn presence_state(&self, user_ids: &[String]) -> Result<Value, String> {
+        let users = self
+            .client
+            .clone()
+            .get_presence(GetPresenceRequest {
+                user_ids: user_ids.to_vec(),
+            })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner()
+            .users;
+        Ok(entries(users.iter().map(|u| {
+            let metas = u
+                .devices
+                .iter()
+                .map(|d| {
+                    let at = chrono::DateTime::parse_from_rfc3339(&d.online_at)
+                        .map_or(0, |t| t.timestamp_millis());
+                    meta(&d.device_id, &d.phx_ref, at)
+                })
+                .collect();
+            (u.user_id.as_str(), metas)
+        })))
+    }
+}

@@ -1,0 +1,92 @@
+//! `presence-svc`: the presence service as its own process (distributed
+//! mode): gateway reports from NATS, state in Redis, gRPC and admin HTTP on
+//! `PORT`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use quckchat_presence::config::PresenceConfig;
+use quckchat_presence::grpc::PresenceGrpc;
+use quckchat_presence::service::{ChatMemberships, PresenceService};
+use quckchat_presence::state::{PresenceState, RedisState};
+use quckchat_runtime::admin::{self, BusHealth, Health, HealthCheck};
+use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
+use quckchat_runtime::config::{exit_on_config_error, ConfigReader, ProcessEnv};
+use quckchat_runtime::{server, shutdown, telemetry};
+use tokio_util::sync::CancellationToken;
+
+struct StateHealth(Arc<dyn PresenceState>);
+
+#[async_trait]
+impl HealthCheck for StateHealth {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    telemetry::init();
+    let mut reader = ConfigReader::new(&ProcessEnv);
+    let config = PresenceConfig::read(&mut reader).unwrap_or_else(|e| exit_on_config_error(&e));
+    reader.log("presence-svc");
+    if let Err(err) = run(config).await {
+        eprintln!("presence-svc: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: PresenceConfig) -> anyhow::Result<()> {
+    let bus: Arc<dyn Bus> = Arc::new(
+        NatsBus::connect(&config.bus.nats_url, &config.server.node_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("NATS_URL: {e}"))?,
+    );
+    let state: Arc<dyn PresenceState> = Arc::new(
+        RedisState::connect(&config.redis_url, &config.redis_key_prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?,
+    );
+    let memberships = Arc::new(
+        ChatMemberships::new(&config.chat_grpc_url)
+            .map_err(|e| anyhow::anyhow!("CHAT_GRPC_URL: {e}"))?,
+    );
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signal(token.clone());
+    let subjects = Subjects::new(config.bus.subject_prefix.clone());
+    let service = Arc::new(PresenceService::new(
+        state.clone(),
+        bus.clone(),
+        subjects,
+        memberships,
+        config.timing,
+    ));
+    let worker = service.start(token.clone()).await?;
+    let health = Health::new(
+        config.server.node_name.clone(),
+        vec![
+            Arc::new(BusHealth(bus)),
+            Arc::new(StateHealth(state.clone())),
+        ],
+    );
+    let router = admin::router(health.clone())
+        .merge(tonic::service::Routes::new(PresenceGrpc::server(state)).into_axum_router());
+    let listener = server::bind(config.server.listen_addr()).await?;
+    tracing::info!(addr = %config.server.listen_addr(), "presence-svc listening");
+    health.set_started();
+    let draining = {
+        let (token, health) = (token.clone(), health.clone());
+        async move {
+            token.cancelled().await;
+            health.set_draining();
+        }
+    };
+    let (served, ()) = tokio::join!(server::serve(listener, router, token), draining);
+    served?;
+    worker.await?;
+    tracing::info!("presence-svc stopped");
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! What presence does with gateway reports: keep the state, and tell each
+//! user's conversations when they (or one of their devices) come and go.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prost::Message as _;
+use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle, NodeHeartbeat, TopicEvent};
+use quckchat_proto::chat::chat_service_client::ChatServiceClient;
+use quckchat_proto::chat::ListConversationsRequest;
+use quckchat_runtime::bus::{Bus, BusError, Subjects};
+use quckchat_runtime::presence::{entries, meta};
+use quckchat_runtime::time::{iso, now_ms};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PresenceTiming;
+use crate::state::{Connection, DeviceMeta, Joined, PresenceState};
+
+/// Queue group: each report is handled by one presence replica.
+pub const SERVICE: &str = "presence";
+/// How often departures and dead nodes are checked.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How long a user's conversation list is trusted.
+const MEMBERSHIP_TTL: Duration = Duration::from_secs(30);
+
+/// Which conversations a user is in (from chat-svc).
+#[async_trait]
+pub trait Memberships: Send + Sync {
+    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, String>;
+}
+
+/// Memberships over chat-svc's gRPC API, cached.
+pub struct ChatMemberships {
+    client: ChatServiceClient<tonic::transport::Channel>,
+    cache: moka::future::Cache<String, Arc<Vec<String>>>,
+}
+
+impl ChatMemberships {
+    /// Connects lazily to `url` (chat-svc, or the all-in-one server itself).
+    pub fn new(url: &str) -> Result<Self, String> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("{url}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Self {
+            client: ChatServiceClient::new(channel),
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(MEMBERSHIP_TTL)
+                .build(),
+        })
+    }
+}
+
+#[async_trait]
+impl Memberships for ChatMemberships {
+    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, String> {
+        if let Some(hit) = self.cache.get(user_id).await {
+            return Ok(hit);
+        }
+        let ids = self
+            .client
+            .clone()
+            .list_conversations(ListConversationsRequest {
+                user_id: user_id.to_owned(),
+            })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner()
+            .conversation_ids;
+        let ids = Arc::new(ids);
+        self.cache.insert(user_id.to_owned(), ids.clone()).await;
+        Ok(ids)
+    }
+}
+
+pub struct PresenceService {
+    state: Arc<dyn PresenceState>,
+    bus: Arc<dyn Bus>,
+    subjects: Subjects,
+    memberships: Arc<dyn Memberships>,
+    timing: PresenceTiming,
+}
+
+fn device_meta(m: &DeviceMeta) -> Value {
+    meta(&m.device_id, &m.phx_ref, m.online_at_ms)
+}
+
+impl PresenceService {
+    pub fn new(
+        state: Arc<dyn PresenceState>,
+        bus: Arc<dyn Bus>,
+        subjects: Subjects,
+        memberships: Arc<dyn Memberships>,
+        timing: PresenceTiming,
+    ) -> Self {
+        Self {
+            state,
+            bus,
+            subjects,
+            memberships,
+            timing,
+        }
+    }
+
+    pub fn state(&self) -> &Arc<dyn PresenceState> {
+        &self.state
+    }
+
+    fn grace_ms(&self) -> i64 {
+        i64::try_from(self.timing.grace.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Subscribes to gateway reports and starts the sweeper; everything stops
+    /// with `shutdown`.
+    pub async fn start(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>, BusError> {
+        let mut lifecycle = self
+            .bus
+            .subscribe(&self.subjects.connection_lifecycle(), Some(SERVICE))
+            .await?;
+        let mut heartbeats = self
+            .bus
+            .subscribe(&self.subjects.node_heartbeat(), Some(SERVICE))
+            .await?;
+        Ok(tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    Some(msg) = lifecycle.next() => match ConnectionLifecycle::decode(msg.payload.as_ref()) {
+                        Ok(ev) => self.clone().on_lifecycle(ev).await,
+                        Err(err) => tracing::warn!(%err, "undecodable connection report"),
+                    },
+                    Some(msg) = heartbeats.next() => match NodeHeartbeat::decode(msg.payload.as_ref()) {
+                        Ok(beat) => self.on_heartbeat(beat).await,
+                        Err(err) => tracing::warn!(%err, "undecodable node heartbeat"),
+                    },
+                    _ = sweep.tick() => self.sweep().await,
+                }
+            }
+        }))
+    }
+
+    async fn on_lifecycle(self: Arc<Self>, ev: ConnectionLifecycle) {
+        let conn = Connection {
+            node_id: ev.node_id.clone(),
+            conn_id: ev.conn_id.clone(),
+            user_id: ev.user_id.clone(),
+            device_id: ev.device_id.clone(),
+        };
+        let now = now_ms();
+        if ev.kind == connection_lifecycle::Kind::Closed as i32 {
+            if let Err(err) = self.state.disconnect(&conn, now, self.grace_ms()).await {
+                tracing::warn!(%err, "connection close not recorded");
+            }
+            return;
+        }
+        match self.state.connect(&conn, now).await {
+            Ok(Joined::Device {
+                meta,
+                user_came_online,
+            }) => {
+                let diff = json!({
+                    "joins": entries([(conn.user_id.as_str(), vec![device_meta(&meta)])]),
+                    "leaves": {},
+                });
+                let mut events = vec![("presence_diff", diff)];
+                if user_came_online {
+                    events.push(("user:online", json!({ "userId": conn.user_id })));
+                }
+                // Telling conversations needs a gRPC round trip: do not hold
+                // up the next report.
+                tokio::spawn(async move { self.tell_conversations(&conn.user_id, &events).await });
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "connection open not recorded"),
+        }
+    }
+
+    async fn on_heartbeat(&self, beat: NodeHeartbeat) {
+        let now = now_ms();
+        let res = if beat.leaving {
+            tracing::info!(node = %beat.node_id, "gateway left");
+            self.state
+                .node_gone(&beat.node_id, now, self.grace_ms())
+                .await
+        } else {
+            self.state.heartbeat(&beat.node_id, now).await
+        };
+        if let Err(err) = res {
+            tracing::warn!(%err, "node heartbeat not recorded");
+        }
+    }
+
+    /// Drops dead nodes and announces devices whose grace window ended.
+    async fn sweep(&self) {
+        let now = now_ms();
+        let ttl = i64::try_from(self.timing.node_ttl.as_millis()).unwrap_or(i64::MAX);
+        match self.state.expire_nodes(now, ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(nodes = n, "silent gateways dropped"),
+            Err(err) => tracing::warn!(%err, "node expiry failed"),
+        }
+        let departures = match self.state.take_departures(now).await {
+            Ok(d) => d,
+            Err(err) => {
+                tracing::warn!(%err, "departures not taken");
+                return;
+            }
+        };
+        for left in departures {
+            let diff = json!({
+                "joins": {},
+                "leaves": entries([(left.user_id.as_str(), vec![device_meta(&left.meta)])]),
+            });
+            let mut events = vec![("presence_diff", diff)];
+            if left.user_went_offline {
+                metrics::counter!("quckchat_presence_offline_total").increment(1);
+                let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
+                events.push((
+                    "user:offline",
+                    json!({ "userId": left.user_id, "lastSeenAt": iso(at) }),
+                ));
+            }
+            self.tell_conversations(&left.user_id, &events).await;
+        }
+    }
+
+    /// Publishes `events` on every `chat:<id>` topic of the user.
+    async fn tell_conversations(&self, user_id: &str, events: &[(&str, Value)]) {
+        let conversations = match self.memberships.conversations_of(user_id).await {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!(%err, user_id, "conversations unknown: presence not announced");
+                return;
+            }
+        };
+        for conversation_id in conversations.iter() {
+            let topic = format!("chat:{conversation_id}");
+            let subject = self.subjects.topic(&topic);
+            for (event, payload) in events {
+                let ev = TopicEvent {
+                    topic: topic.clone(),
+                    event: (*event).to_owned(),
+                    payload: payload.to_string().into_bytes(),
+                    exclude_user_id: String::new(),
+                };
+                if let Err(err) = self
+                    .bus
+                    .publish(&subject, None, Vec::new(), Bytes::from(ev.encode_to_vec()))
+                    .await
+                {
+                    tracing::warn!(%err, %subject, "presence event not published");
+                }
+            }
+        }
+    }
+}
