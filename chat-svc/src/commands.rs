@@ -31,6 +31,8 @@ pub async fn serve(
     let mut sub = bus
         .subscribe(&subjects.command(SERVICE), Some(SERVICE))
         .await?;
+    // Membership changes the backend writes straight into the store.
+    let watcher = tokio::spawn(service.clone().watch_memberships(shutdown.clone()));
     // Every replica hears membership changes (no queue group).
     let mut changes = bus.subscribe(&service.membership_subject(), None).await?;
     let listener = {
@@ -77,6 +79,7 @@ pub async fn serve(
         }
         drop(sub);
         listener.abort();
+        watcher.abort();
         tasks.close();
         if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
             tracing::warn!("chat commands still running after the drain window");

@@ -3,9 +3,10 @@
 //! independent of how either arrives.
 //!
 //! Every command is authorised: the sender must be a member of the
-//! conversation right now (membership is cached per replica and invalidated
-//! on every replica when it changes through this service; changes the backend
-//! makes directly in MongoDB show within [`MEMBERSHIP_TTL`]).
+//! conversation right now. Membership is cached per replica and invalidated
+//! on every replica when it changes through this service, or when the
+//! backend changes MongoDB directly (change stream); at worst it is
+//! [`MEMBERSHIP_TTL`] old.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -537,18 +538,15 @@ impl ChatService {
     async fn membership_changed(&self, conversation_id: &str, removed: &[String]) {
         self.members.invalidate(conversation_id).await;
         let subject = self.membership_subject();
-        if let Err(err) = self
-            .bus
-            .publish(
-                &subject,
-                None,
-                Vec::new(),
-                Bytes::from(conversation_id.to_owned()),
-            )
-            .await
-        {
+        let id = Bytes::from(conversation_id.to_owned());
+        if let Err(err) = self.bus.publish(&subject, None, Vec::new(), id).await {
             tracing::warn!(%err, "membership change not announced");
         }
+        self.close_channels(conversation_id, removed).await;
+    }
+
+    /// Closes `users`' channels on the conversation's topic, on every gateway.
+    async fn close_channels(&self, conversation_id: &str, users: &[String]) {
         let close = DirectEvent {
             topic: format!("chat:{conversation_id}"),
             kind: Some(direct_event::Kind::Close(CloseChannel {
@@ -556,14 +554,45 @@ impl ChatService {
             })),
         }
         .encode_to_vec();
-        for user in removed {
+        for user in users {
             let subject = self.subjects.user(user);
-            if let Err(err) = self
-                .bus
-                .publish(&subject, None, Vec::new(), Bytes::from(close.clone()))
-                .await
-            {
+            let payload = Bytes::from(close.clone());
+            if let Err(err) = self.bus.publish(&subject, None, Vec::new(), payload).await {
                 tracing::warn!(%err, user, "channel close not sent");
+            }
+        }
+    }
+
+    /// Follows membership changes others write to the store (the backend
+    /// updating MongoDB): drops the cached membership and closes the
+    /// channels of members this replica knew and the change removed. Other
+    /// removed members are refused at their next push. Retries the watch
+    /// after an error; ends with `shutdown`.
+    pub async fn watch_memberships(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let Some(mut changes) = self.store.membership_changes().await else {
+                return;
+            };
+            loop {
+                let change = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    change = futures::StreamExt::next(&mut changes) => change,
+                };
+                let Some(change) = change else { break };
+                let removed: Vec<String> = match self.members.get(&change.conversation_id).await {
+                    Some(known) => known
+                        .iter()
+                        .filter(|m| !change.member_ids.contains(m))
+                        .cloned()
+                        .collect(),
+                    None => Vec::new(),
+                };
+                self.members.invalidate(&change.conversation_id).await;
+                self.close_channels(&change.conversation_id, &removed).await;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

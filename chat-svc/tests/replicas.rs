@@ -203,3 +203,52 @@ async fn a_retry_landing_on_another_replica_returns_the_original() {
     assert_eq!(next["message"]["seq"], 2, "no seq lost to the retries");
     c.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_removing_a_member_in_mongodb_closes_their_channel() {
+    let c = cluster(1).await;
+    c.store
+        .upsert_conversation("c1", &["a".into(), "b".into()])
+        .await
+        .unwrap();
+    let (ok, r) = c
+        .push(
+            "b",
+            "message:send",
+            json!({"type": "text", "content": "hi"}),
+        )
+        .await;
+    assert!(ok, "{r}");
+    let mut b_events = c.bus.subscribe(&c.subjects.user("b"), None).await.unwrap();
+    // The NestJS backend edits the shared collection directly.
+    let client = mongodb::Client::with_uri_str(&c.mongo_url).await.unwrap();
+    client
+        .default_database()
+        .unwrap()
+        .collection::<mongodb::bson::Document>("conversations")
+        .update_one(
+            mongodb::bson::doc! {"_id": "c1"},
+            mongodb::bson::doc! {"$set": {"participants": ["a"]}},
+        )
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), b_events.next())
+        .await
+        .expect("phx_close for b within 5 s")
+        .unwrap();
+    let ev = quckchat_proto::bus::DirectEvent::decode(msg.payload.as_ref()).unwrap();
+    assert_eq!(ev.topic, "chat:c1");
+    let (ok, r) = c
+        .push(
+            "b",
+            "message:send",
+            json!({"type": "text", "content": "again"}),
+        )
+        .await;
+    assert!(!ok);
+    assert_eq!(
+        r["reason"], "unauthorized",
+        "refused at once, not after the cache TTL"
+    );
+    c.finish().await;
+}

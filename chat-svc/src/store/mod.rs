@@ -285,6 +285,14 @@ pub(crate) fn materialize(new: NewMessage, seq: u64, version: u64) -> Message {
     }
 }
 
+/// A conversation's members as someone else wrote them into the store (the
+/// backend updating MongoDB directly). Empty when the conversation is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub conversation_id: String,
+    pub member_ids: Vec<String>,
+}
+
 #[async_trait]
 pub trait ChatStore: Send + Sync + 'static {
     /// Creates the conversation or replaces its members; keeps its messages.
@@ -349,6 +357,15 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Messages from others after the read position, not deleted.
     async fn unread_count(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError>;
+
+    /// Membership changes written to the store by others, where the store
+    /// can watch for them (MongoDB change streams). `None`: every change goes
+    /// through this service (the embedded store).
+    async fn membership_changes(
+        &self,
+    ) -> Option<futures::stream::BoxStream<'static, MembershipChange>> {
+        None
+    }
 
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -21,15 +21,15 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{ClientSession, Collection, Database, IndexModel};
 
 use super::{
-    materialize, now_millis, Appended, ChatStore, Conversation, Message, MessageChange, MessageRef,
-    NewMessage, Page, ReadState, Replay, StoreError, Updated,
+    materialize, now_millis, Appended, ChatStore, Conversation, MembershipChange, Message,
+    MessageChange, MessageRef, NewMessage, Page, ReadState, Replay, StoreError, Updated,
 };
 
 #[derive(Clone)]
@@ -110,6 +110,14 @@ fn bson_time(t: Option<DateTime<Utc>>) -> Bson {
     match t {
         Some(t) => Bson::DateTime(mongodb::bson::DateTime::from_millis(t.timestamp_millis())),
         None => Bson::Null,
+    }
+}
+
+/// A conversation document's members, as strings.
+fn participants(d: &Document) -> Vec<String> {
+    match d.get("participants") {
+        Some(Bson::Array(a)) => a.iter().filter_map(bson_to_string).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -309,13 +317,9 @@ impl MongoStore {
     }
 
     fn to_conversation(&self, d: &Document, id: String, last_seq: u64) -> Conversation {
-        let member_ids = match d.get("participants") {
-            Some(Bson::Array(a)) => a.iter().filter_map(bson_to_string).collect(),
-            _ => Vec::new(),
-        };
         Conversation {
             id,
-            member_ids,
+            member_ids: participants(d),
             last_seq,
         }
     }
@@ -681,6 +685,46 @@ impl ChatStore for MongoStore {
             })
             .await
             .map_err(unavailable)
+    }
+
+    async fn membership_changes(
+        &self,
+    ) -> Option<futures::stream::BoxStream<'static, MembershipChange>> {
+        let stream = match self
+            .conversations()
+            .watch()
+            .full_document(mongodb::options::FullDocumentType::UpdateLookup)
+            .await
+        {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(%err, "cannot watch conversations: backend membership changes apply after the cache TTL");
+                return None;
+            }
+        };
+        Some(
+            stream
+                .filter_map(|event| async move {
+                    let event = event
+                        .map_err(|err| tracing::warn!(%err, "conversation change stream error"))
+                        .ok()?;
+                    let conversation_id = event
+                        .document_key
+                        .as_ref()?
+                        .get("_id")
+                        .and_then(bson_to_string)?;
+                    let member_ids = event
+                        .full_document
+                        .as_ref()
+                        .map(participants)
+                        .unwrap_or_default();
+                    Some(MembershipChange {
+                        conversation_id,
+                        member_ids,
+                    })
+                })
+                .boxed(),
+        )
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
