@@ -1,6 +1,7 @@
-// Starts a QuckChat server set (all-in-one, or gateway + chat-svc over NATS/MongoDB) on free
-// ports, waits until it is ready, hands out URLs and client helpers, and tears everything
-// down again: processes get SIGTERM, then SIGKILL after a bound; temp dirs are removed.
+// Starts a QuckChat server set (all-in-one, or N gateways + chat-svc + presence-svc over
+// NATS/MongoDB/Redis) on free ports, waits until it is ready, hands out URLs and client
+// helpers, and tears everything down again: processes get SIGTERM, then SIGKILL after a
+// bound; temp dirs, the set's MongoDB database and its Redis keys are removed.
 import {spawn, execFile} from "node:child_process"
 import {existsSync, mkdtempSync, rmSync} from "node:fs"
 import {createServer} from "node:net"
@@ -13,6 +14,7 @@ import {before, after, afterEach} from "node:test"
 import {connectPhoenix, disconnectPhoenix} from "./phx.js"
 import {RawClient} from "./raw.js"
 import {mintUserToken, authTokenProtocol} from "./jwt.js"
+import {redisDeletePattern} from "./redis.js"
 import {sleep, withTimeout, randomId} from "./util.js"
 
 export const E2E_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
@@ -194,10 +196,38 @@ async function startOnFreePort(name, file, args, envFor){
   }
 }
 
+/** `n` distinct free ports. */
+async function distinctFreePorts(n){
+  const ports = new Set()
+  while(ports.size < n){ ports.add(await freePort()) }
+  return [...ports]
+}
+
+/**
+ * Starts several processes that need each other's ports up front (chat-svc ⇄ presence-svc):
+ * picks every port first, starts them all, waits until each is ready. Retries with other
+ * ports when one was taken in the meantime.
+ * @param {{name: string, file: string, envFor: (ports: number[]) => object}[]} specs
+ * @returns {Promise<{name: string, proc: ManagedProcess, port: number}[]>}
+ */
+async function startGroupOnFreePorts(specs){
+  for(let attempt = 1; ; attempt++){
+    const ports = await distinctFreePorts(specs.length)
+    const started = specs.map((spec, i) => ({name: spec.name, port: ports[i], proc: new ManagedProcess(spec.name, spec.file, [], spec.envFor(ports))}))
+    const results = await Promise.allSettled(started.map((s) => waitReady(s.proc, `http://127.0.0.1:${s.port}/health/ready`)))
+    const failed = results.find((r) => r.status === "rejected")
+    if(!failed){ return started }
+    await Promise.all(started.map((s) => s.proc.stop(1000)))
+    if(attempt < 3 && started.some((s) => looksLikePortClash(s.proc))){ continue }
+    throw failed.reason
+  }
+}
+
 function baseEnv(){
   const env = {...process.env}
   // the all-in-one server must not pick up a developer's distributed settings by accident
-  for(const key of ["NATS_URL", "NATS_SUBJECT_PREFIX", "MONGODB_URL", "PORT", "DATA_DIR"]){ delete env[key] }
+  for(const key of ["NATS_URL", "NATS_SUBJECT_PREFIX", "MONGODB_URL", "REDIS_URL", "REDIS_KEY_PREFIX", "PORT", "DATA_DIR",
+    "NODE_NAME", "CHAT_GRPC_URL", "PRESENCE_GRPC_URL"]){ delete env[key] }
   env.RUST_LOG = process.env.E2E_RUST_LOG ?? process.env.RUST_LOG ?? "info"
   return env
 }
@@ -212,32 +242,57 @@ export function missingPrerequisite(mode){
 }
 
 export class ServerSet {
-  constructor(mode){
+  /**
+   * @param {string} mode - "allinone" | "distributed"
+   * @param {object} [opts]
+   * @param {number} [opts.gateways] - gateways of a distributed set (default 1; all-in-one has one)
+   */
+  constructor(mode, {gateways = 1} = {}){
     this.mode = mode
+    this.gatewayCount = mode === "distributed" ? gateways : 1
+    if(!(Number.isInteger(this.gatewayCount) && this.gatewayCount >= 1)){ throw new Error(`gateways: ${gateways}`) }
     this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
     this.procs = []
+    /** the socket-facing processes (the all-in-one server, or each gateway): {name, nodeName, proc, port} */
+    this.gateways = []
     this.clients = new Set()
     this.tokens = new Map()
     this.dataDir = null
-    /** port of HTTP + WebSocket + gRPC of the socket-facing process (all-in-one or gateway) */
+    /** port of HTTP + WebSocket + gRPC of the (first) socket-facing process (all-in-one or gateway 0) */
     this.port = null
     /** port of the process serving the conversation gRPC API */
     this.grpcPort = null
     this.cliEnv = null
+    /** distributed: Redis URL and key prefix of this set (its keys are deleted at stop) */
+    this.redisUrl = null
+    this.redisPrefix = null
   }
 
   get httpUrl(){ return `http://127.0.0.1:${this.port}` }
   /** endpoint for the phoenix client (it appends /websocket) */
-  get socketUrl(){ return `ws://127.0.0.1:${this.port}/socket` }
+  get socketUrl(){ return this.socketUrlFor(0) }
   get grpcAddr(){ return `http://127.0.0.1:${this.grpcPort}` }
   /** every process of the set with its admin base URL */
   get admins(){ return this.procs.map((p) => ({name: p.name, url: `http://127.0.0.1:${p.port}`})) }
+
+  #gateway(index){
+    const gw = this.gateways[index]
+    if(!gw){ throw new Error(`no gateway ${index} in this ${this.mode} set (it has ${this.gateways.length})`) }
+    return gw
+  }
+
+  /** The phoenix endpoint of gateway `index` (all-in-one: only 0). */
+  socketUrlFor(index = 0){ return `ws://127.0.0.1:${this.#gateway(index).port}/socket` }
 
   /** The output (log tail) of every process, for failure messages. */
   logs(){
     return this.procs.map((p) => `----- ${p.name} (${p.proc.describeExit()}) -----\n${p.proc.output}`).join("\n")
   }
 
+  /**
+   * Environment: `extraEnv` goes to every process. Tests default NODE_HEARTBEAT_SECS to 1;
+   * PRESENCE_GRACE_SECS / PRESENCE_NODE_TTL_SECS keep the servers' defaults unless given.
+   */
   async start(extraEnv = {}){
     const quckchat = requireBin("quckchat")
     this.dataDir = mkdtempSync(path.join(tmpdir(), "quckchat-e2e-"))
@@ -247,13 +302,16 @@ export class ServerSet {
       BIND_ADDRESS: "127.0.0.1",
       JWT_SECRET: this.jwtSecret,
       DATA_DIR: this.dataDir,
+      NODE_HEARTBEAT_SECS: "1",
       ...extraEnv,
     }
     this.cliEnv = {...baseEnv(), JWT_SECRET: this.jwtSecret}
 
     if(this.mode === "allinone"){
-      const {proc, port} = await startOnFreePort("quckchat", quckchat, [], (p) => ({...common, PORT: String(p)}))
+      const nodeName = randomId("e2e-aio-", 4)
+      const {proc, port} = await startOnFreePort("quckchat", quckchat, [], (p) => ({...common, NODE_NAME: nodeName, PORT: String(p)}))
       this.procs.push({name: "quckchat", proc, port})
+      this.gateways.push({name: "quckchat", nodeName, proc, port})
       this.port = port
       this.grpcPort = port
       return this
@@ -265,6 +323,7 @@ export class ServerSet {
       const mongoBase = process.env.TEST_MONGODB_URL
       const gatewayBin = requireBin("gateway")
       const chatBin = requireBin("chat-svc")
+      const presenceBin = requireBin("presence-svc")
       const suffix = randomId("e2e_", 5)
       const dist = {
         ...common,
@@ -273,16 +332,50 @@ export class ServerSet {
       }
       this.mongoUrl = mongoUrlWithDb(mongoBase, suffix)
       this.natsPrefix = suffix
-      const chat = await startOnFreePort("chat-svc", chatBin, [], (p) => ({...dist, PORT: String(p), MONGODB_URL: this.mongoUrl}))
-      this.procs.push({name: "chat-svc", ...chat})
-      const gw = await startOnFreePort("gateway", gatewayBin, [], (p) => ({...dist, PORT: String(p)}))
-      this.procs.push({name: "gateway", ...gw})
-      this.port = gw.port
+      this.redisUrl = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
+      this.redisPrefix = suffix
+      // chat-svc and presence-svc call each other over gRPC: both ports are chosen first
+      const [chat, presence] = await startGroupOnFreePorts([
+        {name: "chat-svc", file: chatBin, envFor: ([chatPort, presencePort]) => ({
+          ...dist, PORT: String(chatPort), MONGODB_URL: this.mongoUrl,
+          PRESENCE_GRPC_URL: `http://127.0.0.1:${presencePort}`,
+        })},
+        {name: "presence-svc", file: presenceBin, envFor: ([chatPort, presencePort]) => ({
+          ...dist, PORT: String(presencePort), REDIS_URL: this.redisUrl, REDIS_KEY_PREFIX: this.redisPrefix,
+          CHAT_GRPC_URL: `http://127.0.0.1:${chatPort}`,
+        })},
+      ])
+      this.procs.push(chat, presence)
       this.grpcPort = chat.port
+      const gateways = await Promise.all(Array.from({length: this.gatewayCount}, async (_, i) => {
+        const name = this.gatewayCount === 1 ? "gateway" : `gateway${i}`
+        const nodeName = `${suffix}-gw${i}`
+        const gw = await startOnFreePort(name, gatewayBin, [], (p) => ({...dist, NODE_NAME: nodeName, PORT: String(p)}))
+        return {name, nodeName, ...gw}
+      }))
+      for(const gw of gateways){
+        this.procs.push({name: gw.name, proc: gw.proc, port: gw.port})
+        this.gateways.push(gw)
+      }
+      this.port = gateways[0].port
       return this
     }
 
     throw new Error(`unknown mode ${this.mode}`)
+  }
+
+  /**
+   * SIGKILLs gateway `index` (distributed only) and waits (bounded) until it is gone.
+   * Resolves with the time of the kill (Date.now()).
+   */
+  async killGateway(index){
+    if(this.mode !== "distributed"){ throw new Error("killGateway: only distributed sets have separate gateways") }
+    const gw = this.#gateway(index)
+    if(gw.proc.exit){ throw new Error(`${gw.name} already ${gw.proc.describeExit()}`) }
+    const at = Date.now()
+    gw.proc.child.kill("SIGKILL")
+    await withTimeout(gw.proc.exited, 5000, `${gw.name} to exit after SIGKILL`)
+    return at
   }
 
   /** A JWT for `userId` from `quckchat token` (cached per user). */
@@ -311,36 +404,37 @@ export class ServerSet {
 
   /**
    * A connected phoenix Socket for `userId` (tracked; closed by closeClients()).
-   * @param {object} [opts] - {authStyle: "param"|"subprotocol", token, socketOpts, params}
+   * @param {object} [opts] - {authStyle: "param"|"subprotocol", token, socketOpts, params,
+   *   gateway: index of the gateway to connect to (default 0)}
    */
   async connect(userId, opts = {}){
     const token = opts.token ?? await this.token(userId)
-    const socket = await connectPhoenix(this.socketUrl, token, opts)
+    const socket = await connectPhoenix(this.socketUrlFor(opts.gateway ?? 0), token, opts)
     this.clients.add({kind: "phoenix", socket})
     return socket
   }
 
   /** ws:// URL of the raw WebSocket endpoint with the given query (vsn defaults to 2.0.0). */
-  rawUrl(query = {}){
+  rawUrl(query = {}, gateway = 0){
     const q = new URLSearchParams()
     for(const [k, v] of Object.entries({vsn: "2.0.0", ...query})){
       if(v !== undefined && v !== null){ q.set(k, v) }
     }
     const qs = q.toString()
-    return `ws://127.0.0.1:${this.port}/socket/websocket${qs ? "?" + qs : ""}`
+    return `ws://127.0.0.1:${this.#gateway(gateway).port}/socket/websocket${qs ? "?" + qs : ""}`
   }
 
   /**
    * A raw, open WebSocket for `userId` (tracked).
-   * @param {object} [opts] - {vsn, authStyle: "param"|"subprotocol", token, query}
+   * @param {object} [opts] - {vsn, authStyle: "param"|"subprotocol", token, query, gateway}
    */
-  async raw(userId, {vsn = "2.0.0", authStyle = "param", token, query = {}, timeoutMs} = {}){
+  async raw(userId, {vsn = "2.0.0", authStyle = "param", token, query = {}, timeoutMs, gateway = 0} = {}){
     token = token ?? await this.token(userId)
     let client
     if(authStyle === "param"){
-      client = await RawClient.connect(this.rawUrl({vsn, token, ...query}), {timeoutMs})
+      client = await RawClient.connect(this.rawUrl({vsn, token, ...query}, gateway), {timeoutMs})
     } else {
-      client = await RawClient.connect(this.rawUrl({vsn, ...query}), {protocols: ["phoenix", authTokenProtocol(token)], timeoutMs})
+      client = await RawClient.connect(this.rawUrl({vsn, ...query}, gateway), {protocols: ["phoenix", authTokenProtocol(token)], timeoutMs})
     }
     this.clients.add({kind: "raw", client})
     return client
@@ -365,6 +459,7 @@ export class ServerSet {
       liveDirs.delete(this.dataDir)
     }
     if(this.mongoUrl){ await dropDatabase(this.mongoUrl) }
+    if(this.redisPrefix){ await deleteRedisKeys(this.redisUrl, `${this.redisPrefix}:*`) }
   }
 }
 
@@ -388,9 +483,18 @@ async function dropDatabase(url){
   })
 }
 
+/** Deletes a distributed set's Redis keys (after its processes stopped); a failure is reported, not fatal. */
+async function deleteRedisKeys(url, pattern){
+  try {
+    await redisDeletePattern(url, pattern)
+  } catch (err){
+    process.stderr.write(`e2e: could not delete Redis keys ${pattern} at ${url}: ${err.message}\n`)
+  }
+}
+
 /** Starts a server set for `mode`; on failure everything started so far is stopped. */
-export async function startServerSet(mode, {env = {}} = {}){
-  const set = new ServerSet(mode)
+export async function startServerSet(mode, {env = {}, gateways = 1} = {}){
+  const set = new ServerSet(mode, {gateways})
   try {
     return await set.start(env)
   } catch (err){
@@ -404,14 +508,14 @@ export async function startServerSet(mode, {env = {}} = {}){
  * before its tests and stopped after them; clients are closed after each test. Returns a
  * proxy to the set (usable inside tests once it started).
  */
-export function useServerSet(mode, {env = {}} = {}){
+export function useServerSet(mode, {env = {}, gateways = 1} = {}){
   let set = null
   const missing = missingPrerequisite(mode)
   if(missing){
     // every test of the suite fails with the reason (counted as failures, not as cancellations)
     return new Proxy({}, {get(){ throw new Error(missing) }})
   }
-  before(async () => { set = await startServerSet(mode, {env}) }, {timeout: READY_TIMEOUT_MS * 2 + 20_000})
+  before(async () => { set = await startServerSet(mode, {env, gateways}) }, {timeout: READY_TIMEOUT_MS * 2 + 20_000})
   afterEach(async () => { await set?.closeClients() }, {timeout: 10_000})
   after(async () => { await set?.stop() }, {timeout: STOP_TIMEOUT_MS * 3 + 10_000})
   return new Proxy({}, {

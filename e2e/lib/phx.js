@@ -32,6 +32,9 @@ export async function connectPhoenix(endpoint, token, {authStyle = "param", para
   const socket = new Socket(endpoint, opts)
   socket.errors = []
   socket.closes = []
+  /** every decoded message received, in order: {join_ref, ref, topic, event, payload, at} */
+  socket.frames = []
+  socket.onMessage((msg) => socket.frames.push({...msg, at: Date.now()}))
   socket.onError((err) => socket.errors.push(err))
   socket.onClose((event) => socket.closes.push({code: event?.code, reason: event?.reason, at: Date.now()}))
   if(!waitOpen){
@@ -124,4 +127,10 @@ export function listen(channel, event){
       return rest
     },
   }
+}
+
+/** The frames `socket` received (optionally only on `topic`), one JSON array per line, for failure messages. */
+export function dumpFrames(socket, topic, last = 40){
+  const frames = socket.frames.filter((f) => topic === undefined || f.topic === topic).slice(-last)
+  return frames.map((f) => JSON.stringify([f.join_ref, f.ref, f.topic, f.event, f.payload])).join("\n")
 }
