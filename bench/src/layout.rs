@@ -1,0 +1,166 @@
+//! Who is who in a scenario: which user each connection is, which
+//! conversation (topic / room) it joins, and whether it sends.
+//!
+//! The layout is a pure function of the scenario's parameters, so the
+//! orchestrator (which creates the memberships) and every worker process
+//! (which owns a slice of the connections) compute the same one without
+//! passing thousands of names around.
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// The three workloads of the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// N connections, each joined to a chat topic, heartbeats on, no traffic.
+    Idle,
+    /// One topic, M subscribers; connection 0 publishes at the target rate.
+    Fanout,
+    /// Many conversations of 2–10 members; every connection sends.
+    Chat,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Fanout => "fanout",
+            Scenario::Chat => "chat",
+        }
+    }
+}
+
+/// One conversation: connections `first .. first + size` are its members.
+#[derive(Clone, Debug)]
+pub struct Conversation {
+    pub id: String,
+    pub first: usize,
+    pub size: usize,
+}
+
+impl Conversation {
+    pub fn topic(&self) -> String {
+        format!("chat:{}", self.id)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub scenario: Scenario,
+    run_id: String,
+    pub conversations: Vec<Conversation>,
+    /// Index into `conversations` for every connection.
+    conversation_of: Vec<u32>,
+}
+
+impl Layout {
+    /// `idle` groups connections into conversations of `group_max`; `fanout`
+    /// puts all of them in one; `chat` cycles sizes `group_min..=group_max`.
+    pub fn new(
+        scenario: Scenario,
+        run_id: &str,
+        connections: usize,
+        group_min: usize,
+        group_max: usize,
+    ) -> Layout {
+        let group_min = group_min.max(1);
+        let group_max = group_max.max(group_min);
+        let mut sizes = Vec::new();
+        let mut placed = 0;
+        let mut k = 0;
+        while placed < connections {
+            let want = match scenario {
+                Scenario::Idle => group_max,
+                Scenario::Fanout => connections,
+                Scenario::Chat => group_min + k % (group_max - group_min + 1),
+            };
+            let size = want.min(connections - placed);
+            sizes.push(size);
+            placed += size;
+            k += 1;
+        }
+        // A trailing conversation smaller than group_min joins the one before.
+        if sizes.len() > 1 && sizes[sizes.len() - 1] < group_min {
+            let last = sizes.pop().unwrap_or(0);
+            if let Some(prev) = sizes.last_mut() {
+                *prev += last;
+            }
+        }
+        let mut conversations = Vec::with_capacity(sizes.len());
+        let mut conversation_of = Vec::with_capacity(connections);
+        let mut first = 0;
+        for (k, size) in sizes.into_iter().enumerate() {
+            conversations.push(Conversation {
+                id: format!("{run_id}-{}-c{k}", scenario.name()),
+                first,
+                size,
+            });
+            conversation_of.extend(std::iter::repeat_n(k as u32, size));
+            first += size;
+        }
+        Layout {
+            scenario,
+            run_id: run_id.to_owned(),
+            conversations,
+            conversation_of,
+        }
+    }
+
+    pub fn user(&self, connection: usize) -> String {
+        format!("{}-u{connection}", self.run_id)
+    }
+
+    pub fn conversation_of(&self, connection: usize) -> &Conversation {
+        &self.conversations[self.conversation_of[connection] as usize]
+    }
+
+    pub fn members(&self, conversation: &Conversation) -> Vec<String> {
+        (conversation.first..conversation.first + conversation.size)
+            .map(|i| self.user(i))
+            .collect()
+    }
+
+    pub fn is_sender(&self, connection: usize) -> bool {
+        match self.scenario {
+            Scenario::Idle => false,
+            Scenario::Fanout => connection == 0,
+            Scenario::Chat => true,
+        }
+    }
+
+    pub fn senders(&self) -> usize {
+        (0..self.conversation_of.len())
+            .filter(|&i| self.is_sender(i))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_sizes_cycle_and_cover_every_connection() {
+        let layout = Layout::new(Scenario::Chat, "r", 100, 2, 10);
+        let total: usize = layout.conversations.iter().map(|c| c.size).sum();
+        assert_eq!(total, 100);
+        assert!(layout.conversations.iter().all(|c| c.size >= 2));
+        assert_eq!(layout.conversations[0].size, 2);
+        assert_eq!(layout.conversations[8].size, 10);
+        assert_eq!(
+            layout.conversation_of(99).id,
+            layout.conversations.last().unwrap().id
+        );
+        assert_eq!(layout.senders(), 100);
+    }
+
+    #[test]
+    fn fanout_is_one_topic_with_one_publisher() {
+        let layout = Layout::new(Scenario::Fanout, "r", 50, 2, 10);
+        assert_eq!(layout.conversations.len(), 1);
+        assert_eq!(layout.conversations[0].size, 50);
+        assert_eq!(layout.senders(), 1);
+        assert!(layout.is_sender(0) && !layout.is_sender(1));
+    }
+}

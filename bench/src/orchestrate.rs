@@ -1,0 +1,381 @@
+//! One scenario run, end to end: start the server if asked, create the
+//! memberships, start the worker processes, sample the server while they
+//! hold or send, collect their reports and sum everything into a
+//! [`Summary`].
+//!
+//! Every wait is bounded: workers get `30 s + connections / 200 s` to connect
+//! and join, and `duration + drain + 60 s` to report; a worker that misses
+//! either is killed and the run fails.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::time::timeout;
+
+use crate::cli::{RunArgs, Target};
+use crate::layout::{Layout, Scenario};
+use crate::procfs::{self, Machine};
+use crate::servers::{self, ServerEnv, SpawnKind};
+use crate::setup;
+use crate::stats::{Counts, Totals, WorkerReport};
+use crate::worker::{now_ns, Plan};
+
+/// Everything one run measured; the JSON the `report` command reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub case: String,
+    pub scenario: Scenario,
+    pub target: Target,
+    pub spawn: Option<SpawnKind>,
+    /// The command that produced this, runnable from the workspace root.
+    pub command: String,
+    pub machine: Machine,
+    pub params: Params,
+    pub setup_secs: f64,
+    pub connect_secs: f64,
+    pub counts: Counts,
+    pub error_reasons: std::collections::BTreeMap<String, u64>,
+    /// Connections open at the end: connected minus closed during the run.
+    pub held: u64,
+    /// Server processes, the WebSocket server first.
+    pub server: Vec<ServerFigures>,
+    /// CPU of the load generator's worker processes (100 = one core): on
+    /// this shared box, what the client took from the server.
+    pub client_cpu_percent: f64,
+    /// (RSS with every connection joined − RSS before) ÷ connections held.
+    pub rss_per_connection_bytes: Option<f64>,
+    pub acked_per_sec: f64,
+    pub deliveries_per_sec: f64,
+    /// Expected deliveries (members × acknowledged sends) not received.
+    pub drops: i64,
+    pub latency_ms: Percentiles,
+    pub ack_latency_ms: Percentiles,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub connections: usize,
+    pub rate: f64,
+    pub duration_secs: f64,
+    pub drain_secs: f64,
+    pub group_min: usize,
+    pub group_max: usize,
+    pub payload_bytes: usize,
+    pub workers: usize,
+    pub sources: u8,
+    pub conversations: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServerFigures {
+    pub name: String,
+    pub pid: u32,
+    pub rss_before_kib: u64,
+    pub rss_held_kib: u64,
+    pub rss_peak_kib: u64,
+    /// CPU over the send window plus drain, 100 = one core.
+    pub cpu_percent: f64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &hdrhistogram::Histogram<u64>) -> Percentiles {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// A worker process and the two ends of its stdio.
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Worker {
+    async fn start(plan: &Plan) -> anyhow::Result<Worker> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("--worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start worker process")?;
+        let mut stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        stdin
+            .write_all(format!("{}\n", serde_json::to_string(plan)?).as_bytes())
+            .await?;
+        stdin.flush().await?;
+        Ok(Worker {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    async fn line(&mut self, within: Duration) -> anyhow::Result<serde_json::Value> {
+        let line = timeout(within, self.lines.next_line())
+            .await
+            .context("worker did not answer in time")??
+            .context("worker exited early")?;
+        serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))
+    }
+}
+
+fn host_port(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority
+        .parse()
+        .with_context(|| format!("--url {url:?}: want ws://<ip>:<port>"))
+}
+
+pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow::Result<Summary> {
+    let run_id = format!("{:x}", now_ns() / 1_000_000 % 0xff_ffff);
+    let target = args.target.unwrap_or(match args.spawn {
+        Some(SpawnKind::Socketio) => Target::Socketio,
+        _ => Target::Quckchat,
+    });
+
+    // The server: spawned for this run, or the one at --url.
+    let mut spawned = match args.spawn {
+        Some(kind) => Some(servers::spawn(
+            kind,
+            &ServerEnv {
+                jwt_secret: &args.jwt_secret,
+                nats_url: &args.nats_url,
+                mongodb_url: &args.mongodb_url,
+                run_id: &run_id,
+            },
+        )?),
+        None => None,
+    };
+    let server = match &spawned {
+        Some(s) => s.ws,
+        None => host_port(&args.url)?,
+    };
+    let grpc = args
+        .grpc
+        .clone()
+        .or_else(|| spawned.as_ref().and_then(|s| s.grpc.clone()))
+        .unwrap_or_else(|| format!("http://{server}"));
+    let pids: Vec<(String, u32)> = match (&spawned, args.server_pid) {
+        (_, Some(pid)) => vec![("server".to_owned(), pid)],
+        (Some(s), None) => s.pids.clone(),
+        (None, None) => match procfs::pid_listening_on(server.port()) {
+            Ok(pid) => vec![("server".to_owned(), pid)],
+            Err(err) => {
+                eprintln!("bench: not sampling the server: {err:#}");
+                Vec::new()
+            }
+        },
+    };
+
+    // Memberships (QuckChat joins only members).
+    let layout = Layout::new(
+        scenario,
+        &run_id,
+        args.connections,
+        args.group_min,
+        args.group_max,
+    );
+    let setup_started = Instant::now();
+    if target == Target::Quckchat && !args.no_setup {
+        eprintln!(
+            "bench: creating {} conversations at {grpc}",
+            layout.conversations.len()
+        );
+        setup::memberships(&grpc, &layout).await?;
+    }
+    let setup_secs = setup_started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before: Vec<u64> = pids.iter().map(|(_, p)| rss(*p)).collect();
+
+    // Workers, each with a slice of the connections.
+    let per_worker = args.per_worker.max(1);
+    let workers_n = args.connections.div_ceil(per_worker).max(1);
+    let mut workers = Vec::with_capacity(workers_n);
+    for w in 0..workers_n {
+        let plan = Plan {
+            run_id: run_id.clone(),
+            scenario,
+            dialect: target.dialect(),
+            server,
+            jwt_secret: args.jwt_secret.clone(),
+            connections: args.connections,
+            start: w * per_worker,
+            end: ((w + 1) * per_worker).min(args.connections),
+            group_min: args.group_min,
+            group_max: args.group_max,
+            rate: args.rate,
+            duration_ms: args.duration.as_millis() as u64,
+            drain_ms: args.drain.as_millis() as u64,
+            heartbeat_ms: args.heartbeat.as_millis() as u64,
+            payload_bytes: args.payload_bytes,
+            sources: args.sources,
+            connect_concurrency: args.connect_concurrency,
+        };
+        workers.push(Worker::start(&plan).await?);
+    }
+    eprintln!(
+        "bench: {} {} connections to {server} from {workers_n} worker(s)",
+        args.connections,
+        target_name(target)
+    );
+    let connect_within = Duration::from_secs(30 + args.connections as u64 / 200);
+    let mut connect_secs: f64 = 0.0;
+    for w in &mut workers {
+        let ready = w.line(connect_within).await?;
+        connect_secs = connect_secs.max(ready["ready"]["connect_secs"].as_f64().unwrap_or(0.0));
+    }
+    eprintln!(
+        "bench: all joined in {connect_secs:.1} s; running for {:?}",
+        args.duration
+    );
+
+    // Settle, then measure the held state and start the clock.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_held: Vec<u64> = pids.iter().map(|(_, p)| rss(*p)).collect();
+    let cpu_start: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
+    let worker_pids: Vec<u32> = workers.iter().filter_map(|w| w.child.id()).collect();
+    let client_cpu_start: f64 = worker_pids.iter().map(|p| cpu(*p)).sum();
+    let started = Instant::now();
+    for w in &mut workers {
+        w.stdin.write_all(b"go\n").await?;
+        w.stdin.flush().await?;
+    }
+    let mut rss_peak = rss_held.clone();
+    let window = args.duration + args.drain;
+    while started.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(500).min(window - started.elapsed().min(window)))
+            .await;
+        for (peak, (_, pid)) in rss_peak.iter_mut().zip(&pids) {
+            *peak = (*peak).max(rss(*pid));
+        }
+    }
+    let client_cpu = (worker_pids.iter().map(|p| cpu(*p)).sum::<f64>() - client_cpu_start)
+        / started.elapsed().as_secs_f64()
+        * 100.0;
+    let mut reports = Vec::with_capacity(workers.len());
+    for w in &mut workers {
+        let value = w.line(Duration::from_secs(60)).await?;
+        let report: WorkerReport = serde_json::from_value(value)?;
+        reports.push(report);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_end: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
+    for w in &mut workers {
+        if timeout(Duration::from_secs(10), w.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = w.child.kill().await;
+        }
+    }
+    if let Some(s) = spawned.as_mut() {
+        s.stop();
+    }
+
+    let totals = Totals::merge(&reports)?;
+    let counts = totals.counts.clone();
+    let held = counts.connected.saturating_sub(counts.closed);
+    let server_figures: Vec<ServerFigures> = pids
+        .iter()
+        .enumerate()
+        .map(|(i, (name, pid))| ServerFigures {
+            name: name.clone(),
+            pid: *pid,
+            rss_before_kib: rss_before[i],
+            rss_held_kib: rss_held[i],
+            rss_peak_kib: rss_peak[i],
+            cpu_percent: (cpu_end[i] - cpu_start[i]) / elapsed * 100.0,
+        })
+        .collect();
+    let rss_per_connection_bytes = server_figures.first().and_then(|s| {
+        (counts.connected > 0).then(|| {
+            (s.rss_held_kib as f64 - s.rss_before_kib as f64) * 1024.0 / counts.connected as f64
+        })
+    });
+    let send_secs = args.duration.as_secs_f64().max(1e-9);
+    if counts.connected == 0 {
+        bail!(
+            "no connection joined: {:?}",
+            totals.error_reasons.keys().take(3).collect::<Vec<_>>()
+        );
+    }
+    Ok(Summary {
+        case: args
+            .case
+            .clone()
+            .unwrap_or_else(|| scenario.name().to_owned()),
+        scenario,
+        target,
+        spawn: args.spawn,
+        command,
+        machine: procfs::machine(),
+        params: Params {
+            connections: args.connections,
+            rate: args.rate,
+            duration_secs: args.duration.as_secs_f64(),
+            drain_secs: args.drain.as_secs_f64(),
+            group_min: args.group_min,
+            group_max: args.group_max,
+            payload_bytes: args.payload_bytes,
+            workers: workers_n,
+            sources: args.sources,
+            conversations: layout.conversations.len(),
+        },
+        setup_secs,
+        connect_secs,
+        held,
+        server: server_figures,
+        client_cpu_percent: client_cpu,
+        rss_per_connection_bytes,
+        acked_per_sec: counts.acks_ok as f64 / send_secs,
+        deliveries_per_sec: counts.deliveries as f64 / send_secs,
+        drops: counts.expected_deliveries as i64 - counts.deliveries as i64,
+        latency_ms: Percentiles::of(&totals.delivery_latency),
+        ack_latency_ms: Percentiles::of(&totals.ack_latency),
+        error_reasons: totals.error_reasons,
+        counts,
+    })
+}
+
+pub fn target_name(target: Target) -> &'static str {
+    match target {
+        Target::Quckchat => "QuckChat",
+        Target::Socketio => "Socket.IO",
+    }
+}
+
+fn rss(pid: u32) -> u64 {
+    procfs::rss_kib(pid).unwrap_or(0)
+}
+
+fn cpu(pid: u32) -> f64 {
+    procfs::cpu_secs(pid).unwrap_or(0.0)
+}

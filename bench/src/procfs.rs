@@ -1,0 +1,150 @@
+//! What the bench reads from `/proc`: a server's resident memory and CPU
+//! time, the pid listening on a port, and the machine notes for RESULTS.md.
+
+use std::fs;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`;
+/// 100 on every Linux the bench targets).
+const CLK_TCK: f64 = 100.0;
+
+/// Resident set size in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// User + system CPU seconds the process has used so far.
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((tick(14)? + tick(15)?) / CLK_TCK)
+}
+
+/// The pid of the process with a socket listening on 127.0.0.1/0.0.0.0:`port`.
+pub fn pid_listening_on(port: u16) -> anyhow::Result<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; inode is field 9.
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && local_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        bail!("nothing listens on port {port}");
+    }
+    for entry in fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Ok(pid);
+                }
+            }
+        }
+    }
+    bail!("port {port} is listened on, but by no process this user can see")
+}
+
+/// Where the figures come from.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub open_files_limit: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub cpu_model: String,
+    pub ip_local_port_range: String,
+}
+
+pub fn machine() -> Machine {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let limits = read("/proc/self/limits");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            format!(
+                "soft {} / hard {}",
+                f.get(3).unwrap_or(&"?"),
+                f.get(4).unwrap_or(&"?")
+            )
+        })
+        .unwrap_or_default();
+    let mem_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        open_files_limit: nofile,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        cpu_model: read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_default(),
+        ip_local_port_range: read("/proc/sys/net/ipv4/ip_local_port_range")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join("-"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(rss_kib(pid).unwrap() > 0);
+        assert!(cpu_secs(pid).unwrap() >= 0.0);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(pid_listening_on(port).unwrap(), pid);
+    }
+}

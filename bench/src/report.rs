@@ -1,0 +1,382 @@
+//! Output: the table printed after a run, and RESULTS.md rendered from the
+//! JSON summaries of a whole `scripts/bench.sh` session — figures, QuckChat ÷
+//! Socket.IO ratios for cases run against both, the targets hit or missed,
+//! each case's exact command, and the machine.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+
+use crate::cli::{ReportArgs, Target};
+use crate::orchestrate::{target_name, Summary};
+
+fn kib(bytes: f64) -> String {
+    format!("{:.2} KiB", bytes / 1024.0)
+}
+
+fn rate(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn errors(s: &Summary) -> u64 {
+    let c = &s.counts;
+    c.connect_errors + c.join_errors + c.acks_error + c.closed
+}
+
+/// The human-readable table of one run (stderr, so stdout stays JSON).
+pub fn print_table(s: &Summary) {
+    let c = &s.counts;
+    let server = s.server.first();
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "case",
+            format!(
+                "{} ({} vs {})",
+                s.case,
+                s.scenario.name(),
+                target_name(s.target)
+            ),
+        ),
+        (
+            "connections held",
+            format!(
+                "{} of {} (connect errors {}, join errors {}, closed {})",
+                s.held, s.params.connections, c.connect_errors, c.join_errors, c.closed
+            ),
+        ),
+        (
+            "connect + join",
+            format!(
+                "{:.1} s over {} worker(s)",
+                s.connect_secs, s.params.workers
+            ),
+        ),
+        (
+            "server RSS",
+            server.map_or("-".into(), |v| {
+                format!(
+                    "{} MiB held (before {} MiB, peak {} MiB)",
+                    v.rss_held_kib / 1024,
+                    v.rss_before_kib / 1024,
+                    v.rss_peak_kib / 1024
+                )
+            }),
+        ),
+        (
+            "RSS per connection",
+            s.rss_per_connection_bytes.map_or("-".into(), kib),
+        ),
+        (
+            "server CPU",
+            s.server
+                .iter()
+                .map(|v| format!("{} {:.0}%", v.name, v.cpu_percent))
+                .chain(std::iter::once(format!(
+                    "(bench client {:.0}%)",
+                    s.client_cpu_percent
+                )))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        (
+            "sends",
+            format!(
+                "{} due, {} skipped, {} ok ({}/s), {} error replies",
+                c.sends,
+                c.send_skipped,
+                c.acks_ok,
+                rate(s.acked_per_sec),
+                c.acks_error
+            ),
+        ),
+        (
+            "deliveries",
+            format!(
+                "{} ({}/s), expected {}, drops {}",
+                c.deliveries,
+                rate(s.deliveries_per_sec),
+                c.expected_deliveries,
+                s.drops
+            ),
+        ),
+        (
+            "latency end-to-end",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+                s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.p999, s.latency_ms.max
+            ),
+        ),
+        (
+            "latency send→ack",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+                s.ack_latency_ms.p50, s.ack_latency_ms.p99, s.ack_latency_ms.p999
+            ),
+        ),
+        (
+            "errors",
+            if s.error_reasons.is_empty() {
+                "none".into()
+            } else {
+                s.error_reasons
+                    .iter()
+                    .take(5)
+                    .map(|(r, n)| format!("{r} ×{n}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        ),
+    ];
+    for (k, v) in rows {
+        eprintln!("{k:>20}  {v}");
+    }
+}
+
+/// One target of the issue, checked against the case that measures it.
+struct Goal {
+    text: &'static str,
+    case: &'static str,
+    measure: fn(&Summary) -> Option<f64>,
+    unit: &'static str,
+    hit: fn(f64) -> bool,
+}
+
+const GOALS: &[Goal] = &[
+    Goal {
+        text: "RSS ≤ 4 KiB per idle joined connection",
+        case: "idle",
+        measure: |s| s.rss_per_connection_bytes.map(|b| b / 1024.0),
+        unit: "KiB",
+        hit: |v| v <= 4.0,
+    },
+    Goal {
+        text: "≥ 19k connections held in one gateway process",
+        case: "idle",
+        measure: |s| Some(s.held as f64),
+        unit: "connections",
+        hit: |v| v >= 19_000.0,
+    },
+    Goal {
+        text: "fan-out ≥ 250k deliveries/s",
+        case: "fanout",
+        measure: |s| Some(s.deliveries_per_sec),
+        unit: "deliveries/s",
+        hit: |v| v >= 250_000.0,
+    },
+    Goal {
+        text: "point-to-point p99 < 5 ms at moderate load",
+        case: "p2p",
+        measure: |s| Some(s.latency_ms.p99),
+        unit: "ms",
+        hit: |v| v < 5.0,
+    },
+    Goal {
+        text: "persisted chat ≥ 25k messages/s all-in-one",
+        case: "chat-max",
+        measure: |s| Some(s.acked_per_sec),
+        unit: "messages/s",
+        hit: |v| v >= 25_000.0,
+    },
+];
+
+pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for path in &args.inputs {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let summary: Summary =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        results.push(summary);
+    }
+    let analysis = match &args.analysis {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?),
+        None => None,
+    };
+    let md = render(&results, &args.note, analysis.as_deref());
+    std::fs::write(&args.out, md).with_context(|| format!("{}", args.out.display()))?;
+    eprintln!("bench: wrote {}", args.out.display());
+    Ok(())
+}
+
+fn find<'a>(results: &'a [Summary], case: &str, target: Target) -> Option<&'a Summary> {
+    results.iter().find(|s| {
+        s.case == case
+            && s.target == target
+            && s.spawn != Some(crate::servers::SpawnKind::Distributed)
+    })
+}
+
+fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Bench results\n");
+    let _ = writeln!(
+        md,
+        "Generated by `scripts/bench.sh` (`bench report`) from the JSON of one session: every \
+         figure below comes from the command listed with it, on the machine described at the end. \
+         Regenerate with `scripts/bench.sh`.\n"
+    );
+
+    let _ = writeln!(md, "## Figures\n");
+    let _ = writeln!(
+        md,
+        "| case | server | conns held | RSS/conn | server RSS held | server CPU | client CPU | sends ok/s | deliveries/s | p50 ms | p99 ms | p99.9 ms | errors | drops |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for s in results {
+        let server = s.server.first();
+        let mode = match s.spawn {
+            Some(crate::servers::SpawnKind::Distributed) => " (distributed)",
+            Some(crate::servers::SpawnKind::Allinone) => " (all-in-one)",
+            _ => "",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {}{} | {} / {} | {} | {} MiB | {} | {:.0}% | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            s.case,
+            target_name(s.target),
+            mode,
+            s.held,
+            s.params.connections,
+            s.rss_per_connection_bytes.map_or("-".into(), kib),
+            server.map_or(0, |v| v.rss_held_kib / 1024),
+            s.server
+                .iter()
+                .map(|v| format!("{:.0}%", v.cpu_percent))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            s.client_cpu_percent,
+            rate(s.acked_per_sec),
+            rate(s.deliveries_per_sec),
+            s.latency_ms.p50,
+            s.latency_ms.p99,
+            s.latency_ms.p999,
+            errors(s),
+            s.drops,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nRSS/conn = (server RSS with every connection joined − RSS before connecting) ÷ \
+         connections. CPU: 100% = one core, over the send window plus drain. Latency: from the \
+         moment a send was *due* (open-loop pacer) to its `message:new` / `message` arriving at \
+         each member, sender included. Drops = members × acknowledged sends − deliveries \
+         received by the end of the drain. Errors = connect/join failures + error replies + \
+         sockets closed during the run.\n"
+    );
+
+    let _ = writeln!(md, "## QuckChat ÷ Socket.IO (same session, same client)\n");
+    let _ = writeln!(
+        md,
+        "| case | RSS/conn | deliveries/s | p50 | p99 | server CPU |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let mut any = false;
+    for q in results.iter().filter(|s| s.target == Target::Quckchat) {
+        let Some(io) = find(results, &q.case, Target::Socketio) else {
+            continue;
+        };
+        if find(results, &q.case, Target::Quckchat).map(|f| std::ptr::eq(f, q)) != Some(true) {
+            continue;
+        }
+        any = true;
+        let ratio = |a: f64, b: f64| {
+            if b.abs() > f64::EPSILON {
+                format!("{:.2}×", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        let cpu = |s: &Summary| s.server.iter().map(|v| v.cpu_percent).sum::<f64>();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            q.case,
+            match (q.rss_per_connection_bytes, io.rss_per_connection_bytes) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => "-".into(),
+            },
+            ratio(q.deliveries_per_sec, io.deliveries_per_sec),
+            ratio(q.latency_ms.p50, io.latency_ms.p50),
+            ratio(q.latency_ms.p99, io.latency_ms.p99),
+            ratio(cpu(q), cpu(io)),
+        );
+    }
+    if !any {
+        let _ = writeln!(md, "| (no case was run against both) | | | | | |");
+    }
+    let _ = writeln!(
+        md,
+        "\nBelow 1× is better for RSS, latency and CPU; above 1× is better for deliveries/s. \
+         Semantics differ: QuckChat verifies a JWT per connection, checks membership at join and \
+         **persists every message** (SQLite, WAL) before fanning it out; the Socket.IO peer \
+         (`bench/socketio-peer/server.js`) keeps rooms in memory only, no auth, no storage.\n"
+    );
+
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(md, "| target | measured | case | result |");
+    let _ = writeln!(md, "|---|---:|---|---|");
+    for goal in GOALS {
+        let measured = find(results, goal.case, Target::Quckchat).and_then(|s| (goal.measure)(s));
+        let (value, verdict) = match measured {
+            Some(v) => (
+                format!("{v:.2} {}", goal.unit),
+                if (goal.hit)(v) {
+                    "**hit**"
+                } else {
+                    "**missed**"
+                },
+            ),
+            None => ("-".into(), "not measured"),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {value} | `{}` | {verdict} |",
+            goal.text, goal.case
+        );
+    }
+
+    let _ = writeln!(md, "\n## Commands\n");
+    let _ = writeln!(md, "Each case, exactly as run (from the workspace root):\n");
+    for s in results {
+        let _ = writeln!(
+            md,
+            "- `{}` / {}: `{}`",
+            s.case,
+            target_name(s.target),
+            s.command
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n`fanout` is M subscribers joined to one conversation plus one publisher (one of \
+         them) sending `message:send` at the rate given: QuckChat has no server-side event that \
+         broadcasts without persisting, so each send is stored once and delivered M times \
+         (sender included). `chat` runs conversations of {{group-min..=group-max}} members where \
+         every connection sends; `p2p` is `chat` with 2-member conversations at a moderate rate; \
+         `chat-max` offers more than the server can take, so its sends-ok/s is the throughput."
+    );
+
+    if let Some(m) = results.first().map(|s| &s.machine) {
+        let _ = writeln!(md, "\n## Machine\n");
+        let _ = writeln!(
+            md,
+            "- {} cores ({}), {} GiB RAM, kernel {}\n- open files (`ulimit -n`): {} — a hard \
+             limit on every process here, not raised; the bench spreads connections over worker \
+             processes and source addresses 127.0.0.1..=127.0.0.N instead\n- ephemeral ports: {}",
+            m.cores, m.cpu_model, m.memory_gib, m.kernel, m.open_files_limit, m.ip_local_port_range
+        );
+        for note in notes {
+            let _ = writeln!(md, "- {note}");
+        }
+    }
+    if let Some(text) = analysis {
+        let _ = writeln!(md, "\n{}", text.trim_end());
+    }
+    md
+}
