@@ -14,6 +14,7 @@ pub const SOCKET_MAX_CHANNELS: &str = "SOCKET_MAX_CHANNELS";
 pub const SOCKET_MALFORMED_LIMIT: &str = "SOCKET_MALFORMED_LIMIT";
 pub const SOCKET_WRITE_TIMEOUT_SECS: &str = "SOCKET_WRITE_TIMEOUT_SECS";
 pub const NODE_HEARTBEAT_SECS: &str = "NODE_HEARTBEAT_SECS";
+pub const SOCKET_READ_BUFFER_BYTES: &str = "SOCKET_READ_BUFFER_BYTES";
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -47,6 +48,11 @@ pub struct SocketConfig {
     /// A write that cannot complete this long means the client stopped
     /// reading: the socket is dropped.
     pub write_timeout: Duration,
+    /// Initial read buffer of a socket. tungstenite zero-fills the whole
+    /// buffer on every read and its default is 128 KiB: that was most of an
+    /// idle socket's memory and most of the server's CPU (bench/RESULTS.md).
+    /// Larger frames grow it as needed.
+    pub read_buffer: usize,
 }
 
 impl Default for SocketConfig {
@@ -59,6 +65,7 @@ impl Default for SocketConfig {
             max_channels: 100,
             malformed_limit: 20,
             write_timeout: Duration::from_secs(10),
+            read_buffer: 2048,
         }
     }
 }
@@ -96,6 +103,10 @@ impl SocketConfig {
                 r.parse(SOCKET_MALFORMED_LIMIT, u64::from(d.malformed_limit))?,
             )? as u32,
             write_timeout: r.secs(SOCKET_WRITE_TIMEOUT_SECS, d.write_timeout.as_secs())?,
+            read_buffer: positive(
+                SOCKET_READ_BUFFER_BYTES,
+                r.parse(SOCKET_READ_BUFFER_BYTES, d.read_buffer as u64)?,
+            )? as usize,
         })
     }
 }

@@ -42,6 +42,11 @@ pub use config::{GatewayConfig, SocketConfig};
 use frame::Vsn;
 use socket::Peer;
 
+/// Outgoing bytes gathered before a write to the socket.
+const WRITE_BATCH_BYTES: usize = 8 * 1024;
+/// Outgoing bytes buffered for one socket at most.
+const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+
 /// Subprotocol prefix carrying the token (phoenix ≥ 1.8 `authToken`).
 const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
 
@@ -220,6 +225,11 @@ async fn upgrade(
     ws.protocols(["phoenix"])
         .max_message_size(max * 4)
         .max_frame_size(max * 4)
+        .read_buffer_size(shared.config.socket.read_buffer)
+        // Frames are written in batches up to this, then flushed.
+        .write_buffer_size(WRITE_BATCH_BYTES)
+        // A client that stops reading fails its writes past this.
+        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 shared.connections.fetch_add(1, Ordering::Relaxed);

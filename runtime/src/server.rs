@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use axum::http::StatusCode;
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,11 +26,14 @@ pub async fn serve(
     // gRPC routes bring a catch-all answering "unimplemented"; plain HTTP
     // clients get a 404 instead.
     let router = router.fallback(|| async { (StatusCode::NOT_FOUND, "not found") });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
+    // Frames are small and latency matters: no Nagle delay.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "TCP_NODELAY not set");
+        }
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }

@@ -37,7 +37,9 @@ struct Registry {
 struct Entry {
     id: u64,
     queue_group: Option<String>,
-    tx: mpsc::Sender<BusMessage>,
+    /// Shared, not cloned, per subscriber: a queue slot is one pointer, so
+    /// an idle subscription costs little.
+    tx: mpsc::Sender<Arc<BusMessage>>,
 }
 
 impl Default for MemoryBus {
@@ -86,6 +88,7 @@ impl MemoryBus {
             targets.push(members[rand::random_range(0..members.len())]);
         }
         let matched = targets.len();
+        let msg = Arc::new(msg);
         for entry in targets {
             if entry.tx.try_send(msg.clone()).is_err() {
                 metrics::counter!("quckchat_bus_dropped_total", "bus" => "memory").increment(1);
@@ -211,7 +214,7 @@ impl Bus for MemoryBus {
 
 /// One subscription's messages; dropping it unsubscribes.
 struct MemoryStream {
-    rx: mpsc::Receiver<BusMessage>,
+    rx: mpsc::Receiver<Arc<BusMessage>>,
     _guard: Unsubscribe,
 }
 
@@ -222,6 +225,8 @@ impl futures::Stream for MemoryStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<BusMessage>> {
-        self.rx.poll_recv(cx)
+        self.rx
+            .poll_recv(cx)
+            .map(|m| m.map(|m| Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone())))
     }
 }
