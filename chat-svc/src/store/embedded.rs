@@ -1,22 +1,99 @@
 //! The all-in-one store: SQLite (bundled, nothing to install) in WAL mode, in
-//! `DATA_DIR/quckchat.db`. One connection serialises writes; every write is
-//! one transaction, so `seq` has no gap and a failed write leaves nothing.
+//! `DATA_DIR/quckchat.db`.
+//!
+//! One writer thread owns the connection. Operations queue to it; it takes
+//! all that are waiting (up to [`MAX_BATCH`]) and runs them in ONE
+//! transaction, each inside its own savepoint, then commits once (group
+//! commit). An operation that fails rolls back its savepoint only; every
+//! caller hears back after the commit, so nothing is reported stored before
+//! it is. `seq` has no gap: the counter and the message change together.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::oneshot;
 
 use super::{
     materialize, now_millis, Appended, ChatStore, Conversation, Message, MessageChange, MessageRef,
     NewMessage, Page, ReadState, Replay, StoreError, Updated,
 };
 
+/// Most operations committed together.
+pub const MAX_BATCH: usize = 512;
+
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    conn: Arc<Mutex<Connection>>,
+    jobs: mpsc::Sender<Box<dyn Work>>,
+}
+
+/// Called with the batch's commit result.
+type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// One queued operation.
+trait Work: Send {
+    /// Runs inside the batch's transaction, in a savepoint of its own.
+    fn run(self: Box<Self>, tx: &mut Transaction<'_>) -> Finish;
+    /// The batch could not start.
+    fn fail(self: Box<Self>, err: StoreError);
+}
+
+struct Pending<T, F> {
+    f: F,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Work for Pending<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(self: Box<Self>, tx: &mut Transaction<'_>) -> Finish {
+        let Pending { f, reply } = *self;
+        let result = match tx.savepoint() {
+            // Dropping a savepoint without commit rolls it back.
+            Ok(sp) => f(&sp).and_then(|out| sp.commit().map(|()| out).map_err(unavailable)),
+            Err(e) => Err(unavailable(e)),
+        };
+        Box::new(move |committed: Result<(), StoreError>| {
+            let _ = reply.send(committed.and(result));
+        })
+    }
+
+    fn fail(self: Box<Self>, err: StoreError) {
+        let _ = self.reply.send(Err(err));
+    }
+}
+
+/// The writer thread: batches queued operations into transactions until
+/// every store handle is gone.
+fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Work>>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match conn.transaction() {
+            Ok(mut tx) => {
+                let finishes: Vec<Finish> = batch.into_iter().map(|job| job.run(&mut tx)).collect();
+                let committed = tx.commit().map_err(unavailable);
+                for finish in finishes {
+                    finish(committed.clone());
+                }
+            }
+            Err(e) => {
+                let err = unavailable(e);
+                for job in batch {
+                    job.fail(err.clone());
+                }
+            }
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -85,27 +162,27 @@ impl EmbeddedStore {
         let conn =
             Connection::open(&path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        let (jobs, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("quckchat-store".into())
+            .spawn(move || write_loop(conn, queue))
+            .map_err(|e| unavailable(format!("store thread: {e}")))?;
+        Ok(Self { jobs })
     }
 
-    /// Runs `f` in one transaction off the async runtime.
+    /// Runs `f` atomically on the writer thread; resolves after its batch
+    /// committed.
     async fn tx<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = guard.transaction().map_err(unavailable)?;
-            let out = f(&tx)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(out)
-        })
-        .await
-        .map_err(unavailable)?
+        let (reply, done) = oneshot::channel();
+        let stopped = || unavailable("store writer stopped");
+        self.jobs
+            .send(Box::new(Pending { f, reply }))
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
     }
 }
 
@@ -217,7 +294,7 @@ fn find_message(
 
 /// Takes the conversation's next version (and next seq when `new_message`).
 fn bump(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     conversation_id: &str,
     new_message: bool,
 ) -> Result<(u64, u64), StoreError> {
@@ -545,7 +622,39 @@ mod tests {
     async fn embedded_store_conformance() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        super::super::conformance::run_all(Arc::new(store)).await;
+        super::super::conformance::run_all(std::sync::Arc::new(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_in_a_batch_leaves_the_others_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.upsert_conversation("c", &["a".into()]).await.unwrap();
+        let writes: Vec<_> = (0..50)
+            .map(|i| {
+                let store = store.clone();
+                let conversation = if i % 5 == 0 { "missing" } else { "c" };
+                let new =
+                    super::super::conformance::text(conversation, "a", &format!("m{i}"), None);
+                tokio::spawn(async move { store.append_message(new).await })
+            })
+            .collect();
+        let (mut seqs, mut refused) = (Vec::new(), 0);
+        for w in writes {
+            match w.await.unwrap() {
+                Ok(a) => seqs.push(a.message.seq),
+                Err(StoreError::ConversationNotFound) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(refused, 10);
+        assert_eq!(
+            seqs,
+            (1..=40).collect::<Vec<_>>(),
+            "gap-free despite failures in the same batches"
+        );
+        assert_eq!(store.conversation("c").await.unwrap().unwrap().last_seq, 40);
     }
 
     #[tokio::test]
