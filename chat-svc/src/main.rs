@@ -11,20 +11,13 @@ use quckchat_chat::store::{ChatStore, MongoStore};
 use quckchat_chat::{commands, StoreHealth};
 use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
-use quckchat_runtime::config::{exit_on_config_error, ConfigReader, ProcessEnv};
-use quckchat_runtime::{server, shutdown, telemetry};
+use quckchat_runtime::{process, server, shutdown};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
-    telemetry::init();
-    let mut reader = ConfigReader::new(&ProcessEnv);
-    let config = ChatConfig::read(&mut reader).unwrap_or_else(|e| exit_on_config_error(&e));
-    reader.log("chat-svc");
-    if let Err(err) = run(config).await {
-        eprintln!("chat-svc: {err:#}");
-        std::process::exit(1);
-    }
+    let config = process::start("chat-svc", ChatConfig::read);
+    process::finish("chat-svc", run(config).await);
 }
 
 async fn run(config: ChatConfig) -> anyhow::Result<()> {
@@ -64,16 +57,7 @@ async fn run(config: ChatConfig) -> anyhow::Result<()> {
         .merge(tonic::service::Routes::new(ChatGrpc::server(service)).into_axum_router());
     let listener = server::bind(config.server.listen_addr()).await?;
     tracing::info!(addr = %config.server.listen_addr(), "chat-svc listening");
-    health.set_started();
-    let draining = {
-        let (token, health) = (token.clone(), health.clone());
-        async move {
-            token.cancelled().await;
-            health.set_draining();
-        }
-    };
-    let (served, ()) = tokio::join!(server::serve(listener, router, token), draining);
-    served?;
+    server::serve_with_health(listener, router, token, health.clone()).await?;
     consumer.await?;
     tracing::info!("chat-svc stopped");
     Ok(())

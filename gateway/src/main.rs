@@ -6,21 +6,13 @@ use std::sync::Arc;
 use quckchat_gateway::{Gateway, GatewayConfig};
 use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::bus::{Bus, NatsBus};
-use quckchat_runtime::config::{exit_on_config_error, ConfigReader, ProcessEnv};
-use quckchat_runtime::{server, shutdown, telemetry};
+use quckchat_runtime::{process, server, shutdown};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
-    telemetry::init();
-    let mut reader = ConfigReader::new(&ProcessEnv);
-    let config =
-        GatewayConfig::read(&mut reader, None).unwrap_or_else(|e| exit_on_config_error(&e));
-    reader.log("gateway");
-    if let Err(err) = run(config).await {
-        eprintln!("gateway: {err:#}");
-        std::process::exit(1);
-    }
+    let config = process::start("gateway", |r| GatewayConfig::read(r, None));
+    process::finish("gateway", run(config).await);
 }
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
@@ -39,16 +31,7 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let router = gateway.router().merge(admin::router(health.clone()));
     let listener = server::bind(config.server.listen_addr()).await?;
     tracing::info!(addr = %config.server.listen_addr(), "gateway listening");
-    health.set_started();
-    let draining = {
-        let (token, health) = (token.clone(), health.clone());
-        async move {
-            token.cancelled().await;
-            health.set_draining();
-        }
-    };
-    let (served, ()) = tokio::join!(server::serve(listener, router, token.clone()), draining);
-    served?;
+    server::serve_with_health(listener, router, token.clone(), health.clone()).await?;
     gateway.drained(config.server.drain).await;
     tracing::info!("gateway stopped");
     Ok(())

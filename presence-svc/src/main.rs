@@ -11,8 +11,7 @@ use quckchat_presence::service::{ChatMemberships, PresenceService};
 use quckchat_presence::state::{PresenceState, RedisState};
 use quckchat_runtime::admin::{self, BusHealth, Health, HealthCheck};
 use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
-use quckchat_runtime::config::{exit_on_config_error, ConfigReader, ProcessEnv};
-use quckchat_runtime::{server, shutdown, telemetry};
+use quckchat_runtime::{process, server, shutdown};
 use tokio_util::sync::CancellationToken;
 
 struct StateHealth(Arc<dyn PresenceState>);
@@ -29,14 +28,8 @@ impl HealthCheck for StateHealth {
 
 #[tokio::main]
 async fn main() {
-    telemetry::init();
-    let mut reader = ConfigReader::new(&ProcessEnv);
-    let config = PresenceConfig::read(&mut reader).unwrap_or_else(|e| exit_on_config_error(&e));
-    reader.log("presence-svc");
-    if let Err(err) = run(config).await {
-        eprintln!("presence-svc: {err:#}");
-        std::process::exit(1);
-    }
+    let config = process::start("presence-svc", PresenceConfig::read);
+    process::finish("presence-svc", run(config).await);
 }
 
 async fn run(config: PresenceConfig) -> anyhow::Result<()> {
@@ -76,16 +69,7 @@ async fn run(config: PresenceConfig) -> anyhow::Result<()> {
         .merge(tonic::service::Routes::new(PresenceGrpc::server(state)).into_axum_router());
     let listener = server::bind(config.server.listen_addr()).await?;
     tracing::info!(addr = %config.server.listen_addr(), "presence-svc listening");
-    health.set_started();
-    let draining = {
-        let (token, health) = (token.clone(), health.clone());
-        async move {
-            token.cancelled().await;
-            health.set_draining();
-        }
-    };
-    let (served, ()) = tokio::join!(server::serve(listener, router, token), draining);
-    served?;
+    server::serve_with_health(listener, router, token, health.clone()).await?;
     worker.await?;
     tracing::info!("presence-svc stopped");
     Ok(())

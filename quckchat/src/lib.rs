@@ -129,16 +129,7 @@ pub async fn run(
         .merge(admin::router(health.clone()))
         .merge(grpc);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "quckchat listening (all-in-one)");
-    health.set_started();
-    let draining = {
-        let (token, health) = (token.clone(), health.clone());
-        async move {
-            token.cancelled().await;
-            health.set_draining();
-        }
-    };
-    let (served, ()) = tokio::join!(server::serve(listener, router, token.clone()), draining);
-    served?;
+    server::serve_with_health(listener, router, token.clone(), health.clone()).await?;
     gateway.drained(drain).await;
     services_stop.cancel();
     chat_consumer.await?;

@@ -14,8 +14,8 @@ use quckchat::{serve, ServeConfig};
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::{GetConversationRequest, UpsertConversationRequest};
 use quckchat_runtime::auth::{mint_token, DEV_JWT_SECRET};
-use quckchat_runtime::config::{exit_on_config_error, ConfigReader, ProcessEnv, JWT_SECRET};
-use quckchat_runtime::telemetry;
+use quckchat_runtime::config::JWT_SECRET;
+use quckchat_runtime::process;
 
 #[derive(Parser)]
 #[command(
@@ -99,23 +99,16 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn run_server() -> i32 {
-    telemetry::init();
-    let mut reader = ConfigReader::new(&ProcessEnv);
-    let config = ServeConfig::read(&mut reader).unwrap_or_else(|e| exit_on_config_error(&e));
-    reader.log("quckchat");
+    let config = process::start("quckchat", ServeConfig::read);
     if config.gateway.jwt_secret == DEV_JWT_SECRET {
         tracing::warn!(
             "JWT_SECRET is not set: using the DEVELOPMENT secret. Anyone can mint tokens for this server. \
              Set JWT_SECRET to the backend's HS256 secret before exposing it."
         );
     }
-    match runtime().block_on(async { serve(config, quckchat::shutdown_on_signal()).await }) {
-        Ok(()) => 0,
-        Err(err) => {
-            eprintln!("quckchat: {err:#}");
-            1
-        }
-    }
+    let served = runtime().block_on(async { serve(config, quckchat::shutdown_on_signal()).await });
+    process::finish("quckchat", served);
+    0
 }
 
 fn run_client(action: ConversationAction) -> i32 {

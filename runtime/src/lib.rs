@@ -10,6 +10,7 @@
 //! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
 //! - [`telemetry`] — logging;
 //! - [`presence`] — the Phoenix Presence meta shape shared by services;
+//! - [`process`] — the start and end of every binary;
 //! - [`server`] — binding and serving HTTP on one port;
 //! - [`shutdown`] — SIGTERM/SIGINT handling;
 //! - [`time`] — timestamps as clients see them.
@@ -20,6 +21,7 @@ pub mod bus;
 pub mod config;
 pub mod ids;
 pub mod presence;
+pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -37,3 +37,24 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+/// Serves `router` like [`serve`], with `health` ready from now on and
+/// draining as soon as `shutdown` begins, so load balancers stop sending
+/// traffic while what is in flight finishes.
+pub async fn serve_with_health(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    health: std::sync::Arc<crate::admin::Health>,
+) -> anyhow::Result<()> {
+    health.set_started();
+    let draining = {
+        let (shutdown, health) = (shutdown.clone(), health.clone());
+        async move {
+            shutdown.cancelled().await;
+            health.set_draining();
+        }
+    };
+    let (served, ()) = tokio::join!(serve(listener, router, shutdown), draining);
+    served
+}
