@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs the bench scenarios against QuckChat (all-in-one, plus one small
-# distributed case) and the Socket.IO peer, then regenerates bench/RESULTS.md
-# from the JSON each run writes. Sized to finish in a few minutes on a 2-core
-# box; every run is bounded by `timeout` and stops its own server.
+# Runs the bench scenarios against QuckChat (all-in-one and distributed:
+# gateway processes + chat-svc over NATS) and the Socket.IO peer, then
+# regenerates bench/RESULTS.md from the JSON each run writes. Sized to finish
+# in ~10 minutes on a 2-core box (idle-distributed alone: 100k joins through
+# chat-svc and SecantusDB, a few minutes); every run is bounded by `timeout`
+# and stops its own servers (and drops its MongoDB database).
 #
 #   scripts/bench.sh            # everything
 #   scripts/bench.sh --quick    # small sizes, a smoke test (~1 min)
@@ -24,14 +26,15 @@ if [[ ! -d bench/socketio-peer/node_modules ]]; then
 fi
 BENCH=target/release/bench
 
-# run CASE TARGET SCENARIO ARGS...: one bounded run writing $OUT/CASE-TARGET.json.
+# run CASE TARGET SCENARIO ARGS...: one bounded run (RUN_TIMEOUT s, default
+# 300) writing $OUT/CASE-TARGET.json.
 run() {
   local case=$1 target=$2 scenario=$3; shift 3
   local spawn=allinone
   [[ $target == socketio ]] && spawn=socketio
   [[ $target == distributed ]] && spawn=distributed
   echo "bench.sh: == $case ($target) ==" >&2
-  if ! timeout 300 "$BENCH" "$scenario" --spawn "$spawn" --case "$case" \
+  if ! timeout "${RUN_TIMEOUT:-300}" "$BENCH" "$scenario" --spawn "$spawn" --case "$case" \
       --json "$OUT/$case-$target.json" "$@" >/dev/null; then
     echo "bench.sh: $case ($target) failed; continuing" >&2
   fi
@@ -39,8 +42,12 @@ run() {
 
 if ((quick)); then
   IDLE=2000; FAN=500; FAN_RATE=100; P2P=500; CHAT=500; DUR=3s
+  IDLE_D=3000; IDLE_GW=3; FAN_D=500
 else
   IDLE=19000; FAN=2000; FAN_RATE=125; P2P=2000; CHAT=2000; DUR=10s
+  # 100k over 6 gateways: ~16.7k sockets each, under the 20,000 open files of
+  # every process (bench refuses more than 18k per gateway).
+  IDLE_D=100000; IDLE_GW=6; FAN_D=1000
 fi
 
 for target in quckchat socketio; do
@@ -50,10 +57,17 @@ for target in quckchat socketio; do
 done
 run chat-max quckchat chat --connections "$CHAT" --group-min 2 --group-max 10 --rate 30000 --duration "$DUR"
 
-# Distributed: gateway + chat-svc over NATS, SecantusDB as the MongoDB (a slow
-# correctness surrogate, not a production store). Only if both are up.
+# Distributed: gateway processes + one chat-svc over NATS, SecantusDB as the
+# MongoDB (a slow correctness surrogate, not a production store). Only if both
+# are up. Every join goes through chat-svc to SecantusDB (~700 joins/s), so
+# idle-distributed uses conversations of 50 (2k membership upserts, not 100k)
+# and joins fewer connections at once per worker (the gateway's bus request
+# times out after 5 s).
 port_open() { timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$1" 2>/dev/null; }
 if [[ -z ${BENCH_SKIP_DISTRIBUTED:-} ]] && port_open 4222 && port_open 27018; then
+  RUN_TIMEOUT=900 run idle-distributed distributed idle --connections "$IDLE_D" --gateways "$IDLE_GW" \
+    --group-min 50 --group-max 50 --sources 8 --connect-concurrency 50 --duration "$DUR"
+  run fanout-distributed distributed fanout --connections "$FAN_D" --gateways 2 --rate 50 --duration "$DUR"
   run chat-distributed distributed chat --connections 200 --rate 200 --duration "$DUR"
 else
   echo "bench.sh: NATS (4222) or SecantusDB (27018) not up: skipping the distributed case" >&2
@@ -63,5 +77,6 @@ fi
   --note "server settings raised for load by \`--spawn\`: SOCKET_RATE_LIMIT_PER_SEC=100000 (default 50), SOCKET_IDLE_TIMEOUT_SECS=120, SHUTDOWN_DRAIN_SECS=1; nothing raised in the OS (the open-files limit cannot be)" \
   --note "client and server share the 2 cores: the client CPU column shows what the load generator took; the figures are lower bounds for a server on its own box; other engineers' test processes may have run concurrently" \
   --note "latency is stamped when a send was due (open-loop pacer on a 1 ms timer), so it includes up to ~1 ms of pacer lag and any client-side queueing" \
-  --note "chat-distributed uses SecantusDB (MongoDB wire protocol, Python) at 127.0.0.1:27018 as the store: a correctness surrogate, far slower than MongoDB; its figures are not MongoDB's (sends that time out after 5 s may still be stored and delivered later, giving negative drops)"
+  --note "idle-distributed, fanout-distributed: --gateways gateway processes (each its own port and NODE_NAME) and one chat-svc over NATS; connection i goes to gateway i % N; RSS/conn sums the gateways' RSS, chat-svc not counted; setup and connect times are bounded by SecantusDB (every join reads it twice through chat-svc)" \
+  --note "the *-distributed cases use SecantusDB (MongoDB wire protocol, Python) at 127.0.0.1:27018 as the store: a correctness surrogate, far slower than MongoDB; their figures are not MongoDB's (sends that time out after 5 s may still be stored and delivered later, giving negative drops)"
 echo "bench.sh: wrote bench/RESULTS.md" >&2

@@ -110,6 +110,10 @@ pub struct RunArgs {
     /// Connections being opened at once, per worker.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
+    /// Gateway processes for --spawn distributed (one chat-svc behind them);
+    /// connection i goes to gateway i % N. Each holds < 18,000 sockets.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub gateways: u16,
     /// NATS for --spawn distributed.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,

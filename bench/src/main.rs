@@ -8,7 +8,9 @@
 //! How the modules fit:
 //! - [`cli`]: the command line;
 //! - [`orchestrate`]: one run — server, setup, workers, sampling, summary;
-//! - [`servers`]: `--spawn allinone|distributed|socketio`;
+//! - [`servers`]: `--spawn allinone|distributed|socketio` (distributed:
+//!   `--gateways` gateway processes and one chat-svc over NATS);
+//! - [`mongo`]: drops the per-run MongoDB database of a distributed run;
 //! - [`setup`]: conversation memberships over gRPC;
 //! - [`layout`]: which connection is which user, in which conversation;
 //! - [`worker`]: a load-generating process (`--worker`), re-executed from
@@ -21,6 +23,7 @@
 mod cli;
 mod dialect;
 mod layout;
+mod mongo;
 mod orchestrate;
 mod procfs;
 mod report;
@@ -62,7 +65,16 @@ fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let summary = runtime.block_on(orchestrate::run(scenario, args, command_line()))?;
+    // SIGTERM/SIGINT (e.g. from `timeout` in bench.sh) drops the run, which
+    // stops the spawned servers, kills the workers and drops the database.
+    let summary = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            summary = orchestrate::run(scenario, args, command_line()) => summary,
+            _ = term.recv() => anyhow::bail!("terminated: servers stopped"),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: servers stopped"),
+        }
+    })?;
     report::print_table(&summary);
     let json = serde_json::to_string_pretty(&summary)?;
     println!("{json}");

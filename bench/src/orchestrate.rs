@@ -3,9 +3,14 @@
 //! hold or send, collect their reports and sum everything into a
 //! [`Summary`].
 //!
-//! Every wait is bounded: workers get `30 s + connections / 200 s` to connect
-//! and join, and `duration + drain + 60 s` to report; a worker that misses
-//! either is killed and the run fails.
+//! Every wait is bounded: workers get `30 s + connections / 200 s` in all to
+//! connect and join (distributed: `60 s + connections / 200 s`, every join
+//! reads MongoDB), and `duration + drain + 60 s` to report; a worker that
+//! misses either is killed and the run fails.
+//!
+//! With `--spawn distributed --gateways N`, connection `i` goes to gateway
+//! `i % N`; every gateway is sampled (RSS, CPU, sockets from `/proc`) and
+//! summed in [`GatewayFigures`].
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -42,12 +47,17 @@ pub struct Summary {
     pub error_reasons: std::collections::BTreeMap<String, u64>,
     /// Connections open at the end: connected minus closed during the run.
     pub held: u64,
-    /// Server processes, the WebSocket server first.
+    /// Server processes, the WebSocket server(s) first.
     pub server: Vec<ServerFigures>,
+    /// The WebSocket server processes together (all gateways); absent in
+    /// summaries written before `--gateways`.
+    #[serde(default)]
+    pub gateways: Option<GatewayFigures>,
     /// CPU of the load generator's worker processes (100 = one core): on
     /// this shared box, what the client took from the server.
     pub client_cpu_percent: f64,
-    /// (RSS with every connection joined − RSS before) ÷ connections held.
+    /// (RSS with every connection joined − RSS before) ÷ connections held,
+    /// RSS summed over the WebSocket server processes (gateways).
     pub rss_per_connection_bytes: Option<f64>,
     pub acked_per_sec: f64,
     pub deliveries_per_sec: f64,
@@ -69,6 +79,13 @@ pub struct Params {
     pub workers: usize,
     pub sources: u8,
     pub conversations: usize,
+    /// Gateway processes the connections were spread over.
+    #[serde(default = "one")]
+    pub gateways: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,6 +97,29 @@ pub struct ServerFigures {
     pub rss_peak_kib: u64,
     /// CPU over the send window plus drain, 100 = one core.
     pub cpu_percent: f64,
+    /// Socket descriptors open before connecting and with every connection
+    /// joined (so the difference is the connections this process holds).
+    #[serde(default)]
+    pub sockets_before: u64,
+    #[serde(default)]
+    pub sockets_held: u64,
+}
+
+/// All WebSocket server processes of a run (the gateways) together, and the
+/// largest single one: no gateway may come near its 20,000 open files.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GatewayFigures {
+    pub count: usize,
+    /// Connections the gateways hold by their own sockets (held − before).
+    pub connections: u64,
+    pub connections_max: u64,
+    pub rss_held_kib_sum: u64,
+    pub rss_held_kib_max: u64,
+    pub rss_peak_kib_max: u64,
+    /// Largest (RSS held − before) ÷ own connections of a single gateway.
+    pub rss_per_connection_max_bytes: Option<f64>,
+    pub cpu_percent_sum: f64,
+    pub cpu_percent_max: f64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -154,6 +194,10 @@ fn host_port(url: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--url {url:?}: want ws://<ip>:<port>"))
 }
 
+/// Most connections one gateway process is given (its limit is 20,000 open
+/// files, and it needs some for NATS, its listener and the runtime).
+const MAX_PER_GATEWAY: usize = 18_000;
+
 pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow::Result<Summary> {
     let run_id = format!("{:x}", now_ns() / 1_000_000 % 0xff_ffff);
     let target = args.target.unwrap_or(match args.spawn {
@@ -162,6 +206,19 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     });
 
     // The server: spawned for this run, or the one at --url.
+    let distributed = args.spawn == Some(SpawnKind::Distributed);
+    let gateways = if distributed {
+        usize::from(args.gateways.max(1))
+    } else {
+        1
+    };
+    let per_gateway = args.connections.div_ceil(gateways);
+    if distributed && per_gateway > MAX_PER_GATEWAY {
+        bail!(
+            "{per_gateway} connections per gateway: more than {MAX_PER_GATEWAY} (each process may \
+             open 20,000 files and a gateway retries EMFILE only after 1 s): raise --gateways"
+        );
+    }
     let mut spawned = match args.spawn {
         Some(kind) => Some(servers::spawn(
             kind,
@@ -170,14 +227,16 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
                 nats_url: &args.nats_url,
                 mongodb_url: &args.mongodb_url,
                 run_id: &run_id,
+                gateways: gateways as u16,
             },
         )?),
         None => None,
     };
-    let server = match &spawned {
-        Some(s) => s.ws,
-        None => host_port(&args.url)?,
+    let servers_ws: Vec<SocketAddr> = match &spawned {
+        Some(s) => s.ws.clone(),
+        None => vec![host_port(&args.url)?],
     };
+    let server = servers_ws[0];
     let grpc = args
         .grpc
         .clone()
@@ -214,6 +273,9 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     let setup_secs = setup_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before: Vec<u64> = pids.iter().map(|(_, p)| rss(*p)).collect();
+    let sockets_before: Vec<u64> = pids.iter().map(|(_, p)| sockets(*p)).collect();
+    // The first `ws_processes` sampled processes are the WebSocket servers.
+    let ws_processes = servers_ws.len().min(pids.len());
 
     // Workers, each with a slice of the connections.
     let per_worker = args.per_worker.max(1);
@@ -224,7 +286,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             run_id: run_id.clone(),
             scenario,
             dialect: target.dialect(),
-            server,
+            servers: servers_ws.clone(),
             jwt_secret: args.jwt_secret.clone(),
             connections: args.connections,
             start: w * per_worker,
@@ -241,15 +303,26 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         };
         workers.push(Worker::start(&plan).await?);
     }
+    let to = if servers_ws.len() == 1 {
+        server.to_string()
+    } else {
+        format!("{} gateways ({server}…)", servers_ws.len())
+    };
     eprintln!(
-        "bench: {} {} connections to {server} from {workers_n} worker(s)",
+        "bench: {} {} connections to {to} from {workers_n} worker(s)",
         args.connections,
         target_name(target)
     );
-    let connect_within = Duration::from_secs(30 + args.connections as u64 / 200);
+    let connect_within = if distributed {
+        Duration::from_secs(60 + args.connections as u64 / 200)
+    } else {
+        Duration::from_secs(30 + args.connections as u64 / 200)
+    };
+    let connect_deadline = Instant::now() + connect_within;
     let mut connect_secs: f64 = 0.0;
     for w in &mut workers {
-        let ready = w.line(connect_within).await?;
+        let left = connect_deadline.saturating_duration_since(Instant::now());
+        let ready = w.line(left.max(Duration::from_secs(1))).await?;
         connect_secs = connect_secs.max(ready["ready"]["connect_secs"].as_f64().unwrap_or(0.0));
     }
     eprintln!(
@@ -260,6 +333,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     // Settle, then measure the held state and start the clock.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_held: Vec<u64> = pids.iter().map(|(_, p)| rss(*p)).collect();
+    let sockets_held: Vec<u64> = pids.iter().map(|(_, p)| sockets(*p)).collect();
     let cpu_start: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
     let worker_pids: Vec<u32> = workers.iter().filter_map(|w| w.child.id()).collect();
     let client_cpu_start: f64 = worker_pids.iter().map(|p| cpu(*p)).sum();
@@ -313,12 +387,29 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             rss_held_kib: rss_held[i],
             rss_peak_kib: rss_peak[i],
             cpu_percent: (cpu_end[i] - cpu_start[i]) / elapsed * 100.0,
+            sockets_before: sockets_before[i],
+            sockets_held: sockets_held[i],
         })
         .collect();
-    let rss_per_connection_bytes = server_figures.first().and_then(|s| {
-        (counts.connected > 0).then(|| {
-            (s.rss_held_kib as f64 - s.rss_before_kib as f64) * 1024.0 / counts.connected as f64
-        })
+    let ws_figures = &server_figures[..ws_processes];
+    let grown = |s: &ServerFigures| s.rss_held_kib as f64 - s.rss_before_kib as f64;
+    let rss_per_connection_bytes = (!ws_figures.is_empty() && counts.connected > 0)
+        .then(|| ws_figures.iter().map(grown).sum::<f64>() * 1024.0 / counts.connected as f64);
+    let own = |s: &ServerFigures| s.sockets_held.saturating_sub(s.sockets_before);
+    let gateway_figures = (!ws_figures.is_empty()).then(|| GatewayFigures {
+        count: ws_figures.len(),
+        connections: ws_figures.iter().map(own).sum(),
+        connections_max: ws_figures.iter().map(own).max().unwrap_or(0),
+        rss_held_kib_sum: ws_figures.iter().map(|s| s.rss_held_kib).sum(),
+        rss_held_kib_max: ws_figures.iter().map(|s| s.rss_held_kib).max().unwrap_or(0),
+        rss_peak_kib_max: ws_figures.iter().map(|s| s.rss_peak_kib).max().unwrap_or(0),
+        rss_per_connection_max_bytes: ws_figures
+            .iter()
+            .filter(|s| own(s) > 0)
+            .map(|s| grown(s) * 1024.0 / own(s) as f64)
+            .reduce(f64::max),
+        cpu_percent_sum: ws_figures.iter().map(|s| s.cpu_percent).sum(),
+        cpu_percent_max: ws_figures.iter().map(|s| s.cpu_percent).fold(0.0, f64::max),
     });
     let send_secs = args.duration.as_secs_f64().max(1e-9);
     if counts.connected == 0 {
@@ -348,11 +439,13 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             workers: workers_n,
             sources: args.sources,
             conversations: layout.conversations.len(),
+            gateways: servers_ws.len(),
         },
         setup_secs,
         connect_secs,
         held,
         server: server_figures,
+        gateways: gateway_figures,
         client_cpu_percent: client_cpu,
         rss_per_connection_bytes,
         acked_per_sec: counts.acks_ok as f64 / send_secs,
@@ -374,6 +467,10 @@ pub fn target_name(target: Target) -> &'static str {
 
 fn rss(pid: u32) -> u64 {
     procfs::rss_kib(pid).unwrap_or(0)
+}
+
+fn sockets(pid: u32) -> u64 {
+    procfs::open_fds(pid).map_or(0, |(_, sockets)| sockets)
 }
 
 fn cpu(pid: u32) -> f64 {

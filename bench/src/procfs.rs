@@ -39,6 +39,31 @@ pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     Ok((tick(14)? + tick(15)?) / CLK_TCK)
 }
 
+/// Open file descriptors of a process, and how many of them are sockets.
+pub fn open_fds(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let mut fds = 0;
+    let mut sockets = 0;
+    for fd in fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+        fds += 1;
+        if fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")) {
+            sockets += 1;
+        }
+    }
+    Ok((fds, sockets))
+}
+
+/// This process's soft `RLIMIT_NOFILE` (`ulimit -n`), if finite.
+pub fn open_files_soft_limit() -> Option<u64> {
+    fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 /// The pid of the process with a socket listening on 127.0.0.1/0.0.0.0:`port`.
 pub fn pid_listening_on(port: u16) -> anyhow::Result<u32> {
     let mut inodes = Vec::new();
@@ -146,5 +171,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         assert_eq!(pid_listening_on(port).unwrap(), pid);
+        let (fds, sockets) = open_fds(pid).unwrap();
+        assert!(fds >= sockets && sockets >= 1);
+        assert!(open_files_soft_limit().unwrap() > 0);
     }
 }

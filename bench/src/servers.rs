@@ -3,13 +3,15 @@
 //!
 //! - `allinone`: `target/<profile>/quckchat` beside the bench binary, with a
 //!   fresh `DATA_DIR`, per-socket rate limit raised for load.
-//! - `distributed`: `chat-svc` + `gateway` over the NATS at `--nats-url`,
-//!   chat-svc storing in `--mongodb-url` (a fresh database per run).
+//! - `distributed`: one `chat-svc` + `--gateways` `gateway` processes (each
+//!   its own port and `NODE_NAME`, one subject prefix and JWT secret) over the
+//!   NATS at `--nats-url`, chat-svc storing in `--mongodb-url` (a fresh
+//!   database per run, dropped when the run stops).
 //! - `socketio`: `node bench/socketio-peer/server.js`.
 //!
 //! Each process logs to a file in the run's temporary directory; it is
 //! stopped with SIGTERM (then SIGKILL after a grace period) when the
-//! [`Spawned`] is stopped or dropped.
+//! [`Spawned`] is stopped or dropped, and the run's MongoDB database with it.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -19,6 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+
+use crate::mongo;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -30,13 +34,15 @@ pub enum SpawnKind {
 
 /// Where the spawned server listens and what the bench needs to reach it.
 pub struct Spawned {
-    /// WebSocket server address (the gateway, in distributed mode).
-    pub ws: SocketAddr,
+    /// WebSocket server addresses (one per gateway in distributed mode).
+    pub ws: Vec<SocketAddr>,
     /// gRPC address for conversation setup (`None` for Socket.IO).
     pub grpc: Option<String>,
-    /// Processes to sample: `(name, pid)`, the WebSocket server first.
+    /// Processes to sample: `(name, pid)`, the WebSocket server(s) first.
     pub pids: Vec<(String, u32)>,
     children: Vec<Child>,
+    /// The MongoDB database chat-svc was given, dropped on stop.
+    mongo_db: Option<(String, String)>,
     pub dir: tempfile::TempDir,
 }
 
@@ -46,6 +52,8 @@ pub struct ServerEnv<'a> {
     pub nats_url: &'a str,
     pub mongodb_url: &'a str,
     pub run_id: &'a str,
+    /// Gateway processes (distributed only).
+    pub gateways: u16,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -99,10 +107,11 @@ pub fn spawn(kind: SpawnKind, env: &ServerEnv) -> anyhow::Result<Spawned> {
     let port = free_port()?;
     let ws = SocketAddr::from(([127, 0, 0, 1], port));
     let mut spawned = Spawned {
-        ws,
+        ws: vec![ws],
         grpc: None,
         pids: Vec::new(),
         children: Vec::new(),
+        mongo_db: None,
         dir,
     };
     match kind {
@@ -120,21 +129,37 @@ pub fn spawn(kind: SpawnKind, env: &ServerEnv) -> anyhow::Result<Spawned> {
         SpawnKind::Distributed => {
             let chat_port = free_port()?;
             let prefix = format!("bench{}", env.run_id);
+            let mongodb_url = env.mongodb_url.replace("{run}", env.run_id);
+            // Only a per-run database (`{run}` in the URL) is ours to drop.
+            if env.mongodb_url.contains("{run}") {
+                spawned.mongo_db = mongo::database_of(&mongodb_url);
+            }
             let mut chat = Command::new(binary("chat-svc")?);
             quckchat_env(&mut chat, chat_port, env);
             chat.env("NATS_URL", env.nats_url)
                 .env("NATS_SUBJECT_PREFIX", &prefix)
-                .env("MONGODB_URL", env.mongodb_url.replace("{run}", env.run_id));
-            let mut gateway = Command::new(binary("gateway")?);
-            quckchat_env(&mut gateway, port, env);
-            gateway
-                .env("NATS_URL", env.nats_url)
-                .env("NATS_SUBJECT_PREFIX", &prefix);
-            // The WebSocket server is sampled first.
-            spawned.add(
-                "gateway",
-                start(&mut gateway, spawned.dir.path(), "gateway.log")?,
-            );
+                .env("MONGODB_URL", &mongodb_url);
+            // The WebSocket servers are sampled first.
+            let gateways = env.gateways.max(1);
+            for g in 0..gateways {
+                let port = if g == 0 { port } else { free_port()? };
+                if g > 0 {
+                    spawned.ws.push(SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+                let mut gateway = Command::new(binary("gateway")?);
+                quckchat_env(&mut gateway, port, env);
+                gateway
+                    .env("NATS_URL", env.nats_url)
+                    .env("NATS_SUBJECT_PREFIX", &prefix)
+                    .env("NODE_NAME", format!("bench{}-gw{g}", env.run_id));
+                let name = if gateways == 1 {
+                    "gateway".to_owned()
+                } else {
+                    format!("gateway-{g}")
+                };
+                let log = format!("{name}.log");
+                spawned.add(&name, start(&mut gateway, spawned.dir.path(), &log)?);
+            }
             spawned.add(
                 "chat-svc",
                 start(&mut chat, spawned.dir.path(), "chat-svc.log")?,
@@ -142,7 +167,9 @@ pub fn spawn(kind: SpawnKind, env: &ServerEnv) -> anyhow::Result<Spawned> {
             let chat_addr = SocketAddr::from(([127, 0, 0, 1], chat_port));
             spawned.grpc = Some(format!("http://{chat_addr}"));
             wait_ready(chat_addr, "/health/ready", &mut spawned)?;
-            wait_ready(ws, "/health/ready", &mut spawned)?;
+            for ws in spawned.ws.clone() {
+                wait_ready(ws, "/health/ready", &mut spawned)?;
+            }
         }
         SpawnKind::Socketio => {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("socketio-peer/server.js");
@@ -188,6 +215,12 @@ impl Spawned {
             let _ = child.wait();
         }
         self.children.clear();
+        if let Some((addr, db)) = self.mongo_db.take() {
+            match mongo::drop_database(&addr, &db) {
+                Ok(()) => eprintln!("bench: dropped MongoDB database {db}"),
+                Err(err) => eprintln!("bench: could not drop MongoDB database {db}: {err:#}"),
+            }
+        }
     }
 }
 

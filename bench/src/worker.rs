@@ -42,7 +42,8 @@ pub struct Plan {
     pub run_id: String,
     pub scenario: Scenario,
     pub dialect: Dialect,
-    pub server: SocketAddr,
+    /// WebSocket servers: connection `i` goes to `servers[i % len]`.
+    pub servers: Vec<SocketAddr>,
     pub jwt_secret: String,
     /// Connections of the whole scenario, and this worker's `[start, end)`.
     pub connections: usize,
@@ -95,6 +96,19 @@ fn say(line: &serde_json::Value) {
 }
 
 async fn run(plan: Plan) -> anyhow::Result<()> {
+    if plan.servers.is_empty() {
+        bail!("plan names no server");
+    }
+    // Every connection is a file; leave room for the runtime's own.
+    let want = (plan.end - plan.start) as u64 + 64;
+    if let Some(limit) = crate::procfs::open_files_soft_limit() {
+        if want > limit {
+            bail!(
+                "{} connections need ~{want} open files, ulimit -n is {limit}: lower --per-worker",
+                plan.end - plan.start
+            );
+        }
+    }
     let plan = Arc::new(plan);
     let layout = Arc::new(Layout::new(
         plan.scenario,
@@ -240,14 +254,20 @@ fn source(plan: &Plan, i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, k)), 0)
 }
 
+/// The server connection `i` talks to: round-robin over the gateways.
+fn server(plan: &Plan, i: usize) -> SocketAddr {
+    plan.servers[i % plan.servers.len()]
+}
+
 /// TCP from this connection's source address, then the WebSocket upgrade.
 async fn connect(plan: &Plan, layout: &Layout, i: usize) -> anyhow::Result<Ws> {
+    let server = server(plan, i);
     let token = quckchat_runtime::auth::mint_token(
         &plan.jwt_secret,
         &layout.user(i),
         Duration::from_secs(3600),
     );
-    let url = format!("ws://{}{}", plan.server, plan.dialect.path(&token));
+    let url = format!("ws://{server}{}", plan.dialect.path(&token));
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
@@ -256,7 +276,7 @@ async fn connect(plan: &Plan, layout: &Layout, i: usize) -> anyhow::Result<Ws> {
         socket
             .bind(source(plan, i))
             .context("bind source address")?;
-        let stream = socket.connect(plan.server).await.context("connect")?;
+        let stream = socket.connect(server).await.context("connect")?;
         stream.set_nodelay(true)?;
         let (ws, _) =
             tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
