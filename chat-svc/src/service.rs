@@ -350,11 +350,17 @@ impl ChatService {
         p: &Map<String, Value>,
     ) -> Result<Value, ChatError> {
         let new = parse_send(conversation_id, user_id, p)?;
-        self.post(new).await.map(|m| json!({ "message": m }))
+        Ok(self.store_and_broadcast(new).await?.1)
     }
 
     /// Stores a message (after checking `replyTo`) and broadcasts it when new.
     pub async fn post(&self, new: NewMessage) -> Result<Message, ChatError> {
+        Ok(self.store_and_broadcast(new).await?.0)
+    }
+
+    /// [`Self::post`], also returning the `{message}` body the broadcast
+    /// carried, built once for the broadcast and the sender's reply.
+    async fn store_and_broadcast(&self, new: NewMessage) -> Result<(Message, Value), ChatError> {
         if let Some(reply_to) = &new.reply_to {
             if self
                 .store
@@ -369,16 +375,12 @@ impl ChatService {
         }
         let conversation_id = new.conversation_id.clone();
         let appended = self.store.append_message(new).await?;
+        let body = json!({ "message": appended.message });
         if appended.created {
-            self.broadcast(
-                &conversation_id,
-                "message:new",
-                &json!({ "message": appended.message }),
-                None,
-            )
-            .await;
+            self.broadcast(&conversation_id, "message:new", &body, None)
+                .await;
         }
-        Ok(appended.message)
+        Ok((appended.message, body))
     }
 
     async fn change(

@@ -162,6 +162,7 @@ impl EmbeddedStore {
         let conn =
             Connection::open(&path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.set_prepared_statement_cache_capacity(64);
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name("quckchat-store".into())
@@ -186,15 +187,30 @@ impl EmbeddedStore {
     }
 }
 
+/// `execute` through the statement cache: hot statements are parsed once.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// `query_row` through the statement cache.
+fn row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 fn read_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>, StoreError> {
-    let last_seq: Option<i64> = conn
-        .query_row(
-            "SELECT last_seq FROM conversations WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(unavailable)?;
+    let last_seq: Option<i64> = row(
+        conn,
+        "SELECT last_seq FROM conversations WHERE id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(unavailable)?;
     let Some(last_seq) = last_seq else {
         return Ok(None);
     };
@@ -303,8 +319,7 @@ fn bump(
     } else {
         "UPDATE conversations SET version = version + 1 WHERE id = ?1 RETURNING last_seq, version"
     };
-    let row: Option<(i64, i64)> = tx
-        .query_row(sql, [conversation_id], |r| Ok((r.get(0)?, r.get(1)?)))
+    let row: Option<(i64, i64)> = row(tx, sql, [conversation_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map_err(unavailable)?;
     let (seq, version) = row.ok_or(StoreError::ConversationNotFound)?;
@@ -321,12 +336,12 @@ impl ChatStore for EmbeddedStore {
         let id = id.to_owned();
         let members = member_ids.to_vec();
         self.tx(move |tx| {
-            tx.execute("INSERT INTO conversations (id) VALUES (?1) ON CONFLICT (id) DO NOTHING", [&id])
+            exec(tx, "INSERT INTO conversations (id) VALUES (?1) ON CONFLICT (id) DO NOTHING", [&id])
                 .map_err(unavailable)?;
-            tx.execute("DELETE FROM conversation_members WHERE conversation_id = ?1", [&id])
+            exec(tx, "DELETE FROM conversation_members WHERE conversation_id = ?1", [&id])
                 .map_err(unavailable)?;
             for m in &members {
-                tx.execute(
+                exec(tx, 
                     "INSERT OR IGNORE INTO conversation_members (conversation_id, user_id) VALUES (?1, ?2)",
                     params![id, m],
                 )
@@ -340,7 +355,8 @@ impl ChatStore for EmbeddedStore {
     async fn remove_member(&self, id: &str, user_id: &str) -> Result<Conversation, StoreError> {
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
         self.tx(move |tx| {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM conversation_members WHERE conversation_id = ?1 AND user_id = ?2",
                 params![id, user_id],
             )
@@ -393,7 +409,8 @@ impl ChatStore for EmbeddedStore {
             }
             let (seq, version) = bump(tx, &new.conversation_id, true)?;
             let m = materialize(new, seq, version);
-            tx.execute(
+            exec(
+                tx,
                 &format!(
                     "INSERT INTO messages ({MESSAGE_COLUMNS}) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '{{}}', ?10, NULL, NULL, ?11, ?11)"
@@ -452,7 +469,7 @@ impl ChatStore for EmbeddedStore {
             }
             let (_, version) = bump(tx, &conversation_id, false)?;
             m.version = version;
-            tx.execute(
+            exec(tx, 
                 "UPDATE messages SET content = ?1, metadata = ?2, reactions = ?3, edited_at = ?4, deleted_at = ?5, \
                  version = ?6 WHERE id = ?7",
                 params![
@@ -547,8 +564,7 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<ReadState, StoreError> {
         let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
         self.tx(move |tx| {
-            let advanced = tx
-                .execute(
+            let advanced = exec(tx, 
                     "INSERT INTO read_states (conversation_id, user_id, read_up_to, read_at) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (conversation_id, user_id) DO UPDATE \
                      SET read_up_to = excluded.read_up_to, read_at = excluded.read_at \
@@ -557,8 +573,7 @@ impl ChatStore for EmbeddedStore {
                 )
                 .map_err(unavailable)?
                 > 0;
-            let read_up_to: i64 = tx
-                .query_row(
+            let read_up_to: i64 = row(tx, 
                     "SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2",
                     params![conversation_id, user_id],
                     |r| r.get(0),
@@ -572,14 +587,14 @@ impl ChatStore for EmbeddedStore {
     async fn read_up_to(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
         let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
         self.tx(move |tx| {
-            let v: Option<i64> = tx
-                .query_row(
-                    "SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2",
-                    params![conversation_id, user_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
+            let v: Option<i64> = row(
+                tx,
+                "SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2",
+                params![conversation_id, user_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
             Ok(v.map_or(0, to_u64))
         })
         .await
@@ -588,8 +603,7 @@ impl ChatStore for EmbeddedStore {
     async fn unread_count(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
         let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
         self.tx(move |tx| {
-            let n: i64 = tx
-                .query_row(
+            let n: i64 = row(tx, 
                     "SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND sender_id != ?2 AND deleted_at IS NULL \
                      AND seq > COALESCE((SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2), 0)",
                     params![conversation_id, user_id],

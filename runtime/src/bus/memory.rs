@@ -25,7 +25,13 @@ pub struct MemoryBus {
 struct Inner {
     registry: RwLock<Registry>,
     next_id: AtomicU64,
+    /// Requests waiting for their reply, by inbox: a reply goes straight
+    /// to its waiter instead of through a subscription per request.
+    waiting: Waiters,
 }
+
+/// Inbox subjects of this bus's own requests.
+const INBOX_PREFIX: &str = "_INBOX.";
 
 #[derive(Default)]
 struct Registry {
@@ -54,6 +60,7 @@ impl MemoryBus {
             inner: Arc::new(Inner {
                 registry: RwLock::new(Registry::default()),
                 next_id: AtomicU64::new(1),
+                waiting: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -61,6 +68,17 @@ impl MemoryBus {
     /// Delivers to every matching subscriber (one per queue group); returns
     /// how many subscriptions matched.
     fn deliver(&self, msg: BusMessage) -> usize {
+        if msg.subject.starts_with(INBOX_PREFIX) {
+            let waiter = self
+                .inner
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&msg.subject);
+            if let Some(waiter) = waiter {
+                return usize::from(waiter.send(msg).is_ok());
+            }
+        }
         let registry = self
             .inner
             .registry
@@ -95,6 +113,36 @@ impl MemoryBus {
             }
         }
         matched
+    }
+}
+
+type Waiters = std::sync::Mutex<HashMap<String, tokio::sync::oneshot::Sender<BusMessage>>>;
+
+/// A request's place in the waiting map, given up when the request ends.
+struct Waiting<'a> {
+    map: &'a Waiters,
+    inbox: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn register(
+        map: &'a Waiters,
+        inbox: String,
+        reply: tokio::sync::oneshot::Sender<BusMessage>,
+    ) -> Self {
+        map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(inbox.clone(), reply);
+        Self { map, inbox }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.inbox);
     }
 }
 
@@ -185,8 +233,11 @@ impl Bus for MemoryBus {
         timeout: Duration,
     ) -> Result<BusMessage, BusError> {
         validate_subject(subject, false)?;
-        let inbox = format!("_INBOX.{}", uuid::Uuid::new_v4().simple());
-        let mut replies = self.subscribe(&inbox, None).await?;
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let inbox = format!("{INBOX_PREFIX}{n}");
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        // Removed however this ends: reply, timeout, or the caller giving up.
+        let _waiting = Waiting::register(&self.inner.waiting, inbox.clone(), reply_tx);
         let matched = self.deliver(BusMessage {
             subject: subject.to_owned(),
             reply: Some(inbox),
@@ -196,9 +247,9 @@ impl Bus for MemoryBus {
         if matched == 0 {
             return Err(BusError::NoResponders(subject.to_owned()));
         }
-        match tokio::time::timeout(timeout, replies.next()).await {
-            Ok(Some(msg)) => Ok(msg),
-            Ok(None) => Err(BusError::Unavailable("reply subscription ended".into())),
+        match tokio::time::timeout(timeout, reply_rx).await {
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(_)) => Err(BusError::Unavailable("reply waiter dropped".into())),
             Err(_) => Err(BusError::TimedOut(subject.to_owned())),
         }
     }
@@ -228,5 +279,37 @@ impl futures::Stream for MemoryStream {
         self.rx
             .poll_recv(cx)
             .map(|m| m.map(|m| Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn abandoned_requests_leave_no_waiter() {
+        let bus = MemoryBus::new();
+        let _silent = bus.subscribe("svc.silent", None).await.unwrap();
+        let req = bus.request(
+            "svc.silent",
+            Vec::new(),
+            Bytes::new(),
+            Duration::from_secs(60),
+        );
+        // The caller gives up (e.g. its socket closed) before any reply.
+        assert!(tokio::time::timeout(Duration::from_millis(20), req)
+            .await
+            .is_err());
+        assert!(bus.inner.waiting.lock().unwrap().is_empty());
+        let timed_out = bus
+            .request(
+                "svc.silent",
+                Vec::new(),
+                Bytes::new(),
+                Duration::from_millis(10),
+            )
+            .await;
+        assert!(matches!(timed_out, Err(BusError::TimedOut(_))));
+        assert!(bus.inner.waiting.lock().unwrap().is_empty());
     }
 }
