@@ -341,7 +341,8 @@ impl ChatStore for EmbeddedStore {
             exec(tx, "DELETE FROM conversation_members WHERE conversation_id = ?1", [&id])
                 .map_err(unavailable)?;
             for m in &members {
-                exec(tx, 
+                exec(
+                    tx,
                     "INSERT OR IGNORE INTO conversation_members (conversation_id, user_id) VALUES (?1, ?2)",
                     params![id, m],
                 )
@@ -469,7 +470,8 @@ impl ChatStore for EmbeddedStore {
             }
             let (_, version) = bump(tx, &conversation_id, false)?;
             m.version = version;
-            exec(tx, 
+            exec(
+                tx,
                 "UPDATE messages SET content = ?1, metadata = ?2, reactions = ?3, edited_at = ?4, deleted_at = ?5, \
                  version = ?6 WHERE id = ?7",
                 params![
@@ -564,7 +566,8 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<ReadState, StoreError> {
         let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
         self.tx(move |tx| {
-            let advanced = exec(tx, 
+            let advanced = exec(
+                    tx,
                     "INSERT INTO read_states (conversation_id, user_id, read_up_to, read_at) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (conversation_id, user_id) DO UPDATE \
                      SET read_up_to = excluded.read_up_to, read_at = excluded.read_at \
@@ -573,7 +576,8 @@ impl ChatStore for EmbeddedStore {
                 )
                 .map_err(unavailable)?
                 > 0;
-            let read_up_to: i64 = row(tx, 
+            let read_up_to: i64 = row(
+                    tx,
                     "SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2",
                     params![conversation_id, user_id],
                     |r| r.get(0),
@@ -603,7 +607,8 @@ impl ChatStore for EmbeddedStore {
     async fn unread_count(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError> {
         let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
         self.tx(move |tx| {
-            let n: i64 = row(tx, 
+            let n: i64 = row(
+                    tx,
                     "SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND sender_id != ?2 AND deleted_at IS NULL \
                      AND seq > COALESCE((SELECT read_up_to FROM read_states WHERE conversation_id = ?1 AND user_id = ?2), 0)",
                     params![conversation_id, user_id],
