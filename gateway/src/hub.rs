@@ -9,7 +9,7 @@
 //! catches up with `lastSeq`) rather than slowing everyone else down.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use axum::extract::ws::Utf8Bytes;
@@ -117,12 +117,30 @@ struct Entry {
     kind: SubjectKind,
     subscribers: RwLock<HashMap<u64, Subscriber>>,
     forwarder: tokio::sync::OnceCell<AbortOnDrop>,
+    /// The bus subscription ended; the next registration starts a new entry.
+    ended: AtomicBool,
 }
 
+/// A registration made by [`Hub::register`].
+pub struct Registration {
+    entry: Arc<Entry>,
+    sub_id: u64,
+}
+
+/// A subject's forwarder task: counted in `quckchat_gateway_subscriptions`
+/// while it lives, aborted (dropping its bus subscription) with its entry.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        metrics::gauge!("quckchat_gateway_subscriptions").increment(1.0);
+        Self(tokio::spawn(task))
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
+        metrics::gauge!("quckchat_gateway_subscriptions").decrement(1.0);
         self.0.abort();
     }
 }
@@ -159,41 +177,60 @@ impl Hub {
         sub_id: u64,
         subscriber: Subscriber,
     ) -> Result<(), BusError> {
-        let entry = {
-            let mut subjects = self.lock();
-            let entry = subjects
-                .entry(subject.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(Entry {
-                        subject: subject.to_owned(),
-                        kind,
-                        subscribers: RwLock::new(HashMap::new()),
-                        forwarder: tokio::sync::OnceCell::new(),
-                    })
-                })
-                .clone();
+        let registration = self.register(subject, kind, sub_id, subscriber);
+        self.ready(&registration).await
+    }
+
+    /// Registers `subscriber` on `subject` now (so an unsubscribe that
+    /// follows always finds it); deliveries start once [`Hub::ready`] has
+    /// returned.
+    pub fn register(
+        &self,
+        subject: &str,
+        kind: SubjectKind,
+        sub_id: u64,
+        subscriber: Subscriber,
+    ) -> Registration {
+        let mut subjects = self.lock();
+        let current = subjects
+            .get(subject)
+            .filter(|e| !e.ended.load(Ordering::Relaxed))
+            .cloned();
+        let entry = current.unwrap_or_else(|| {
+            // New, or its bus subscription ended: start over.
+            let entry = Arc::new(Entry {
+                subject: subject.to_owned(),
+                kind,
+                subscribers: RwLock::new(HashMap::new()),
+                forwarder: tokio::sync::OnceCell::new(),
+                ended: AtomicBool::new(false),
+            });
+            subjects.insert(subject.to_owned(), entry.clone());
             entry
-                .subscribers
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(sub_id, subscriber);
-            entry
-        };
+        });
+        entry
+            .subscribers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sub_id, subscriber);
+        Registration { entry, sub_id }
+    }
+
+    /// Waits until the bus delivers the registration's subject to this node;
+    /// on failure the registration is removed.
+    pub async fn ready(&self, registration: &Registration) -> Result<(), BusError> {
+        let entry = &registration.entry;
         let ready = entry
             .forwarder
             .get_or_try_init(|| async {
                 let sub = self.bus.subscribe(&entry.subject, None).await?;
-                metrics::gauge!("quckchat_gateway_subscriptions").increment(1.0);
-                Ok::<_, BusError>(AbortOnDrop(tokio::spawn(forward(
-                    Arc::downgrade(&entry),
-                    sub,
-                ))))
+                Ok::<_, BusError>(AbortOnDrop::spawn(forward(Arc::downgrade(entry), sub)))
             })
             .await;
         match ready {
             Ok(_) => Ok(()),
             Err(err) => {
-                self.unsubscribe(subject, sub_id);
+                self.unsubscribe(&entry.subject, registration.sub_id);
                 Err(err)
             }
         }
@@ -216,11 +253,9 @@ impl Hub {
                 None
             }
         };
-        if let Some(entry) = removed {
-            if entry.forwarder.initialized() {
-                metrics::gauge!("quckchat_gateway_subscriptions").decrement(1.0);
-            }
-        }
+        // Dropped outside the lock: the forwarder (and its bus subscription)
+        // goes with the entry's last reference.
+        drop(removed);
     }
 }
 
@@ -240,6 +275,7 @@ async fn forward(entry: Weak<Entry>, mut sub: Subscription) {
     }
     // The bus closed the subscription (e.g. connection lost for good).
     if let Some(entry) = entry.upgrade() {
+        entry.ended.store(true, Ordering::Relaxed);
         fan_out(
             &entry,
             Arc::new(Item::SubscriptionLost { topic: None }),

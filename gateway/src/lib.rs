@@ -44,8 +44,9 @@ use socket::Peer;
 
 /// Outgoing bytes gathered before a write to the socket.
 const WRITE_BATCH_BYTES: usize = 8 * 1024;
-/// Outgoing bytes buffered for one socket at most.
-const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+/// Outgoing bytes buffered for one socket at most; above any one frame the
+/// services send (replies and replays are bounded well below it).
+const MAX_WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Subprotocol prefix carrying the token (phoenix ≥ 1.8 `authToken`).
 const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";

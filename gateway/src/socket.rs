@@ -435,7 +435,7 @@ where
         if f.event == "phx_join" {
             return self.join(f).await;
         }
-        let Some(channel) = self.channels.get_mut(&f.topic) else {
+        let Some(channel) = self.channels.get(&f.topic) else {
             return self
                 .error(
                     f.join_ref.as_deref(),
@@ -445,15 +445,16 @@ where
                 )
                 .await;
         };
+        let join_ref = channel.join_ref.clone();
         if f.event == "phx_leave" {
-            let join_ref = channel.join_ref.clone();
             self.abandon(&f.topic).await?;
             self.reply(join_ref.as_deref(), f.ref_.as_deref(), &f.topic, true, "{}")
                 .await?;
             return self.send_close(join_ref.as_deref(), &f.topic).await;
         }
-        if channel.queue.len() >= self.shared.config.socket.outbound_queue {
-            let join_ref = channel.join_ref.clone();
+        // One cap for the whole socket: pushes waiting on a stalled service.
+        let queued: usize = self.channels.values().map(|c| c.queue.len()).sum();
+        if queued >= self.shared.config.socket.outbound_queue {
             return self
                 .error(
                     join_ref.as_deref(),
@@ -463,11 +464,13 @@ where
                 )
                 .await;
         }
-        channel.queue.push_back(Push {
-            ref_: f.ref_,
-            event: f.event,
-            payload: f.payload,
-        });
+        if let Some(channel) = self.channels.get_mut(&f.topic) {
+            channel.queue.push_back(Push {
+                ref_: f.ref_,
+                event: f.event,
+                payload: f.payload,
+            });
+        }
         self.pump(&f.topic);
         Ok(())
     }
@@ -514,18 +517,19 @@ where
             },
         );
         let shared = self.shared.clone();
-        let subscriber = self.subscriber();
+        // Registered now, so leaving or rejoining before the join completes
+        // always finds (and removes) this registration.
+        let subject = shared.subjects.topic(&f.topic);
+        let registration =
+            shared
+                .hub
+                .register(&subject, SubjectKind::Topic, sub_id, self.subscriber());
         let command = self.command(&f.topic, "phx_join", f.payload.get());
         let topic = f.topic;
         let ref_ = f.ref_;
         let join_ref = f.join_ref;
         self.inflight.push(Box::pin(async move {
-            let subject = shared.subjects.topic(&topic);
-            let result = match shared
-                .hub
-                .subscribe(&subject, SubjectKind::Topic, sub_id, subscriber)
-                .await
-            {
+            let result = match shared.hub.ready(&registration).await {
                 Ok(()) => shared.request(route, command).await,
                 Err(err) => {
                     tracing::warn!(%err, %topic, "topic subscription failed");
@@ -590,10 +594,19 @@ where
             .get(&done.topic)
             .is_some_and(|c| c.sub_id == done.sub_id);
         if !current {
-            // The channel was left or replaced meanwhile. A superseded join
-            // already got its phx_close; a push still gets its one reply.
+            // The channel was left or replaced meanwhile (it got its
+            // phx_close). Every push still gets its one reply, with the join_ref
+            // it was sent with, so the client does not mistake it for the
+            // current channel's.
             if done.join {
-                return Ok(());
+                return self
+                    .error(
+                        done.join_ref.as_deref(),
+                        done.ref_.as_deref(),
+                        &done.topic,
+                        "closed",
+                    )
+                    .await;
             }
             let (ok, response) = match &done.result {
                 Ok(r) => (
@@ -748,6 +761,12 @@ where
     /// The bus subscription behind a channel ended: `phx_error` so the client
     /// rejoins (with backoff) and resubscribes.
     async fn on_subscription_lost(&mut self, sub_id: u64) -> Result<(), ()> {
+        if sub_id == self.user_sub_id {
+            // Without its user subject the socket would miss channel closes
+            // and calls: end it, the client reconnects and resubscribes.
+            tracing::warn!(conn_id = %self.peer.conn_id, "user subscription lost: closing the socket");
+            return Err(());
+        }
         let Some((topic, join_ref)) = self
             .channels
             .iter()

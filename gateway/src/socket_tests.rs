@@ -443,3 +443,35 @@ async fn shutdown_closes_sockets_with_1012() {
     f.gateway.shared.shutdown.cancel();
     assert_eq!(c.recv_close().await, 1012);
 }
+
+#[tokio::test]
+async fn join_left_before_it_completes_leaves_no_subscription_and_is_answered() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    // Both frames are read before the join's bus request runs.
+    c.send(json!(["1", "1", "chat:c9", "phx_join", {}]));
+    c.send(json!(["1", "2", "chat:c9", "phx_leave", {}]));
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        frames.push(c.recv().await);
+    }
+    let join_reply = frames
+        .iter()
+        .find(|f| f[1] == "1" && f[3] == "phx_reply")
+        .expect("the join is answered");
+    assert_eq!(
+        join_reply[4],
+        json!({"status": "error", "response": {"reason": "closed"}})
+    );
+    assert!(
+        frames.iter().any(|f| f[1] == "2" && f[4]["status"] == "ok"),
+        "the leave is answered"
+    );
+    assert!(frames.iter().any(|f| f[3] == "phx_close"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        f.gateway.shared.hub.subject_count(),
+        1,
+        "only the user subject: the topic's registration is gone"
+    );
+}
