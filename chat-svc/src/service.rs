@@ -39,6 +39,9 @@ pub const MAX_REPLAY: usize = 200;
 /// Bound on the replay's encoded size, so a join reply stays far below the
 /// bus's message size limit (NATS: 1 MiB by default).
 pub const MAX_REPLAY_BYTES: usize = 512 * 1024;
+/// Largest encoded history page (a reply must fit the bus: NATS carries
+/// 1 MiB by default); past it the page is shorter and `hasMore` is true.
+pub const MAX_PAGE_BYTES: usize = 512 * 1024;
 /// Default and largest `message:history` page.
 pub const HISTORY_DEFAULT: usize = 50;
 pub const HISTORY_MAX: usize = 100;
@@ -119,7 +122,11 @@ pub struct ChatService {
     members: moka::future::Cache<String, Arc<HashSet<String>>>,
     typing: Typing,
     presence: Option<Arc<dyn PresenceLookup>>,
+    send_turns: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of [`ChatService::send_turn`].
+const SEND_TURNS: usize = 256;
 
 impl ChatService {
     pub fn new(store: Arc<dyn ChatStore>, bus: Arc<dyn Bus>, subjects: Subjects) -> Self {
@@ -135,6 +142,9 @@ impl ChatService {
             members,
             typing,
             presence: None,
+            send_turns: (0..SEND_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -161,9 +171,9 @@ impl ChatService {
     /// Handles one command and builds the reply the client will see.
     pub async fn handle(&self, cmd: &ClientCommand) -> CommandReply {
         let result = self.dispatch(cmd).await;
+        // Only known names become label values: clients choose event names.
         let event = match cmd.event.as_str() {
-            e @ ("phx_join" | "typing:start" | "typing:stop") => e,
-            e if e.starts_with("message:") => e,
+            e if e == "phx_join" || KNOWN_EVENTS.contains(&e) => e,
             _ => "other",
         };
         metrics::counter!(
@@ -374,6 +384,10 @@ impl ChatService {
             }
         }
         let conversation_id = new.conversation_id.clone();
+        // Store and publish under the conversation's turn, so this replica
+        // publishes message:new in seq order: a client that saw seq N has
+        // seen every seq before it, and rejoining with lastSeq misses none.
+        let _turn = self.send_turn(&conversation_id).lock().await;
         let appended = self.store.append_message(new).await?;
         let body = json!({ "message": appended.message });
         if appended.created {
@@ -381,6 +395,15 @@ impl ChatService {
                 .await;
         }
         Ok((appended.message, body))
+    }
+
+    /// The lock that orders sends in one conversation (striped: many
+    /// conversations share one, none waits on an unrelated busy one for long).
+    fn send_turn(&self, conversation_id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        conversation_id.hash(&mut h);
+        &self.send_turns[(h.finish() % SEND_TURNS as u64) as usize]
     }
 
     async fn change(
@@ -494,10 +517,29 @@ impl ChatService {
         before_seq: Option<u64>,
         limit: usize,
     ) -> Result<Page, ChatError> {
-        Ok(self
+        let mut page = self
             .store
             .history(conversation_id, before_seq, limit.clamp(1, HISTORY_MAX))
-            .await?)
+            .await?;
+        // Keep the page within MAX_PAGE_BYTES, dropping its oldest messages:
+        // the client pages on from the first one it got.
+        let mut budget = MAX_PAGE_BYTES;
+        let keep = page
+            .messages
+            .iter()
+            .rev()
+            .take_while(|m| {
+                let size = serde_json::to_vec(m).map_or(usize::MAX, |v| v.len());
+                budget = budget.saturating_sub(size);
+                budget > 0
+            })
+            .count()
+            .max(1);
+        if keep < page.messages.len() {
+            page.messages.drain(..page.messages.len() - keep);
+            page.has_more = true;
+        }
+        Ok(page)
     }
 
     /// Replaces a conversation's members; members removed lose their open
@@ -875,6 +917,35 @@ fn emoji_field(p: &Map<String, Value>) -> Result<String, ChatError> {
     }
 }
 
+/// Largest `metadata`, encoded.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Metadata every store can keep as the client sent it: no `$` keys (MongoDB
+/// operators), integers within 64-bit signed, nesting at most 16 deep.
+fn check_metadata(v: &Value, depth: usize) -> Result<(), ChatError> {
+    if depth > 16 {
+        return Err(invalid("metadata is nested too deep"));
+    }
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                if k.starts_with('$') {
+                    return Err(invalid(format!(
+                        "metadata keys must not start with $: {k:?}"
+                    )));
+                }
+                check_metadata(v, depth + 1)?;
+            }
+            Ok(())
+        }
+        Value::Array(a) => a.iter().try_for_each(|v| check_metadata(v, depth + 1)),
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => Err(invalid(
+            "metadata numbers must fit in 64-bit signed integers",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Validates a `message:send` payload.
 pub fn parse_send(
     conversation_id: &str,
@@ -909,7 +980,15 @@ pub fn parse_send(
     }
     let metadata = match p.get("metadata") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => Some(m.clone()),
+        Some(Value::Object(m)) => {
+            check_metadata(&Value::Object(m.clone()), 0)?;
+            if serde_json::to_vec(m).map_or(usize::MAX, |v| v.len()) > MAX_METADATA_BYTES {
+                return Err(invalid(format!(
+                    "metadata exceeds {MAX_METADATA_BYTES} bytes"
+                )));
+            }
+            Some(m.clone())
+        }
         Some(_) => return Err(invalid("metadata must be an object")),
     };
     Ok(NewMessage {

@@ -155,6 +155,57 @@ fn send_validation_names_the_field() {
 }
 
 #[test]
+fn metadata_must_be_storable() {
+    let err = |m: Value| {
+        parse_send(
+            "c",
+            "u",
+            &obj(json!({"type": "text", "content": "x", "metadata": m})),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(err(json!({"$set": 1})).contains("$"));
+    assert!(err(json!({"a": {"b": [{"$where": 1}]}})).contains("$"));
+    assert!(err(json!({"n": u64::MAX})).contains("64-bit"));
+    assert!(err(json!({"big": "x".repeat(MAX_METADATA_BYTES)})).contains("exceeds"));
+    assert!(parse_send(
+        "c",
+        "u",
+        &obj(json!({"type": "text", "content": "x", "metadata": {"n": -5, "f": 1.5, "s": "$ok"}}))
+    )
+    .is_ok());
+}
+
+#[tokio::test]
+async fn history_pages_stay_within_the_byte_bound() {
+    let mut f = fixture().await;
+    let big = "y".repeat(MAX_CONTENT_CHARS);
+    for _ in 0..60 {
+        f.ok(
+            "alice",
+            "message:send",
+            json!({"type": "text", "content": big}),
+        )
+        .await;
+        f.broadcast().await;
+    }
+    let page = f.ok("bob", "message:history", json!({"limit": 100})).await;
+    assert!(page.to_string().len() <= MAX_PAGE_BYTES + 1024);
+    let seqs: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.len() < 60 && seqs.last() == Some(&60),
+        "the newest kept: {seqs:?}"
+    );
+    assert_eq!(page["hasMore"], true);
+}
+
+#[test]
 fn emojis_are_validated() {
     let check = |e: &str| emoji_field(&obj(json!({ "emoji": e })));
     for good in ["👍", "👍🏽", "❤️", "🇫🇷", ":tada:", "👨‍👩‍👧"] {
@@ -602,4 +653,50 @@ async fn typing_expires_by_itself() {
         (stop.event.as_str(), stop.exclude_user_id.as_str()),
         ("typing:stop", "alice")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_are_broadcast_in_seq_order() {
+    let Fixture {
+        service,
+        mut topic,
+        _dir,
+        ..
+    } = fixture().await;
+    let service = Arc::new(service);
+    let sends: Vec<_> = (0..40)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let cmd = ClientCommand {
+                    conn_id: "k".into(),
+                    user_id: if i % 2 == 0 { "alice" } else { "bob" }.into(),
+                    device_id: "d".into(),
+                    topic: "chat:c1".into(),
+                    event: "message:send".into(),
+                    payload: json!({"type": "text", "content": format!("m{i}")})
+                        .to_string()
+                        .into_bytes(),
+                };
+                assert_eq!(
+                    service.handle(&cmd).await.status,
+                    command_reply::Status::Ok as i32
+                );
+            })
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    for _ in 0..40 {
+        let msg = tokio::time::timeout(Duration::from_secs(2), topic.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let ev = TopicEvent::decode(msg.payload.as_ref()).unwrap();
+        let payload: Value = serde_json::from_slice(&ev.payload).unwrap();
+        seqs.push(payload["message"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "published in seq order");
 }

@@ -518,6 +518,11 @@ pub async fn changes_since_replays_what_a_client_missed(store: &dyn ChatStore) {
     let fresh = store.changes_since(&c, 0, 10).await.unwrap();
     assert!(fresh.changed.is_empty());
     assert_eq!(seqs(&fresh.new), vec![1, 2, 3, 4, 5]);
+    let ahead = store.changes_since(&c, 99, 10).await.unwrap();
+    assert!(
+        ahead.changed.is_empty() && ahead.new.is_empty(),
+        "a lastSeq naming no message replays no edits"
+    );
     let current = store.changes_since(&c, 5, 10).await.unwrap();
     assert!(current.new.is_empty() && current.changed.is_empty() && current.complete);
 }

@@ -532,18 +532,22 @@ impl ChatStore for EmbeddedStore {
             let mut complete = new.len() <= max;
             new.truncate(max);
             new.reverse();
-            let seen_version = find_message(tx, &conversation_id, &MessageRef::Seq(last_seq))?
-                .map_or(0, |m| m.created_version);
-            let mut changed = if last_seq == 0 {
-                Vec::new()
-            } else {
-                select_messages(
+            // Changed since the client's last message was created; a lastSeq
+            // naming no message (0, or from another database) has none.
+            let seen = find_message(tx, &conversation_id, &MessageRef::Seq(last_seq))?;
+            let mut changed = match seen {
+                None => Vec::new(),
+                Some(seen) => select_messages(
                     tx,
                     "conversation_id = ?1 AND seq <= ?2 AND version > ?3",
-                    params![conversation_id, to_i64(last_seq), to_i64(seen_version)],
+                    params![
+                        conversation_id,
+                        to_i64(last_seq),
+                        to_i64(seen.created_version)
+                    ],
                     "seq",
                     max + 1,
-                )?
+                )?,
             };
             if changed.len() > max {
                 complete = false;

@@ -610,23 +610,25 @@ impl ChatStore for MongoStore {
         let mut complete = new.len() <= max;
         new.truncate(max);
         new.reverse();
-        let mut changed = if last_seq == 0 {
-            Vec::new()
-        } else {
-            let seen_version = self
-                .message(conversation_id, &MessageRef::Seq(last_seq))
+        // Changed since the client's last message was created; a lastSeq
+        // naming no message (0, or from another database) has none.
+        let seen = self
+            .message(conversation_id, &MessageRef::Seq(last_seq))
+            .await?;
+        let mut changed = match seen {
+            None => Vec::new(),
+            Some(seen) => {
+                self.find_messages(
+                    doc! {
+                        "conversationId": conversation_id,
+                        "seq": { "$lte": to_i64(last_seq) },
+                        "version": { "$gt": to_i64(seen.created_version) },
+                    },
+                    doc! { "seq": 1 },
+                    max + 1,
+                )
                 .await?
-                .map_or(0, |m| m.created_version);
-            self.find_messages(
-                doc! {
-                    "conversationId": conversation_id,
-                    "seq": { "$lte": to_i64(last_seq) },
-                    "version": { "$gt": to_i64(seen_version) },
-                },
-                doc! { "seq": 1 },
-                max + 1,
-            )
-            .await?
+            }
         };
         if changed.len() > max {
             complete = false;
