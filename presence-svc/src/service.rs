@@ -84,7 +84,16 @@ pub struct PresenceService {
     subjects: Subjects,
     memberships: Arc<dyn Memberships>,
     timing: PresenceTiming,
+    /// Announcements run beside the event loop, this many at once, so a
+    /// slow chat-svc never holds up gateway reports.
+    announcing: Arc<tokio::sync::Semaphore>,
+    /// Nodes are not expired until one TTL after start: heartbeats sent
+    /// while this service was down are not a node's death.
+    started: std::time::Instant,
 }
+
+/// Announcements in flight at once.
+const ANNOUNCE_CONCURRENCY: usize = 64;
 
 fn device_meta(m: &DeviceMeta) -> Value {
     meta(&m.device_id, &m.phx_ref, m.online_at_ms)
@@ -104,7 +113,20 @@ impl PresenceService {
             subjects,
             memberships,
             timing,
+            announcing: Arc::new(tokio::sync::Semaphore::new(ANNOUNCE_CONCURRENCY)),
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// Tells the user's conversations `events`, beside the event loop.
+    fn announce(self: &Arc<Self>, user_id: String, events: Vec<(&'static str, Value)>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = this.announcing.clone().acquire_owned().await else {
+                return;
+            };
+            this.tell_conversations(&user_id, &events).await;
+        });
     }
 
     pub fn state(&self) -> &Arc<dyn PresenceState> {
@@ -177,7 +199,7 @@ impl PresenceService {
                 }
                 // Telling conversations needs a gRPC round trip: do not hold
                 // up the next report.
-                tokio::spawn(async move { self.tell_conversations(&conn.user_id, &events).await });
+                self.announce(conn.user_id, events);
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "connection open not recorded"),
@@ -200,13 +222,15 @@ impl PresenceService {
     }
 
     /// Drops dead nodes and announces devices whose grace window ended.
-    async fn sweep(&self) {
+    async fn sweep(self: &Arc<Self>) {
         let now = now_ms();
         let ttl = i64::try_from(self.timing.node_ttl.as_millis()).unwrap_or(i64::MAX);
-        match self.state.expire_nodes(now, ttl).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(nodes = n, "silent gateways dropped"),
-            Err(err) => tracing::warn!(%err, "node expiry failed"),
+        if self.started.elapsed() >= self.timing.node_ttl {
+            match self.state.expire_nodes(now, ttl).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(nodes = n, "silent gateways dropped"),
+                Err(err) => tracing::warn!(%err, "node expiry failed"),
+            }
         }
         let departures = match self.state.take_departures(now).await {
             Ok(d) => d,
@@ -229,7 +253,7 @@ impl PresenceService {
                     json!({ "userId": left.user_id, "lastSeenAt": iso(at) }),
                 ));
             }
-            self.tell_conversations(&left.user_id, &events).await;
+            self.announce(left.user_id, events);
         }
     }
 
