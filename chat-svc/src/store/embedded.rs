@@ -499,17 +499,14 @@ impl ChatStore for EmbeddedStore {
         let conversation_id = conversation_id.to_owned();
         self.tx(move |tx| {
             let before = to_i64(before_seq.unwrap_or(u64::MAX));
-            let mut messages = select_messages(
+            let newest_first = select_messages(
                 tx,
                 "conversation_id = ?1 AND seq < ?2",
                 params![conversation_id, before],
                 "seq DESC",
                 limit + 1,
             )?;
-            let has_more = messages.len() > limit;
-            messages.truncate(limit);
-            messages.reverse();
-            Ok(Page { messages, has_more })
+            Ok(Page::from_newest_first(newest_first, limit))
         })
         .await
     }
@@ -522,20 +519,17 @@ impl ChatStore for EmbeddedStore {
     ) -> Result<Replay, StoreError> {
         let conversation_id = conversation_id.to_owned();
         self.tx(move |tx| {
-            let mut new = select_messages(
+            let new = select_messages(
                 tx,
                 "conversation_id = ?1 AND seq > ?2",
                 params![conversation_id, to_i64(last_seq)],
                 "seq DESC",
                 max + 1,
             )?;
-            let mut complete = new.len() <= max;
-            new.truncate(max);
-            new.reverse();
             // Changed since the client's last message was created; a lastSeq
             // naming no message (0, or from another database) has none.
             let seen = find_message(tx, &conversation_id, &MessageRef::Seq(last_seq))?;
-            let mut changed = match seen {
+            let changed = match seen {
                 None => Vec::new(),
                 Some(seen) => select_messages(
                     tx,
@@ -549,15 +543,7 @@ impl ChatStore for EmbeddedStore {
                     max + 1,
                 )?,
             };
-            if changed.len() > max {
-                complete = false;
-                changed.truncate(max);
-            }
-            Ok(Replay {
-                changed,
-                new,
-                complete,
-            })
+            Ok(Replay::bounded(new, changed, max))
         })
         .await
     }

@@ -220,6 +220,17 @@ pub struct Page {
     pub has_more: bool,
 }
 
+impl Page {
+    /// A page from up to `limit + 1` messages fetched newest first: the
+    /// extra one only tells that older ones exist.
+    pub(crate) fn from_newest_first(mut messages: Vec<Message>, limit: usize) -> Self {
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        messages.reverse();
+        Self { messages, has_more }
+    }
+}
+
 /// What a client that saw up to `last_seq` missed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Replay {
@@ -230,6 +241,25 @@ pub struct Replay {
     /// False when the bound cut the replay: the client pages the rest with
     /// history from the first new message back.
     pub complete: bool,
+}
+
+impl Replay {
+    /// A replay from up to `max + 1` new messages fetched newest first and up
+    /// to `max + 1` changed ones by seq: an extra one means the bound cut.
+    pub(crate) fn bounded(
+        new_newest_first: Vec<Message>,
+        mut changed: Vec<Message>,
+        max: usize,
+    ) -> Self {
+        let new = Page::from_newest_first(new_newest_first, max);
+        let complete = !new.has_more && changed.len() <= max;
+        changed.truncate(max);
+        Self {
+            changed,
+            new: new.messages,
+            complete,
+        }
+    }
 }
 
 /// A user's read position after `mark_read`.

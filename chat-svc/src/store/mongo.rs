@@ -585,13 +585,10 @@ impl ChatStore for MongoStore {
         if let Some(before) = before_seq {
             filter.insert("seq", doc! { "$lt": to_i64(before) });
         }
-        let mut messages = self
+        let newest_first = self
             .find_messages(filter, doc! { "seq": -1 }, limit + 1)
             .await?;
-        let has_more = messages.len() > limit;
-        messages.truncate(limit);
-        messages.reverse();
-        Ok(Page { messages, has_more })
+        Ok(Page::from_newest_first(newest_first, limit))
     }
 
     async fn changes_since(
@@ -600,22 +597,19 @@ impl ChatStore for MongoStore {
         last_seq: u64,
         max: usize,
     ) -> Result<Replay, StoreError> {
-        let mut new = self
+        let new = self
             .find_messages(
                 doc! { "conversationId": conversation_id, "seq": { "$gt": to_i64(last_seq) } },
                 doc! { "seq": -1 },
                 max + 1,
             )
             .await?;
-        let mut complete = new.len() <= max;
-        new.truncate(max);
-        new.reverse();
         // Changed since the client's last message was created; a lastSeq
         // naming no message (0, or from another database) has none.
         let seen = self
             .message(conversation_id, &MessageRef::Seq(last_seq))
             .await?;
-        let mut changed = match seen {
+        let changed = match seen {
             None => Vec::new(),
             Some(seen) => {
                 self.find_messages(
@@ -630,15 +624,7 @@ impl ChatStore for MongoStore {
                 .await?
             }
         };
-        if changed.len() > max {
-            complete = false;
-            changed.truncate(max);
-        }
-        Ok(Replay {
-            changed,
-            new,
-            complete,
-        })
+        Ok(Replay::bounded(new, changed, max))
     }
 
     async fn mark_read(
