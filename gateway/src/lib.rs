@@ -19,7 +19,6 @@ pub mod routing;
 pub mod socket;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +59,8 @@ pub struct Shared {
     pub(crate) shutdown: CancellationToken,
     verifier: JwtVerifier,
     sockets: TaskTracker,
-    connections: AtomicUsize,
+    /// Open sockets, so they can be reported again to presence on request.
+    live: std::sync::Mutex<HashMap<String, Peer>>,
 }
 
 /// A gateway: build it, mount [`Gateway::router`], and on shutdown await
@@ -82,10 +82,11 @@ impl Gateway {
             shutdown,
             verifier,
             sockets: TaskTracker::new(),
-            connections: AtomicUsize::new(0),
+            live: std::sync::Mutex::new(HashMap::new()),
         });
         let gateway = Self { shared };
         gateway.spawn_node_heartbeat();
+        gateway.spawn_resync_listener();
         gateway
     }
 
@@ -98,7 +99,7 @@ impl Gateway {
 
     /// Open sockets on this node.
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::Relaxed)
+        self.shared.live_count()
     }
 
     /// Waits until every socket has closed (they close by themselves within
@@ -116,6 +117,39 @@ impl Gateway {
         }
         // Tell presence this node is gone, so whatever it missed is dropped.
         node_heartbeat(&self.shared, true).await;
+    }
+
+    /// Reports every open socket again when presence asks (it restarted
+    /// empty, or had given this node up for dead).
+    fn spawn_resync_listener(&self) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let subject = shared
+                .subjects
+                .gateway_resync(&shared.config.server.node_name);
+            let mut requests = match shared.bus.subscribe(&subject, None).await {
+                Ok(sub) => sub,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot hear presence resync requests");
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    () = shared.shutdown.cancelled() => return,
+                    request = requests.next() => {
+                        if request.is_none() {
+                            return;
+                        }
+                        let peers: Vec<Peer> = shared.live().values().cloned().collect();
+                        tracing::info!(sockets = peers.len(), "reporting open sockets to presence again");
+                        for peer in &peers {
+                            lifecycle(&shared, peer, connection_lifecycle::Kind::Opened).await;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_node_heartbeat(&self) {
@@ -137,7 +171,7 @@ impl Gateway {
 async fn node_heartbeat(shared: &Shared, leaving: bool) {
     let beat = NodeHeartbeat {
         node_id: shared.config.server.node_name.clone(),
-        connections: u32::try_from(shared.connections.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+        connections: u32::try_from(shared.live_count()).unwrap_or(u32::MAX),
         at_ms: now_ms(),
         leaving,
     };
@@ -231,15 +265,29 @@ async fn upgrade(
         .write_buffer_size(WRITE_BATCH_BYTES)
         // A client that stops reading fails its writes past this.
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                shared.connections.fetch_add(1, Ordering::Relaxed);
-                lifecycle(&shared, &peer, connection_lifecycle::Kind::Opened).await;
-                socket::run(socket, shared.clone(), peer.clone()).await;
-                shared.connections.fetch_sub(1, Ordering::Relaxed);
-                lifecycle(&shared, &peer, connection_lifecycle::Kind::Closed).await;
-            })
-        })
+        .on_upgrade(move |socket| tracker.track_future(socket::run(socket, shared, peer)))
+}
+
+impl Shared {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live_count(&self) -> usize {
+        self.live().len()
+    }
+
+    /// A socket opened: known here and reported to presence.
+    pub(crate) async fn opened(&self, peer: &Peer) {
+        self.live().insert(peer.conn_id.clone(), peer.clone());
+        lifecycle(self, peer, connection_lifecycle::Kind::Opened).await;
+    }
+
+    /// A socket closed.
+    pub(crate) async fn closed(&self, peer: &Peer) {
+        self.live().remove(&peer.conn_id);
+        lifecycle(self, peer, connection_lifecycle::Kind::Closed).await;
+    }
 }
 
 /// Reports a socket opening or closing (presence listens).

@@ -152,6 +152,7 @@ where
 
     async fn serve(&mut self, mut rx: mpsc::Receiver<Delivery>) {
         metrics::gauge!("quckchat_gateway_connections").increment(1.0);
+        self.shared.opened(&self.peer).await;
         let user_subject = self.shared.subjects.user(&self.peer.user_id);
         if let Err(err) = self
             .shared
@@ -196,6 +197,7 @@ where
             self.drop_channel(&topic);
         }
         self.shared.hub.unsubscribe(&user_subject, self.user_sub_id);
+        self.shared.closed(&self.peer).await;
         metrics::gauge!("quckchat_gateway_connections").decrement(1.0);
     }
 

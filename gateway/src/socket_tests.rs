@@ -475,3 +475,60 @@ async fn join_left_before_it_completes_leaves_no_subscription_and_is_answered() 
         "only the user subject: the topic's registration is gone"
     );
 }
+
+#[tokio::test]
+async fn open_sockets_are_reported_again_when_presence_asks() {
+    use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle};
+    let f = fixture(SocketConfig::default()).await;
+    let subjects = Subjects::new("qc");
+    let mut reports = f
+        .bus
+        .subscribe(&subjects.connection_lifecycle(), None)
+        .await
+        .unwrap();
+    let _a = connect(&f, "alice", 64);
+    let _b = connect(&f, "bob", 64);
+    let next_open = |msg: quckchat_runtime::bus::BusMessage| {
+        let ev = ConnectionLifecycle::decode(msg.payload.as_ref()).unwrap();
+        assert_eq!(ev.kind, connection_lifecycle::Kind::Opened as i32);
+        ev.user_id
+    };
+    let mut first = Vec::new();
+    for _ in 0..2 {
+        first.push(next_open(
+            tokio::time::timeout(Duration::from_secs(2), reports.next())
+                .await
+                .unwrap()
+                .unwrap(),
+        ));
+    }
+    first.sort();
+    assert_eq!(first, vec!["alice", "bob"]);
+    // The listener subscribes in the background: ask until it answers.
+    let resync = subjects.gateway_resync(&f.gateway.shared.config.server.node_name);
+    let mut again = Vec::new();
+    for _ in 0..50 {
+        f.bus
+            .publish(&resync, None, Vec::new(), bytes::Bytes::new())
+            .await
+            .unwrap();
+        if let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(100), reports.next()).await
+        {
+            again.push(next_open(msg));
+            again.push(next_open(
+                tokio::time::timeout(Duration::from_secs(2), reports.next())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            ));
+            break;
+        }
+    }
+    again.sort();
+    assert_eq!(
+        again,
+        vec!["alice", "bob"],
+        "both open sockets reported again"
+    );
+}

@@ -208,16 +208,32 @@ impl PresenceService {
 
     async fn on_heartbeat(&self, beat: NodeHeartbeat) {
         let now = now_ms();
-        let res = if beat.leaving {
+        if beat.leaving {
             tracing::info!(node = %beat.node_id, "gateway left");
-            self.state
+            if let Err(err) = self
+                .state
                 .node_gone(&beat.node_id, now, self.grace_ms())
                 .await
-        } else {
-            self.state.heartbeat(&beat.node_id, now).await
-        };
-        if let Err(err) = res {
-            tracing::warn!(%err, "node heartbeat not recorded");
+            {
+                tracing::warn!(%err, "gateway departure not recorded");
+            }
+            return;
+        }
+        match self.state.heartbeat(&beat.node_id, now).await {
+            // Unknown node with sockets: ask it to report them again.
+            Ok(true) if beat.connections > 0 => {
+                tracing::info!(node = %beat.node_id, sockets = beat.connections, "gateway unknown: asking for its sockets");
+                let subject = self.subjects.gateway_resync(&beat.node_id);
+                if let Err(err) = self
+                    .bus
+                    .publish(&subject, None, Vec::new(), Bytes::new())
+                    .await
+                {
+                    tracing::warn!(%err, "resync request not sent");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "node heartbeat not recorded"),
         }
     }
 
@@ -285,5 +301,68 @@ impl PresenceService {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryState;
+    use quckchat_runtime::bus::MemoryBus;
+
+    struct NoConversations;
+
+    #[async_trait]
+    impl Memberships for NoConversations {
+        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, String> {
+            Ok(Arc::new(Vec::new()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_gateway_is_asked_for_its_sockets() {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let subjects = Subjects::new("qc");
+        let timing = PresenceTiming {
+            grace: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(3),
+        };
+        let service = Arc::new(PresenceService::new(
+            Arc::new(MemoryState::new()),
+            bus.clone(),
+            subjects.clone(),
+            Arc::new(NoConversations),
+            timing,
+        ));
+        let mut asks = bus
+            .subscribe(&subjects.gateway_resync("gw@1"), None)
+            .await
+            .unwrap();
+        let beat = |connections| NodeHeartbeat {
+            node_id: "gw@1".into(),
+            connections,
+            at_ms: 0,
+            leaving: false,
+        };
+        service.on_heartbeat(beat(0)).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), asks.next())
+                .await
+                .is_err(),
+            "a gateway with no sockets has nothing to report"
+        );
+        service.state.node_gone("gw@1", 0, 0).await.unwrap();
+        service.on_heartbeat(beat(3)).await;
+        assert!(tokio::time::timeout(Duration::from_secs(1), asks.next())
+            .await
+            .unwrap()
+            .is_some());
+        service.on_heartbeat(beat(3)).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), asks.next())
+                .await
+                .is_err(),
+            "a known gateway is not asked again"
+        );
     }
 }

@@ -168,8 +168,20 @@ pub async fn silent_nodes_lose_their_connections(s: &dyn PresenceState) {
     s.connect(&conn(&dead, &other, "phone"), 1_000)
         .await
         .unwrap();
-    s.heartbeat(&alive, 40_000).await.unwrap();
+    assert!(
+        !s.heartbeat(&alive, 40_000).await.unwrap(),
+        "known from its connections"
+    );
     assert!(s.expire_nodes(40_000, 30_000).await.unwrap() >= 1);
+    assert!(
+        s.heartbeat(&dead, 41_000).await.unwrap(),
+        "a node given up for dead is unknown again"
+    );
+    assert!(!s.heartbeat(&dead, 42_000).await.unwrap());
+    assert!(
+        s.heartbeat(&id("n"), 42_000).await.unwrap(),
+        "a new node is unknown"
+    );
     let left: Vec<_> = s
         .take_departures(40_000)
         .await

@@ -131,9 +131,12 @@ impl PresenceState for MemoryState {
         Ok(())
     }
 
-    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<(), StateError> {
-        self.lock().nodes.insert(node_id.to_owned(), now_ms);
-        Ok(())
+    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError> {
+        Ok(self
+            .lock()
+            .nodes
+            .insert(node_id.to_owned(), now_ms)
+            .is_none())
     }
 
     async fn node_gone(&self, node_id: &str, now_ms: i64, grace_ms: i64) -> Result<(), StateError> {

@@ -104,8 +104,9 @@ pub trait PresenceState: Send + Sync + 'static {
         grace_ms: i64,
     ) -> Result<(), StateError>;
 
-    /// A node is alive at `now_ms`.
-    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<(), StateError>;
+    /// A node is alive at `now_ms`. True when the node was unknown (new, or
+    /// given up for dead): its open connections must be reported again.
+    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError>;
 
     /// A node is going away: its connections close, devices leave after
     /// `grace_ms`.

@@ -223,15 +223,16 @@ impl PresenceState for RedisState {
         Ok(())
     }
 
-    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<(), StateError> {
+    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError> {
         let mut conn = self.conn().await?;
-        redis::cmd("ZADD")
+        let added: i64 = redis::cmd("ZADD")
             .arg(format!("{}:nodes", self.prefix))
             .arg(now_ms)
             .arg(node_id)
-            .query_async::<()>(&mut conn)
+            .query_async(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(added == 1)
     }
 
     async fn node_gone(&self, node_id: &str, now_ms: i64, grace_ms: i64) -> Result<(), StateError> {

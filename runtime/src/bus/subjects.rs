@@ -59,6 +59,23 @@ impl Subjects {
     pub fn node_heartbeat(&self) -> String {
         format!("{}.gateway.heartbeat", self.prefix)
     }
+
+    /// Asks one gateway to report its open sockets again (presence lost
+    /// them: it restarted empty, or it had given the node up for dead).
+    /// Characters of the node name that cannot be in a subject token become `_`.
+    pub fn gateway_resync(&self, node_id: &str) -> String {
+        let token: String = node_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{}.gateway.resync.{token}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -72,5 +89,9 @@ mod tests {
         assert_eq!(s.topic("chat:c1"), "qc.topic.chat.c1");
         assert_eq!(s.user("u1"), "qc.user.u1");
         assert_eq!(s.connection("k"), "qc.conn.k");
+        assert_eq!(
+            s.gateway_resync("realtime@gw-1.local"),
+            "qc.gateway.resync.realtime_gw-1_local"
+        );
     }
 }
