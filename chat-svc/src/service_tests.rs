@@ -700,3 +700,14 @@ async fn concurrent_sends_are_broadcast_in_seq_order() {
     }
     assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "published in seq order");
 }
+
+#[tokio::test]
+async fn unknown_event_names_do_not_become_metric_labels() {
+    let metrics = quckchat_runtime::admin::metrics_handle();
+    let f = fixture().await;
+    let (ok, _, _) = f.push("alice", "message:made-up-7f3a", json!({})).await;
+    assert!(!ok);
+    let text = metrics.render();
+    assert!(!text.contains("made-up-7f3a"), "{text}");
+    assert!(text.contains(r#"quckchat_chat_commands_total{event="other",result="error"}"#), "{text}");
+}
