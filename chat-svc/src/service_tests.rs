@@ -709,5 +709,8 @@ async fn unknown_event_names_do_not_become_metric_labels() {
     assert!(!ok);
     let text = metrics.render();
     assert!(!text.contains("made-up-7f3a"), "{text}");
-    assert!(text.contains(r#"quckchat_chat_commands_total{event="other",result="error"}"#), "{text}");
+    assert!(
+        text.contains(r#"quckchat_chat_commands_total{event="other",result="error"}"#),
+        "{text}"
+    );
 }
