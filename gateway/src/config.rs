@@ -73,40 +73,15 @@ impl Default for SocketConfig {
 impl SocketConfig {
     pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
         let d = Self::default();
-        let positive = |key: &'static str, v: u64| {
-            if v == 0 {
-                Err(ConfigError::new(key, "must be at least 1"))
-            } else {
-                Ok(v)
-            }
-        };
         Ok(Self {
             idle_timeout: r.secs(SOCKET_IDLE_TIMEOUT_SECS, d.idle_timeout.as_secs())?,
-            max_frame_bytes: positive(
-                MAX_FRAME_BYTES,
-                r.parse(MAX_FRAME_BYTES, d.max_frame_bytes as u64)?,
-            )? as usize,
-            rate_per_sec: positive(
-                SOCKET_RATE_LIMIT_PER_SEC,
-                r.parse(SOCKET_RATE_LIMIT_PER_SEC, u64::from(d.rate_per_sec))?,
-            )? as u32,
-            outbound_queue: positive(
-                SOCKET_OUTBOUND_QUEUE,
-                r.parse(SOCKET_OUTBOUND_QUEUE, d.outbound_queue as u64)?,
-            )? as usize,
-            max_channels: positive(
-                SOCKET_MAX_CHANNELS,
-                r.parse(SOCKET_MAX_CHANNELS, d.max_channels as u64)?,
-            )? as usize,
-            malformed_limit: positive(
-                SOCKET_MALFORMED_LIMIT,
-                r.parse(SOCKET_MALFORMED_LIMIT, u64::from(d.malformed_limit))?,
-            )? as u32,
+            max_frame_bytes: r.positive(MAX_FRAME_BYTES, d.max_frame_bytes)?,
+            rate_per_sec: r.positive(SOCKET_RATE_LIMIT_PER_SEC, d.rate_per_sec)?,
+            outbound_queue: r.positive(SOCKET_OUTBOUND_QUEUE, d.outbound_queue)?,
+            max_channels: r.positive(SOCKET_MAX_CHANNELS, d.max_channels)?,
+            malformed_limit: r.positive(SOCKET_MALFORMED_LIMIT, d.malformed_limit)?,
             write_timeout: r.secs(SOCKET_WRITE_TIMEOUT_SECS, d.write_timeout.as_secs())?,
-            read_buffer: positive(
-                SOCKET_READ_BUFFER_BYTES,
-                r.parse(SOCKET_READ_BUFFER_BYTES, d.read_buffer as u64)?,
-            )? as usize,
+            read_buffer: r.positive(SOCKET_READ_BUFFER_BYTES, d.read_buffer)?,
         })
     }
 }

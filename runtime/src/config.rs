@@ -133,6 +133,19 @@ impl<'a> ConfigReader<'a> {
         Ok(value)
     }
 
+    /// A count that must be at least 1.
+    pub fn positive<T>(&mut self, key: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr + Display + PartialEq + From<u8>,
+        T::Err: Display,
+    {
+        let v = self.parse(key, default)?;
+        if v == T::from(0) {
+            return Err(ConfigError::new(key, "must be at least 1"));
+        }
+        Ok(v)
+    }
+
     /// A positive number of seconds.
     pub fn secs(&mut self, key: &'static str, default: u64) -> Result<Duration, ConfigError> {
         let v: u64 = self.parse(key, default)?;
