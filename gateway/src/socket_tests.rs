@@ -98,23 +98,40 @@ impl Client {
 struct Fixture {
     gateway: Gateway,
     bus: Arc<dyn Bus>,
+    /// Lets one `hold` push of the scripted service answer.
+    release: Arc<tokio::sync::Notify>,
     _service: tokio::task::JoinHandle<()>,
 }
 
 fn config(socket: SocketConfig) -> GatewayConfig {
-    let env: HashMap<&str, &str> = HashMap::from([("JWT_SECRET", "k")]);
-    let mut cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+    let mut cfg = config_from_env(&[]);
     cfg.socket = socket;
+    cfg
+}
+
+/// The gateway's configuration read from these environment variables (and
+/// `JWT_SECRET`), as the binary reads it.
+fn config_from_env(vars: &[(&'static str, &'static str)]) -> GatewayConfig {
+    let mut env: HashMap<&str, &str> = HashMap::from([("JWT_SECRET", "k")]);
+    env.extend(vars.iter().copied());
+    let mut cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
     // Sockets close within 80% of this on shutdown.
     cfg.server.drain = Duration::from_secs(1);
     cfg
 }
 
 /// A scripted chat service: joins by anyone but "mallory"; `echo` replies
-/// with the payload; `slow` replies after 200 ms; `shout` broadcasts the
-/// payload to the topic as `shouted`.
+/// with the payload; `slow` replies after 200 ms; `hold` replies once the
+/// test calls `release.notify_one()`; `never` is never answered; `shout`
+/// broadcasts the payload to the topic as `shouted`.
 async fn fixture(socket: SocketConfig) -> Fixture {
+    fixture_with(config(socket)).await
+}
+
+async fn fixture_with(config: GatewayConfig) -> Fixture {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let service_release = release.clone();
     let subjects = Subjects::new("qc");
     let mut sub = bus
         .subscribe(&subjects.command("chat"), Some("chat"))
@@ -125,9 +142,15 @@ async fn fixture(socket: SocketConfig) -> Fixture {
         while let Some(msg) = sub.next().await {
             let bus = service_bus.clone();
             let subjects = subjects.clone();
+            let release = service_release.clone();
             tokio::spawn(async move {
                 let cmd = ClientCommand::decode(msg.payload.as_ref()).unwrap();
                 let (ok, response) = match cmd.event.as_str() {
+                    "never" => return,
+                    "hold" => {
+                        release.notified().await;
+                        (true, r#"{"held":true}"#.to_owned())
+                    }
                     "phx_join" => (
                         cmd.user_id != "mallory",
                         if cmd.user_id == "mallory" {
@@ -175,10 +198,11 @@ async fn fixture(socket: SocketConfig) -> Fixture {
             });
         }
     });
-    let gateway = Gateway::new(config(socket), bus.clone(), CancellationToken::new());
+    let gateway = Gateway::new(config, bus.clone(), CancellationToken::new());
     Fixture {
         gateway,
         bus,
+        release,
         _service: service,
     }
 }
@@ -531,4 +555,249 @@ async fn open_sockets_are_reported_again_when_presence_asks() {
         vec!["alice", "bob"],
         "both open sockets reported again"
     );
+}
+
+impl Client {
+    fn send_binary(&self, data: Vec<u8>) {
+        self.tx
+            .unbounded_send(Message::Binary(data.into()))
+            .unwrap();
+    }
+
+    /// The next text frame, waiting at most `within`.
+    async fn recv_within(&mut self, within: Duration) -> Value {
+        match tokio::time::timeout(within, self.rx.next()).await {
+            Ok(Some(Message::Text(t))) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("expected a text frame within {within:?}, got {other:?}"),
+        }
+    }
+
+    /// Reads text frames until a close frame; fails past `within`.
+    async fn frames_until_close(&mut self, within: Duration) -> (Vec<Value>, u16) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.next()).await {
+                Ok(Some(Message::Text(t))) => {
+                    frames.push(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Ok(Some(Message::Close(Some(c)))) => return (frames, c.code),
+                other => panic!(
+                    "expected a close frame within {within:?} (after {} frames), got {other:?}",
+                    frames.len()
+                ),
+            }
+        }
+    }
+}
+
+/// Publishes a topic event as a service would.
+async fn broadcast(f: &Fixture, topic: &str, event: &str, payload: Value) {
+    let ev = TopicEvent {
+        topic: topic.into(),
+        event: event.into(),
+        payload: payload.to_string().into_bytes(),
+        exclude_user_id: String::new(),
+    };
+    f.bus
+        .publish(
+            &Subjects::new("qc").topic(topic),
+            None,
+            Vec::new(),
+            ev.encode_to_vec().into(),
+        )
+        .await
+        .unwrap();
+}
+
+/// A generous bound for anything that should happen at once, on a loaded
+/// machine.
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn outbound_queue_overflow_alone_closes_a_slow_consumer_with_1013() {
+    // The write timeout is far beyond the test: only the full queue
+    // (SOCKET_OUTBOUND_QUEUE) can end bob's socket.
+    let cfg = config_from_env(&[
+        ("SOCKET_OUTBOUND_QUEUE", "8"),
+        ("SOCKET_WRITE_TIMEOUT_SECS", "600"),
+    ]);
+    assert_eq!(cfg.socket.outbound_queue, 8);
+    assert_eq!(cfg.socket.write_timeout, Duration::from_secs(600));
+    let f = fixture_with(cfg).await;
+    let mut watcher = connect(&f, "alice", 1024);
+    // bob's pipe holds one frame: his socket's writes block until he reads.
+    let mut bob = connect(&f, "bob", 0);
+    join(&mut watcher, "1", "chat:c1").await;
+    join(&mut bob, "1", "chat:c1").await;
+    const N: u64 = 40;
+    // One at a time, each read by alice before the next: she keeps up. Once
+    // she has the last, every fan-out is done, and bob's queue (8 frames)
+    // overflowed long before, his socket being stuck writing.
+    for n in 0..N {
+        broadcast(&f, "chat:c1", "tick", json!({ "n": n })).await;
+        assert_eq!(watcher.recv_within(PROMPTLY).await[4]["n"], n);
+    }
+    // bob reads again: what had been queued, then the slow-consumer close.
+    let (frames, code) = bob.frames_until_close(PROMPTLY).await;
+    assert_eq!(code, 1013, "closed as a slow consumer (try again later)");
+    assert!(
+        (frames.len() as u64) < N,
+        "the overflowing frames were not delivered: {}",
+        frames.len()
+    );
+    assert!(frames.iter().all(|f| f[3] == "tick"));
+    assert!(!watcher.task.is_finished(), "alice keeps her socket");
+}
+
+#[tokio::test]
+async fn a_service_that_never_answers_gets_timeout_after_request_timeout_ms() {
+    let cfg = config_from_env(&[("REQUEST_TIMEOUT_MS", "300")]);
+    assert_eq!(cfg.bus.request_timeout, Duration::from_millis(300));
+    let f = fixture_with(cfg).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    let started = std::time::Instant::now();
+    c.send(json!(["1", "2", "chat:c1", "never", {}]));
+    assert_eq!(
+        c.recv_within(PROMPTLY).await,
+        json!(["1", "2", "chat:c1", "phx_reply", {"status": "error", "response": {"reason": "timeout"}}])
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "not before the timeout: {waited:?}"
+    );
+    // Far below the 5 s default: REQUEST_TIMEOUT_MS was applied.
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    // The channel is free again.
+    c.send(json!(["1", "3", "chat:c1", "echo", {"after": true}]));
+    assert_eq!(
+        c.recv_within(PROMPTLY).await[4],
+        json!({"status": "ok", "response": {"after": true}})
+    );
+}
+
+#[tokio::test]
+async fn topics_of_a_service_nobody_runs_answer_service_unavailable() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    for (i, topic) in ["webrtc:lobby", "huddle:h1"].into_iter().enumerate() {
+        let r = (i + 1).to_string();
+        c.send(json!([r, r, topic, "phx_join", {}]));
+        assert_eq!(
+            c.recv_within(PROMPTLY).await,
+            json!([r, r, topic, "phx_reply", {"status": "error", "response": {"reason": "service unavailable"}}])
+        );
+    }
+    // The refused joins left no channel behind.
+    c.send(json!(["1", "9", "webrtc:lobby", "offer", {}]));
+    assert_eq!(
+        c.recv_within(PROMPTLY).await[4]["response"]["reason"],
+        "unmatched topic"
+    );
+}
+
+#[tokio::test]
+async fn binary_push_gets_binary_payloads_are_not_supported() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    // Phoenix's binary push: kind 0, four lengths, the strings, the payload.
+    let (join_ref, ref_, topic, event) = ("1", "2", "chat:c1", "upload");
+    let mut data = vec![0u8];
+    for s in [join_ref, ref_, topic, event] {
+        data.push(u8::try_from(s.len()).unwrap());
+    }
+    for s in [join_ref, ref_, topic, event] {
+        data.extend_from_slice(s.as_bytes());
+    }
+    data.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    c.send_binary(data);
+    assert_eq!(
+        c.recv_within(PROMPTLY).await,
+        json!(["1", "2", "chat:c1", "phx_reply",
+            {"status": "error", "response": {"reason": "binary payloads are not supported"}}])
+    );
+    // The socket and channel carry on.
+    c.send(json!(["1", "3", "chat:c1", "echo", {"still": "here"}]));
+    assert_eq!(
+        c.recv_within(PROMPTLY).await[4]["response"]["still"],
+        "here"
+    );
+}
+
+#[tokio::test]
+async fn joins_past_socket_max_channels_get_too_many_channels() {
+    let cfg = config_from_env(&[("SOCKET_MAX_CHANNELS", "2")]);
+    assert_eq!(cfg.socket.max_channels, 2);
+    let f = fixture_with(cfg).await;
+    let mut c = connect(&f, "alice", 64);
+    assert_eq!(join(&mut c, "1", "chat:c1").await[4]["status"], "ok");
+    assert_eq!(join(&mut c, "2", "chat:c2").await[4]["status"], "ok");
+    assert_eq!(
+        join(&mut c, "3", "chat:c3").await,
+        json!(["3", "3", "chat:c3", "phx_reply", {"status": "error", "response": {"reason": "too many channels"}}])
+    );
+    c.send(json!(["3", "4", "chat:c3", "echo", {}]));
+    assert_eq!(
+        c.recv_within(PROMPTLY).await[4]["response"]["reason"],
+        "unmatched topic",
+        "the refused join opened no channel"
+    );
+    // Leaving one makes room.
+    c.send(json!(["2", "5", "chat:c2", "phx_leave", {}]));
+    c.recv_within(PROMPTLY).await;
+    c.recv_within(PROMPTLY).await;
+    assert_eq!(join(&mut c, "6", "chat:c3").await[4]["status"], "ok");
+}
+
+#[tokio::test]
+async fn a_slow_reply_on_one_channel_does_not_hold_up_another() {
+    // c1's push must not time out while c2's is answered, however slow.
+    let f = fixture_with(config_from_env(&[("REQUEST_TIMEOUT_MS", "600000")])).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    join(&mut c, "2", "chat:c2").await;
+    // c1's push is answered only when released, which happens after c2's
+    // reply arrives: c2 must not wait for c1.
+    c.send(json!(["1", "3", "chat:c1", "hold", {}]));
+    c.send(json!(["2", "4", "chat:c2", "echo", {"c2": true}]));
+    assert_eq!(
+        c.recv_within(PROMPTLY).await,
+        json!(["2", "4", "chat:c2", "phx_reply", {"status": "ok", "response": {"c2": true}}]),
+        "c2 answered while c1's push is still in flight"
+    );
+    f.release.notify_one();
+    assert_eq!(
+        c.recv_within(PROMPTLY).await,
+        json!(["1", "3", "chat:c1", "phx_reply", {"status": "ok", "response": {"held": true}}])
+    );
+}
+
+/// The value of a counter without labels in Prometheus text (0 if absent).
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn unusable_frames_are_counted_in_the_malformed_frames_metric() {
+    const METRIC: &str = "quckchat_gateway_malformed_frames_total";
+    let metrics = quckchat_runtime::admin::metrics_handle();
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    let before = counter(&metrics.render(), METRIC);
+    c.send_raw("not json");
+    c.send_raw(r#"{"not": "a frame"}"#);
+    c.send_binary(vec![9, 9, 9]);
+    // Frames are handled in order: once the heartbeat is answered the three
+    // before it have been counted.
+    c.send(json!([null, "1", "phoenix", "heartbeat", {}]));
+    assert_eq!(c.recv_within(PROMPTLY).await[1], "1");
+    let after = counter(&metrics.render(), METRIC);
+    // Other tests in this process may count theirs too; ours are at least 3.
+    assert!(after >= before + 3.0, "{METRIC}: {before} -> {after}");
 }
