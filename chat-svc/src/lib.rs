@@ -4,6 +4,7 @@
 //! `ChatStore` trait, its MongoDB and embedded implementations and their
 //! conformance suite) → [`grpc`] (the API for internal callers) →
 //! [`presence`] (who is online, for `presence_state` after a join) →
+//! `turns` (seq order of publications without a lock across the commit) →
 //! [`commands`] (taking client commands off the bus). [`config`] is for the
 //! `chat-svc` binary; the all-in-one server wires the same pieces with the
 //! embedded store.
@@ -19,6 +20,7 @@ pub mod grpc;
 pub mod presence;
 pub mod service;
 pub mod store;
+mod turns;
 
 use std::sync::Arc;
 

@@ -27,6 +27,7 @@ use crate::store::{
     ChatStore, Conversation, Message, MessageChange, MessageRef, NewMessage, Page, StoreError,
     MESSAGE_TYPES,
 };
+use crate::turns::Turns;
 
 /// Longest message content, in characters.
 pub const MAX_CONTENT_CHARS: usize = 10_000;
@@ -122,11 +123,12 @@ pub struct ChatService {
     members: moka::future::Cache<String, Arc<HashSet<String>>>,
     typing: Typing,
     presence: Option<Arc<dyn PresenceLookup>>,
-    send_turns: Vec<tokio::sync::Mutex<()>>,
+    /// Orders `message:new` publications: see [`crate::turns`].
+    send_turns: Turns,
 }
 
-/// Stripes of [`ChatService::send_turn`].
-const SEND_TURNS: usize = 256;
+/// Stripes of [`ChatService::send_turns`].
+const SEND_TURNS: usize = 1024;
 
 impl ChatService {
     pub fn new(store: Arc<dyn ChatStore>, bus: Arc<dyn Bus>, subjects: Subjects) -> Self {
@@ -142,9 +144,7 @@ impl ChatService {
             members,
             typing,
             presence: None,
-            send_turns: (0..SEND_TURNS)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            send_turns: Turns::new(SEND_TURNS),
         }
     }
 
@@ -386,26 +386,23 @@ impl ChatService {
             }
         }
         let conversation_id = new.conversation_id.clone();
-        // Store and publish under the conversation's turn, so this replica
-        // publishes message:new in seq order: a client that saw seq N has
-        // seen every seq before it, and rejoining with lastSeq misses none.
-        let _turn = self.send_turn(&conversation_id).lock().await;
-        let appended = self.store.append_message(new).await?;
+        // This replica publishes message:new in seq order — a client that saw
+        // seq N has seen every seq before it, and rejoining with lastSeq
+        // misses none — without holding anything across the commit: the
+        // append starts in turn order (the store assigns seq in call order)
+        // and publishes after the earlier turns of its conversation did.
+        let (mut turn, appending) = self
+            .send_turns
+            .take(&conversation_id, || self.store.append_message(new));
+        let appended = appending.await?;
         let body = json!({ "message": appended.message });
+        turn.wait().await;
         if appended.created {
             self.broadcast(&conversation_id, "message:new", &body, None)
                 .await;
         }
+        drop(turn);
         Ok((appended.message, body))
-    }
-
-    /// The lock that orders sends in one conversation (striped: many
-    /// conversations share one, none waits on an unrelated busy one for long).
-    fn send_turn(&self, conversation_id: &str) -> &tokio::sync::Mutex<()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        conversation_id.hash(&mut h);
-        &self.send_turns[(h.finish() % SEND_TURNS as u64) as usize]
     }
 
     async fn change(

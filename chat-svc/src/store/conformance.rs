@@ -22,6 +22,7 @@ pub async fn run_all(store: Arc<dyn ChatStore>) {
     append_to_unknown_conversation_fails(store.as_ref()).await;
     concurrent_appends_get_distinct_gap_free_seqs(store.clone()).await;
     concurrent_retries_store_one_message(store.clone()).await;
+    appends_get_seqs_in_call_order(store.clone()).await;
     store.ping().await.expect("ping");
 }
 
@@ -190,6 +191,27 @@ pub async fn concurrent_appends_get_distinct_gap_free_seqs(store: Arc<dyn ChatSt
     let distinct: HashSet<u64> = all.iter().copied().collect();
     assert_eq!(distinct.len(), 32, "no duplicate seq");
     assert_eq!(distinct, (1..=32).collect(), "no gap");
+}
+
+/// Appends started in one order are numbered in that order, however their
+/// futures are then polled (the chat service publishes them in call order).
+pub async fn appends_get_seqs_in_call_order(store: Arc<dyn ChatStore>) {
+    let c = id("c");
+    store.upsert_conversation(&c, &["a".into()]).await.unwrap();
+    let started: Vec<_> = (0..24)
+        .map(|i| store.append_message(text(&c, "a", &format!("m{i}"), None)))
+        .collect();
+    // Polled last to first, each on a task of its own.
+    let tasks: Vec<_> = started.into_iter().rev().map(tokio::spawn).collect();
+    let mut seqs: Vec<(u64, String)> = Vec::new();
+    for task in tasks {
+        let appended = task.await.unwrap().unwrap();
+        seqs.push((appended.message.seq, appended.message.content));
+    }
+    seqs.sort();
+    let contents: Vec<String> = seqs.into_iter().map(|(_, content)| content).collect();
+    let expected: Vec<String> = (0..24).map(|i| format!("m{i}")).collect();
+    assert_eq!(contents, expected, "seq follows the order of the calls");
 }
 
 async fn conversation_with(

@@ -8,11 +8,13 @@
 //! caller hears back after the commit, so nothing is reported stored before
 //! it is. `seq` has no gap: the counter and the message change together.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::mpsc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::oneshot;
 
@@ -171,19 +173,23 @@ impl EmbeddedStore {
         Ok(Self { jobs })
     }
 
-    /// Runs `f` atomically on the writer thread; resolves after its batch
-    /// committed.
-    async fn tx<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Queues `f` to run atomically on the writer thread (now, in call
+    /// order); the future resolves after its batch committed.
+    fn tx<T, F>(&self, f: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, done) = oneshot::channel();
         let stopped = || unavailable("store writer stopped");
-        self.jobs
+        let queued = self
+            .jobs
             .send(Box::new(Pending { f, reply }))
-            .map_err(|_| stopped())?;
-        done.await.map_err(|_| stopped())?
+            .map_err(|_| stopped());
+        async move {
+            queued?;
+            done.await.map_err(|_| stopped())?
+        }
     }
 }
 
@@ -391,8 +397,9 @@ impl ChatStore for EmbeddedStore {
         .await
     }
 
-    async fn append_message(&self, new: NewMessage) -> Result<Appended, StoreError> {
-        self.tx(move |tx| {
+    fn append_message(&self, new: NewMessage) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        // Queued at once: the writer thread takes appends in call order.
+        Box::pin(self.tx(move |tx| {
             if let Some(cmid) = &new.client_message_id {
                 let existing = select_messages(
                     tx,
@@ -437,8 +444,7 @@ impl ChatStore for EmbeddedStore {
                 message: m,
                 created: true,
             })
-        })
-        .await
+        }))
     }
 
     async fn message(

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use serde::Serialize;
 
 pub use embedded::EmbeddedStore;
@@ -341,7 +342,13 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError>;
 
     /// Stores a message with the next `seq` (idempotent by `clientMessageId`).
-    async fn append_message(&self, new: NewMessage) -> Result<Appended, StoreError>;
+    ///
+    /// The call starts the append and the future it returns resolves once it
+    /// is committed. Appends to one conversation get their `seq` in the order
+    /// of the calls, however their futures are polled: a caller that starts
+    /// them in some order can publish them in that order (seq order) while
+    /// their commits overlap.
+    fn append_message(&self, new: NewMessage) -> BoxFuture<'static, Result<Appended, StoreError>>;
 
     async fn message(
         &self,

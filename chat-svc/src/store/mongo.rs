@@ -19,13 +19,18 @@
 //! the counter, so a failed write leaves no gap; the driver retries
 //! transactions that lose a write conflict to a concurrent replica.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{ClientSession, Collection, Database, IndexModel};
+
+use crate::turns::Turns;
 
 use super::{
     materialize, now_millis, Appended, ChatStore, Conversation, MembershipChange, Message,
@@ -36,7 +41,14 @@ use super::{
 pub struct MongoStore {
     client: mongodb::Client,
     db: Database,
+    /// Appends to one conversation run one after another, in call order:
+    /// the `seq` order callers rely on (and no transaction conflicts on the
+    /// conversation's counter within a replica).
+    appends: Arc<Turns>,
 }
+
+/// Stripes of [`MongoStore::appends`].
+const APPEND_STRIPES: usize = 256;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -217,6 +229,7 @@ impl MongoStore {
         let store = Self {
             db: client.database(&database),
             client,
+            appends: Arc::new(Turns::new(APPEND_STRIPES)),
         };
         store.ping().await?;
         store.create_indexes().await?;
@@ -365,6 +378,56 @@ impl MongoStore {
             .map_err(unavailable)?;
         Ok(found.as_ref().and_then(doc_to_message))
     }
+
+    /// [`ChatStore::append_message`] once it is this append's turn.
+    async fn append_now(&self, new: NewMessage) -> Result<Appended, StoreError> {
+        if let Some(message) = self.find_by_client_id(&new).await? {
+            return Ok(Appended {
+                message,
+                created: false,
+            });
+        }
+        if self
+            .conversations()
+            .find_one(id_filter(&new.conversation_id))
+            .await
+            .map_err(unavailable)?
+            .is_none()
+        {
+            return Err(StoreError::ConversationNotFound);
+        }
+        let mut session = self.client.start_session().await.map_err(unavailable)?;
+        let result = session
+            .start_transaction()
+            .and_run((self.clone(), new.clone()), |session, (store, new)| {
+                async move {
+                    let (seq, version) = store.bump(session, &new.conversation_id, true).await?;
+                    let message = materialize(new.clone(), seq, version);
+                    let d = message_to_doc(&message).map_err(abort)?;
+                    store.messages().insert_one(d).session(session).await?;
+                    Ok(message)
+                }
+                .boxed()
+            })
+            .await;
+        match result {
+            Ok(message) => Ok(Appended {
+                message,
+                created: true,
+            }),
+            Err(e) if is_duplicate_key(&e) => {
+                // A concurrent retry of the same send committed first.
+                match self.find_by_client_id(&new).await? {
+                    Some(message) => Ok(Appended {
+                        message,
+                        created: false,
+                    }),
+                    None => Err(unavailable(e)),
+                }
+            }
+            Err(e) => Err(from_driver(e)),
+        }
+    }
 }
 
 #[async_trait]
@@ -447,53 +510,13 @@ impl ChatStore for MongoStore {
         Ok(out)
     }
 
-    async fn append_message(&self, new: NewMessage) -> Result<Appended, StoreError> {
-        if let Some(message) = self.find_by_client_id(&new).await? {
-            return Ok(Appended {
-                message,
-                created: false,
-            });
-        }
-        if self
-            .conversations()
-            .find_one(id_filter(&new.conversation_id))
-            .await
-            .map_err(unavailable)?
-            .is_none()
-        {
-            return Err(StoreError::ConversationNotFound);
-        }
-        let mut session = self.client.start_session().await.map_err(unavailable)?;
-        let result = session
-            .start_transaction()
-            .and_run((self.clone(), new.clone()), |session, (store, new)| {
-                async move {
-                    let (seq, version) = store.bump(session, &new.conversation_id, true).await?;
-                    let message = materialize(new.clone(), seq, version);
-                    let d = message_to_doc(&message).map_err(abort)?;
-                    store.messages().insert_one(d).session(session).await?;
-                    Ok(message)
-                }
-                .boxed()
-            })
-            .await;
-        match result {
-            Ok(message) => Ok(Appended {
-                message,
-                created: true,
-            }),
-            Err(e) if is_duplicate_key(&e) => {
-                // A concurrent retry of the same send committed first.
-                match self.find_by_client_id(&new).await? {
-                    Some(message) => Ok(Appended {
-                        message,
-                        created: false,
-                    }),
-                    None => Err(unavailable(e)),
-                }
-            }
-            Err(e) => Err(from_driver(e)),
-        }
+    fn append_message(&self, new: NewMessage) -> BoxFuture<'static, Result<Appended, StoreError>> {
+        let (mut turn, ()) = self.appends.take(&new.conversation_id, || ());
+        let store = self.clone();
+        Box::pin(async move {
+            turn.wait().await;
+            store.append_now(new).await
+        })
     }
 
     async fn message(
@@ -731,7 +754,6 @@ impl ChatStore for MongoStore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::Arc;
 
     /// A store on a fresh database of the MongoDB-wire server named by
     /// `TEST_MONGODB_URL` (started by `scripts/deps.sh`).
