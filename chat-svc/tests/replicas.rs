@@ -6,15 +6,18 @@
 //! `scripts/test.sh` provides both.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use prost::Message as _;
 use quckchat_chat::commands;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, MongoStore};
 use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
-use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
+use quckchat_runtime::bus::{Bus, BusError, BusMessage, Headers, NatsBus, Subjects, Subscription};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -33,12 +36,66 @@ fn mongo_url(db: &str) -> String {
     }
 }
 
+/// A replica's bus connection, counting the commands it answered: a reply
+/// goes to the requester's inbox, every other publish is on a subject under
+/// the cluster's prefix.
+struct CountingBus {
+    inner: Arc<dyn Bus>,
+    prefix: String,
+    replies: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Bus for CountingBus {
+    async fn publish(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        if !subject.starts_with(&self.prefix) {
+            self.replies.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.publish(subject, reply, headers, payload).await
+    }
+
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        self.inner.subscribe(subject, queue_group).await
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<BusMessage, BusError> {
+        self.inner.request(subject, headers, payload, timeout).await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
 struct Cluster {
+    nats: String,
     mongo_url: String,
     bus: Arc<dyn Bus>,
     subjects: Subjects,
     store: Arc<dyn ChatStore>,
     stop: CancellationToken,
+    /// Commands answered, per replica.
+    served: std::sync::Mutex<Vec<Arc<AtomicUsize>>>,
 }
 
 /// Starts `n` replicas, each with its own NATS connection and MongoDB client.
@@ -47,38 +104,63 @@ async fn cluster(n: usize) -> Cluster {
     let prefix = format!("replicas{}", uuid::Uuid::new_v4().simple());
     let url = mongo_url(&prefix);
     let subjects = Subjects::new(prefix);
-    let stop = CancellationToken::new();
-    let mut first_store = None;
-    for i in 0..n {
-        let bus: Arc<dyn Bus> = Arc::new(
-            NatsBus::connect(&nats, &format!("replica-{i}"))
+    let store: Arc<dyn ChatStore> = Arc::new(MongoStore::connect(&url).await.expect("MongoDB"));
+    let bus: Arc<dyn Bus> = Arc::new(NatsBus::connect(&nats, "client").await.unwrap());
+    let c = Cluster {
+        nats,
+        mongo_url: url,
+        bus,
+        subjects,
+        store,
+        stop: CancellationToken::new(),
+        served: std::sync::Mutex::new(Vec::new()),
+    };
+    for _ in 0..n {
+        c.add_replica().await;
+    }
+    c
+}
+
+impl Cluster {
+    /// Starts one more replica; it takes commands once this returns.
+    async fn add_replica(&self) {
+        let i = self.served().len();
+        let replies = Arc::new(AtomicUsize::new(0));
+        let nats: Arc<dyn Bus> = Arc::new(
+            NatsBus::connect(&self.nats, &format!("replica-{i}"))
                 .await
                 .expect("NATS"),
         );
-        let store: Arc<dyn ChatStore> = Arc::new(MongoStore::connect(&url).await.expect("MongoDB"));
-        first_store.get_or_insert_with(|| store.clone());
-        let service = Arc::new(ChatService::new(store, bus.clone(), subjects.clone()));
+        let bus: Arc<dyn Bus> = Arc::new(CountingBus {
+            inner: nats,
+            prefix: format!("{}.", self.subjects.prefix()),
+            replies: replies.clone(),
+        });
+        let store: Arc<dyn ChatStore> =
+            Arc::new(MongoStore::connect(&self.mongo_url).await.expect("MongoDB"));
+        let service = Arc::new(ChatService::new(store, bus.clone(), self.subjects.clone()));
         commands::serve(
             service,
             bus,
-            &subjects,
-            stop.clone(),
+            &self.subjects,
+            self.stop.clone(),
             Duration::from_secs(1),
         )
         .await
         .unwrap();
+        self.served.lock().unwrap().push(replies);
     }
-    let bus: Arc<dyn Bus> = Arc::new(NatsBus::connect(&nats, "client").await.unwrap());
-    Cluster {
-        mongo_url: url,
-        bus,
-        subjects,
-        store: first_store.unwrap(),
-        stop,
-    }
-}
 
-impl Cluster {
+    /// Commands each replica has answered so far.
+    fn served(&self) -> Vec<usize> {
+        self.served
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst))
+            .collect()
+    }
+
     /// Stops the replicas and drops the test database.
     async fn finish(&self) {
         self.stop.cancel();
@@ -168,11 +250,59 @@ async fn concurrent_senders_on_two_replicas_get_seq_one_to_n() {
         c.store.conversation("c1").await.unwrap().unwrap().last_seq,
         n
     );
+    // Each replica took a share: the seq held across two writers, not one.
+    // (NATS picks a queue member at random; all 40 on one is 2^-39.)
+    let served = c.served();
+    assert_eq!(
+        served.iter().sum::<usize>(),
+        senders.len() * EACH,
+        "{served:?}"
+    );
+    assert!(
+        served.iter().all(|&s| s > 0),
+        "both replicas served: {served:?}"
+    );
     c.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_landing_on_another_replica_returns_the_original() {
+async fn a_retry_served_by_the_other_replica_returns_the_original() {
+    let c = cluster(1).await;
+    c.store
+        .upsert_conversation("c1", &["a".into()])
+        .await
+        .unwrap();
+    let payload = json!({"type": "text", "content": "once", "clientMessageId": "cm-1"});
+    let (ok, first) = c.push("a", "message:send", payload.clone()).await;
+    assert!(ok, "{first}");
+    assert_eq!(c.served(), vec![1], "the only replica stored it");
+    // A second replica joins; retry until it has answered one (each retry
+    // goes to either replica at random).
+    c.add_replica().await;
+    let mut retries = 0;
+    while c.served()[1] == 0 {
+        retries += 1;
+        assert!(retries <= 200, "replica 1 never served: {:?}", c.served());
+        let (ok, r) = c.push("a", "message:send", payload.clone()).await;
+        assert!(ok, "{r}");
+        assert_eq!(r["message"], first["message"], "the original, not a copy");
+    }
+    let (_, next) = c
+        .push(
+            "a",
+            "message:send",
+            json!({"type": "text", "content": "next"}),
+        )
+        .await;
+    assert_eq!(
+        next["message"]["seq"], 2,
+        "one message stored for every retry"
+    );
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_on_two_replicas_store_one_message() {
     let c = Arc::new(cluster(2).await);
     c.store
         .upsert_conversation("c1", &["a".into()])
