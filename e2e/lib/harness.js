@@ -1,7 +1,9 @@
 // Starts a QuckChat server set (all-in-one, or N gateways + chat-svc + presence-svc over
 // NATS/MongoDB/Redis) on free ports, waits until it is ready, hands out URLs and client
-// helpers, and tears everything down again: processes get SIGTERM, then SIGKILL after a
-// bound; temp dirs, the set's MongoDB database and its Redis keys are removed.
+// helpers, and tears everything down again: processes get SIGTERM and must exit with code 0
+// within the drain window (SHUTDOWN_DRAIN_SECS + E2E_STOP_TIMEOUT_MS), else they are
+// SIGKILLed and the stop fails; temp dirs, the set's MongoDB database and its Redis keys are
+// removed.
 import {spawn, execFile} from "node:child_process"
 import {existsSync, mkdtempSync, rmSync} from "node:fs"
 import {createServer} from "node:net"
@@ -142,16 +144,38 @@ class ManagedProcess {
     return this.exit.error ? `failed to start: ${this.exit.error.message}` : `exited with code ${this.exit.code} signal ${this.exit.signal}`
   }
 
-  /** SIGTERM, then SIGKILL after `graceMs`; resolves once the process is gone (bounded). */
-  async stop(graceMs = STOP_TIMEOUT_MS){
-    if(this.exit){ return this.exit }
-    this.child.kill("SIGTERM")
-    const exit = await withTimeout(this.exited, graceMs, `${this.name} to exit after SIGTERM`).catch(() => null)
-    if(exit){ return exit }
-    this.child.kill("SIGKILL")
-    return withTimeout(this.exited, 2000, `${this.name} to exit after SIGKILL`)
-      .catch(() => ({code: null, signal: "SIGKILL (no exit seen)"}))
+  /** Sends SIGTERM (once) and returns the time it was sent (Date.now()). */
+  terminate(){
+    if(this.sigtermAt === undefined && !this.exit){
+      this.sigtermAt = Date.now()
+      this.child.kill("SIGTERM")
+    }
+    return this.sigtermAt
   }
+
+  /**
+   * SIGTERM, then SIGKILL after `graceMs`; resolves once the process is gone (bounded) with
+   * `{code, signal, killed, ms}`: `killed` when SIGTERM did not stop it within `graceMs`, `ms`
+   * from SIGTERM to exit. A process that had already exited resolves with its exit as is.
+   */
+  async stop(graceMs = STOP_TIMEOUT_MS){
+    if(this.exit){ return {...this.exit, killed: false, ms: null, before: true} }
+    const at = this.terminate()
+    const exit = await withTimeout(this.exited, graceMs, `${this.name} to exit after SIGTERM`).catch(() => null)
+    if(exit){ return {...exit, killed: false, ms: Date.now() - at} }
+    this.child.kill("SIGKILL")
+    const killed = await withTimeout(this.exited, 2000, `${this.name} to exit after SIGKILL`)
+      .catch(() => ({code: null, signal: "SIGKILL (no exit seen)"}))
+    return {...killed, killed: true, ms: Date.now() - at}
+  }
+}
+
+/** Why `exit` (from ManagedProcess.stop) is not a clean exit after SIGTERM, or null. */
+export function uncleanExit(exit){
+  if(exit.killed){ return `did not exit within ${exit.ms} ms of SIGTERM (SIGKILLed)` }
+  if(exit.error){ return `failed: ${exit.error.message}` }
+  if(exit.code !== 0){ return `exited with code ${exit.code} signal ${exit.signal} after SIGTERM` }
+  return null
 }
 
 /** Polls GET url until 200; fails early if the process exits, and after `timeoutMs`. */
@@ -266,7 +290,12 @@ export class ServerSet {
     /** distributed: Redis URL and key prefix of this set (its keys are deleted at stop) */
     this.redisUrl = null
     this.redisPrefix = null
+    /** SHUTDOWN_DRAIN_SECS of the set's processes (the server default unless given) */
+    this.drainSecs = 10
   }
+
+  /** How long a process may take to exit after SIGTERM: its drain window plus E2E_STOP_TIMEOUT_MS. */
+  get stopBoundMs(){ return this.drainSecs * 1000 + STOP_TIMEOUT_MS }
 
   get httpUrl(){ return `http://127.0.0.1:${this.port}` }
   /** endpoint for the phoenix client (it appends /websocket) */
@@ -306,6 +335,7 @@ export class ServerSet {
       ...extraEnv,
     }
     this.cliEnv = {...baseEnv(), JWT_SECRET: this.jwtSecret}
+    if(common.SHUTDOWN_DRAIN_SECS !== undefined){ this.drainSecs = Number(common.SHUTDOWN_DRAIN_SECS) }
 
     if(this.mode === "allinone"){
       const nodeName = randomId("e2e-aio-", 4)
@@ -376,6 +406,17 @@ export class ServerSet {
     gw.proc.child.kill("SIGKILL")
     await withTimeout(gw.proc.exited, 5000, `${gw.name} to exit after SIGKILL`)
     return at
+  }
+
+  /**
+   * Sends SIGTERM to gateway `index` (all-in-one: the server) and returns
+   * `{at, proc}`: the time it was sent and the process (`proc.exited` resolves with its exit).
+   * The set's stop() then leaves that process to the test.
+   */
+  terminateGateway(index = 0){
+    const gw = this.#gateway(index)
+    if(gw.proc.exit){ throw new Error(`${gw.name} already ${gw.proc.describeExit()}`) }
+    return {at: gw.proc.terminate(), proc: gw.proc}
   }
 
   /** A JWT for `userId` from `quckchat token` (cached per user). */
@@ -450,10 +491,31 @@ export class ServerSet {
     }))
   }
 
+  /**
+   * Stops everything. Every process still running must exit with code 0 within
+   * `stopBoundMs` of its SIGTERM; otherwise it is SIGKILLed and, after the clean-up, this
+   * rejects naming it (with its log tail). Processes that had already exited (killGateway,
+   * or a test's own SIGTERM) are that test's business.
+   */
   async stop(){
     await this.closeClients().catch(() => {})
     // gateway first, then the services behind it
-    for(const p of [...this.procs].reverse()){ await p.proc.stop() }
+    const unclean = []
+    for(const p of [...this.procs].reverse()){
+      const exit = await p.proc.stop(this.stopBoundMs)
+      const why = exit.before ? null : uncleanExit(exit)
+      if(why){ unclean.push(`${p.name} ${why}`) }
+    }
+    try {
+      await this.#cleanUp()
+    } finally {
+      if(unclean.length > 0){
+        throw new Error(`unclean shutdown (drain window ${this.drainSecs} s + ${STOP_TIMEOUT_MS} ms): ${unclean.join("; ")}\n${this.logs()}`)
+      }
+    }
+  }
+
+  async #cleanUp(){
     if(this.dataDir){
       rmSync(this.dataDir, {recursive: true, force: true})
       liveDirs.delete(this.dataDir)
@@ -517,7 +579,10 @@ export function useServerSet(mode, {env = {}, gateways = 1} = {}){
   }
   before(async () => { set = await startServerSet(mode, {env, gateways}) }, {timeout: READY_TIMEOUT_MS * 2 + 20_000})
   afterEach(async () => { await set?.closeClients() }, {timeout: 10_000})
-  after(async () => { await set?.stop() }, {timeout: STOP_TIMEOUT_MS * 3 + 10_000})
+  // every process may use its whole drain window (stop() fails the suite if one needs more)
+  const drainMs = Number(env.SHUTDOWN_DRAIN_SECS ?? process.env.SHUTDOWN_DRAIN_SECS ?? 10) * 1000
+  const processes = mode === "distributed" ? gateways + 2 : 1
+  after(async () => { await set?.stop() }, {timeout: processes * (drainMs + STOP_TIMEOUT_MS + 2000) + 30_000})
   return new Proxy({}, {
     get(_target, prop){
       if(!set){ throw new Error(`server set for ${mode} is not running (its start failed)`) }
