@@ -7,6 +7,12 @@
 //! - [`ids`] — the id format shared by topics and services;
 //! - [`bus`] — the bus trait with its NATS and in-process implementations and
 //!   their shared conformance suite;
+//! - [`routes`] — the table of channel kinds and the services that own them;
+//! - [`service`] — the service kit: the [`service::Service`] trait a service
+//!   implements and the bus consumer that runs it;
+//! - [`errors`] — every reason a client can be refused, once;
+//! - [`publish`] — typed publishing to topics, users and connections;
+//! - [`grpc`] — clients of other services' gRPC APIs;
 //! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
 //! - [`telemetry`] — logging;
 //! - [`presence`] — the Phoenix Presence meta shape shared by services;
@@ -19,10 +25,15 @@ pub mod admin;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod errors;
+pub mod grpc;
 pub mod ids;
 pub mod presence;
 pub mod process;
+pub mod publish;
+pub mod routes;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

@@ -1,0 +1,42 @@
+//! gRPC between services: one way to build a client channel.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a client waits to connect to another service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client waits for an answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lazily connecting channel to `url` (`http://host:port`) with the
+/// connect and request timeouts above. Fails only on a malformed URL (the
+/// message names it, for the variable that configured it).
+pub fn client(url: &str) -> Result<Channel, String> {
+    client_with_timeouts(url, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+}
+
+/// [`client`] with its own timeouts (a caller on a latency budget).
+pub fn client_with_timeouts(
+    url: &str,
+    connect: Duration,
+    request: Duration,
+) -> Result<Channel, String> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("{url}: {e}"))?
+        .connect_timeout(connect)
+        .timeout(request)
+        .connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_malformed_url_is_named() {
+        let err = client("not a url").unwrap_err();
+        assert!(err.starts_with("not a url: "), "{err}");
+        assert!(client("http://127.0.0.1:1").is_ok(), "connects lazily");
+    }
+}
