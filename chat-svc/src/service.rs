@@ -1,5 +1,5 @@
 //! The chat service's logic: joins and client pushes on `chat:<id>` topics
-//! (PROTOCOL.md §3.1) and the operations internal callers use over gRPC,
+//! (docs/protocol.md#chat-join, #chat-events) and the operations internal callers use over gRPC,
 //! independent of how either arrives.
 //!
 //! Every command is authorised: the sender must be a member of the

@@ -1,4 +1,5 @@
-// §1 Transport and handshake: the JWT as connect param or in Sec-WebSocket-Protocol
+// docs/protocol.md#connection: transport and handshake: the JWT as connect param or in
+// Sec-WebSocket-Protocol
 // (phoenix `authToken`), and HTTP 403 on the upgrade for anything else.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"

@@ -1,4 +1,5 @@
-// §3.1 Every chat event with the phoenix client: replies, edits, deletes, reactions, typing,
+// docs/protocol.md#chat-events: every chat event with the phoenix client: replies, edits, deletes,
+// reactions, typing,
 // read receipts, history, recovery after a rejoin with lastSeq, and removal from a conversation.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"
@@ -360,7 +361,7 @@ for(const mode of modes){
       await srv.putConversation(conv, [a])
       const close = await client.event("phx_close", {topic})
       assert.deepEqual(close.raw, ["1", "1", topic, "phx_close", {}])
-      // the channel is gone: like any topic not joined (§2)
+      // the channel is gone: like any topic not joined (docs/protocol.md#channels)
       client.push("1", "2", topic, "message:send", {type: "text", content: "let me in"})
       const reply = await client.reply("2")
       assert.equal(reply.payload.status, "error", reply.text)

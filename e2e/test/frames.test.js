@@ -1,4 +1,5 @@
-// §2 Frames at the wire level: malformed input, channel lifecycle (duplicate join, leave),
+// docs/protocol.md#frames, #channels: frames at the wire level: malformed input, channel lifecycle
+// (duplicate join, leave),
 // serializer 1.0.0, oversized frames.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"

@@ -1,4 +1,4 @@
-// §1 Heartbeat and idle timeout.
+// docs/protocol.md#heartbeat: heartbeat and idle timeout.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"
 

@@ -1,4 +1,5 @@
-// §3.1 Joining chat:<conversationId>, and topic validation (§3).
+// docs/protocol.md#chat-join: joining chat:<conversationId>, and topic validation
+// (docs/protocol.md#topics).
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"
 

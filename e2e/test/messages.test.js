@@ -1,4 +1,5 @@
-// §3.1 message:send, payload validation, unknown events and unjoined topics.
+// docs/protocol.md#chat-events: message:send, payload validation, unknown events and unjoined
+// topics.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"
 

@@ -1,4 +1,5 @@
-// §3.1 Presence on chat topics: Phoenix Presence (presence_state after the join, presence_diff
+// docs/protocol.md#presence: presence on chat topics: Phoenix Presence (presence_state after the
+// join, presence_diff
 // on changes, key = userId, metas {phx_ref, deviceId, onlineAt}) with the phoenix client's
 // Presence class, user:online / user:offline, the reconnect grace window, and (distributed)
 // cleanup after a gateway is SIGKILLed.

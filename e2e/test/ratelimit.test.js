@@ -1,4 +1,5 @@
-// §2 Per-socket rate limit: {reason: "rate_limited"}, and every push gets exactly one reply.
+// docs/protocol.md#limits: per-socket rate limit: {reason: "rate_limited"}, and every push gets
+// exactly one reply.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"
 

@@ -1,5 +1,5 @@
 //! The QuckChat gateway: WebSocket endpoint of the Phoenix Channels protocol
-//! (PROTOCOL.md §1–2), stateless apart from its sockets.
+//! (docs/protocol.md#connection to #limits), stateless apart from its sockets.
 //!
 //! - [`frame`] — the 2.0.0 / 1.0.0 serializers;
 //! - [`routing`] — topic kinds → owning service, topic id validation;

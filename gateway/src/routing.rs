@@ -14,7 +14,7 @@ pub struct Route {
     pub notify_leave: bool,
 }
 
-/// Every channel kind of the protocol (PROTOCOL.md §3).
+/// Every channel kind of the protocol (docs/protocol.md#topics).
 pub const ROUTES: &[Route] = &[
     Route {
         kind: "chat",
