@@ -47,6 +47,49 @@ impl HealthCheck for BusHealth {
     }
 }
 
+/// A dependency checked by calling something on `target` (a store's or a
+/// state's `ping`), so crates need no adapter type per dependency:
+///
+/// ```ignore
+/// admin::health_check("redis", state.clone(), |s| s.ping())   // an async_trait method
+/// admin::health_check("redis", pool.clone(), |p| p.ping().boxed())
+/// ```
+pub fn health_check<T, E, F>(name: &'static str, target: T, check: F) -> Arc<dyn HealthCheck>
+where
+    T: Send + Sync + 'static,
+    E: std::fmt::Display,
+    F: for<'a> Fn(&'a T) -> futures::future::BoxFuture<'a, Result<(), E>> + Send + Sync + 'static,
+{
+    Arc::new(Pinged {
+        name,
+        target,
+        check,
+    })
+}
+
+/// What [`health_check`] makes.
+pub struct Pinged<T, F> {
+    name: &'static str,
+    target: T,
+    check: F,
+}
+
+#[async_trait]
+impl<T, E, F> HealthCheck for Pinged<T, F>
+where
+    T: Send + Sync + 'static,
+    E: std::fmt::Display,
+    F: for<'a> Fn(&'a T) -> futures::future::BoxFuture<'a, Result<(), E>> + Send + Sync + 'static,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        (self.check)(&self.target).await.map_err(|e| e.to_string())
+    }
+}
+
 /// The process's health: its dependency checks and lifecycle flags.
 pub struct Health {
     node: String,

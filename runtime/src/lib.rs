@@ -14,6 +14,8 @@
 //! - [`publish`] — typed publishing to topics, users and connections;
 //! - [`grpc`] — clients of other services' gRPC APIs;
 //! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
+//! - [`ephemeral`] — short-lived shared state in Redis (pool, key prefix,
+//!   scripts, safe reply decoding, one error type) for presence and the like;
 //! - [`telemetry`] — logging;
 //! - [`presence`] — the Phoenix Presence meta shape shared by services;
 //! - [`process`] — the start and end of every binary;
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod ephemeral;
 pub mod errors;
 pub mod grpc;
 pub mod ids;
