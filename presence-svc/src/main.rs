@@ -4,27 +4,14 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use quckchat_presence::config::PresenceConfig;
 use quckchat_presence::grpc::PresenceGrpc;
 use quckchat_presence::service::{ChatMemberships, PresenceService};
 use quckchat_presence::state::{PresenceState, RedisState};
-use quckchat_runtime::admin::{self, BusHealth, Health, HealthCheck};
+use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
 use quckchat_runtime::{process, server, shutdown};
 use tokio_util::sync::CancellationToken;
-
-struct StateHealth(Arc<dyn PresenceState>);
-
-#[async_trait]
-impl HealthCheck for StateHealth {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-    async fn check(&self) -> Result<(), String> {
-        self.0.ping().await.map_err(|e| e.to_string())
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -62,7 +49,7 @@ async fn run(config: PresenceConfig) -> anyhow::Result<()> {
         config.server.node_name.clone(),
         vec![
             Arc::new(BusHealth(bus)),
-            Arc::new(StateHealth(state.clone())),
+            admin::health_check("redis", state.clone(), |s| s.ping()),
         ],
     );
     let router = admin::router(health.clone())

@@ -42,6 +42,13 @@ pub enum StateError {
 }
 
 impl StateError {
+    /// The text without the kind, to wrap in another message.
+    fn detail(&self) -> &str {
+        match self {
+            StateError::Unavailable(d) | StateError::Malformed(d) => d,
+        }
+    }
+
     /// A Redis error: replies that do not convert are malformed, the rest
     /// (I/O, server errors, script errors) unavailable.
     fn from_redis(what: &str, e: &redis::RedisError) -> Self {
@@ -86,7 +93,7 @@ impl RedisPool {
             prefix: prefix.into(),
         };
         redis.ping().await.map_err(|e| {
-            StateError::Unavailable(format!("Redis at {addr} does not answer: {e}"))
+            StateError::Unavailable(format!("Redis at {addr} does not answer: {}", e.detail()))
         })?;
         Ok(redis)
     }

@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 
 pub use self::redis::RedisState;
 pub use memory::MemoryState;
+/// The ephemeral-state kit's error, shared with every other state.
+pub use quckchat_runtime::ephemeral::StateError;
 
 /// A connection as gateways report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,10 +87,6 @@ impl UserPresence {
         !self.devices.is_empty()
     }
 }
-
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("presence state unavailable: {0}")]
-pub struct StateError(pub String);
 
 #[async_trait]
 pub trait PresenceState: Send + Sync + 'static {

@@ -17,8 +17,8 @@
 //! one cluster slot), not a sharded cluster.
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, Script};
-use deadpool_redis::{Config, Pool, Runtime};
+use quckchat_runtime::ephemeral::redis::{self, Value};
+use quckchat_runtime::ephemeral::{decode, pairs, triples, RedisPool, Script};
 
 use super::{Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence};
 
@@ -107,8 +107,7 @@ return out
 ";
 
 pub struct RedisState {
-    pool: Pool,
-    prefix: String,
+    redis: RedisPool,
     connect: Script,
     disconnect: Script,
     node_gone: Script,
@@ -116,91 +115,56 @@ pub struct RedisState {
     take_departures: Script,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StateError {
-    StateError(e.to_string())
-}
-
 fn meta_from(json: &str) -> Result<DeviceMeta, StateError> {
-    serde_json::from_str(json).map_err(|e| unavailable(format!("bad device meta {json:?}: {e}")))
+    serde_json::from_str(json).map_err(|e| {
+        StateError::Malformed(format!(
+            "device meta: {:?} error at column {}",
+            e.classify(),
+            e.column()
+        ))
+    })
 }
 
 impl RedisState {
     /// Connects to `url` and checks Redis answers. `prefix` namespaces keys.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StateError> {
-        let pool = Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(unavailable)?;
-        let with_fns = |body: &str| Script::new(&format!("{CLOSE_FN}\n{body}"));
-        let state = Self {
-            pool,
-            prefix: prefix.to_owned(),
-            connect: Script::new(CONNECT),
-            disconnect: with_fns(DISCONNECT),
-            node_gone: with_fns(NODE_GONE),
-            expire_nodes: with_fns(EXPIRE_NODES),
-            take_departures: Script::new(TAKE_DEPARTURES),
-        };
-        state.ping().await?;
-        Ok(state)
+        Ok(Self::new(RedisPool::connect(url, prefix).await?))
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StateError> {
-        self.pool.get().await.map_err(unavailable)
+    /// Presence state on an open pool; keys go under the pool's prefix.
+    pub fn new(redis: RedisPool) -> Self {
+        let with_fns = |name, body: &str| Script::new(name, &format!("{CLOSE_FN}\n{body}"));
+        Self {
+            redis,
+            connect: Script::new("connect", CONNECT),
+            disconnect: with_fns("disconnect", DISCONNECT),
+            node_gone: with_fns("node_gone", NODE_GONE),
+            expire_nodes: with_fns("expire_nodes", EXPIRE_NODES),
+            take_departures: Script::new("take_departures", TAKE_DEPARTURES),
+        }
     }
 
     /// Removes every key under the prefix (tests).
     pub async fn clear(&self) -> Result<(), StateError> {
-        let mut conn = self.conn().await?;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if !keys.is_empty() {
-            redis::cmd("DEL")
-                .arg(keys)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(())
+        self.redis.clear().await.map(|_| ())
     }
 }
 
 #[async_trait]
 impl PresenceState for RedisState {
     async fn connect(&self, c: &Connection, now_ms: i64) -> Result<Joined, StateError> {
-        let mut conn = self.conn().await?;
-        let reply: Vec<redis::Value> = self
+        let reply: Vec<Value> = self
             .connect
-            .arg(&self.prefix)
+            .call()
+            .arg(self.redis.prefix())
             .arg(&c.node_id)
             .arg(&c.user_id)
             .arg(&c.device_id)
             .arg(&c.conn_id)
             .arg(now_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let int = |v: Option<&redis::Value>| match v {
-            Some(redis::Value::Int(n)) => *n,
-            _ => -1,
-        };
-        match int(reply.first()) {
-            0 => Ok(Joined::Ignored),
-            1 => Ok(Joined::Nothing),
-            2 => {
-                let meta: String = match reply.get(1) {
-                    Some(v) => redis::from_redis_value(v).map_err(unavailable)?,
-                    None => return Err(unavailable("connect script returned no meta")),
-                };
-                Ok(Joined::Device {
-                    meta: meta_from(&meta)?,
-                    user_came_online: int(reply.get(2)) == 1,
-                })
-            }
-            other => Err(unavailable(format!("connect script returned {other}"))),
-        }
+            .run(&self.redis)
+            .await?;
+        connect_reply(&reply)
     }
 
     async fn disconnect(
@@ -209,78 +173,64 @@ impl PresenceState for RedisState {
         now_ms: i64,
         grace_ms: i64,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn().await?;
         self.disconnect
-            .arg(&self.prefix)
+            .call()
+            .arg(self.redis.prefix())
             .arg(&c.node_id)
             .arg(&c.user_id)
             .arg(&c.device_id)
             .arg(&c.conn_id)
             .arg(now_ms + grace_ms)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .run::<i64>(&self.redis)
+            .await?;
         Ok(())
     }
 
     async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError> {
-        let mut conn = self.conn().await?;
-        let added: i64 = redis::cmd("ZADD")
-            .arg(format!("{}:nodes", self.prefix))
-            .arg(now_ms)
-            .arg(node_id)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let added: i64 = self
+            .redis
+            .query(
+                redis::cmd("ZADD")
+                    .arg(self.redis.key(&["nodes"]))
+                    .arg(now_ms)
+                    .arg(node_id),
+            )
+            .await?;
         Ok(added == 1)
     }
 
     async fn node_gone(&self, node_id: &str, now_ms: i64, grace_ms: i64) -> Result<(), StateError> {
-        let mut conn = self.conn().await?;
         self.node_gone
-            .arg(&self.prefix)
+            .call()
+            .arg(self.redis.prefix())
             .arg(node_id)
             .arg(now_ms + grace_ms)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .run::<i64>(&self.redis)
+            .await?;
         Ok(())
     }
 
     async fn expire_nodes(&self, now_ms: i64, ttl_ms: i64) -> Result<usize, StateError> {
-        let mut conn = self.conn().await?;
         let n: i64 = self
             .expire_nodes
-            .arg(&self.prefix)
+            .call()
+            .arg(self.redis.prefix())
             .arg(now_ms)
             .arg(ttl_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .run(&self.redis)
+            .await?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     async fn take_departures(&self, now_ms: i64) -> Result<Vec<Left>, StateError> {
-        let mut conn = self.conn().await?;
-        let flat: Vec<redis::Value> = self
+        let flat: Vec<Value> = self
             .take_departures
-            .arg(&self.prefix)
+            .call()
+            .arg(self.redis.prefix())
             .arg(now_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        flat.chunks(3)
-            .map(|c| {
-                let user: String = redis::from_redis_value(&c[0]).map_err(unavailable)?;
-                let meta: String = redis::from_redis_value(&c[1]).map_err(unavailable)?;
-                let offline: i64 = redis::from_redis_value(&c[2]).map_err(unavailable)?;
-                Ok(Left {
-                    user_id: user,
-                    meta: meta_from(&meta)?,
-                    user_went_offline: offline == 1,
-                })
-            })
-            .collect()
+            .run(&self.redis)
+            .await?;
+        departures_reply(&flat)
     }
 
     async fn presence(&self, user_ids: &[String]) -> Result<Vec<UserPresence>, StateError> {
@@ -288,47 +238,84 @@ impl PresenceState for RedisState {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
+        let lastseen = self.redis.key(&["lastseen"]);
         for u in user_ids {
-            pipe.cmd("HVALS")
-                .arg(format!("{}:devices:{u}", self.prefix));
-            pipe.cmd("HGET")
-                .arg(format!("{}:lastseen", self.prefix))
-                .arg(u);
+            pipe.cmd("HVALS").arg(self.redis.key(&["devices", u]));
+            pipe.cmd("HGET").arg(&lastseen).arg(u);
         }
-        let mut conn = self.conn().await?;
-        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        user_ids
-            .iter()
-            .zip(replies.chunks(2))
-            .map(|(u, r)| {
-                let metas: Vec<String> = redis::from_redis_value(&r[0]).map_err(unavailable)?;
-                let last_seen: Option<i64> = redis::from_redis_value(&r[1]).map_err(unavailable)?;
-                let mut devices = metas
-                    .iter()
-                    .map(|m| meta_from(m))
-                    .collect::<Result<Vec<_>, _>>()?;
-                devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-                Ok(UserPresence {
-                    user_id: u.clone(),
-                    devices,
-                    last_seen_ms: last_seen,
-                })
-            })
-            .collect()
+        let replies: Vec<Value> = self.redis.pipeline(&pipe).await?;
+        presence_reply(user_ids, &replies)
     }
 
     async fn ping(&self) -> Result<(), StateError> {
-        let mut conn = self.conn().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.redis.ping().await
     }
 
     fn kind(&self) -> &'static str {
         "redis"
     }
+}
+
+/// The connect script's reply: `{0}`, `{1}` or `{2, meta, first}`.
+fn connect_reply(reply: &[Value]) -> Result<Joined, StateError> {
+    match reply {
+        [Value::Int(0)] => Ok(Joined::Ignored),
+        [Value::Int(1)] => Ok(Joined::Nothing),
+        [Value::Int(2), meta, first] => {
+            let meta: String = decode("connect meta", meta)?;
+            let first: i64 = decode("connect first", first)?;
+            Ok(Joined::Device {
+                meta: meta_from(&meta)?,
+                user_came_online: first == 1,
+            })
+        }
+        _ => Err(StateError::Malformed(format!(
+            "connect: a reply of {} values is none of {{0}}, {{1}}, {{2, meta, first}}",
+            reply.len()
+        ))),
+    }
+}
+
+/// The take_departures script's reply: `user, meta, offline` triples.
+fn departures_reply(flat: &[Value]) -> Result<Vec<Left>, StateError> {
+    triples::<String, String, i64>("take_departures", flat)?
+        .into_iter()
+        .map(|(user_id, meta, offline)| {
+            Ok(Left {
+                user_id,
+                meta: meta_from(&meta)?,
+                user_went_offline: offline == 1,
+            })
+        })
+        .collect()
+}
+
+/// The presence pipeline's replies: `HVALS devices, HGET lastseen` per user.
+fn presence_reply(user_ids: &[String], replies: &[Value]) -> Result<Vec<UserPresence>, StateError> {
+    let per_user = pairs::<Vec<String>, Option<i64>>("presence", replies)?;
+    if per_user.len() != user_ids.len() {
+        return Err(StateError::Malformed(format!(
+            "presence: {} replies for {} users",
+            per_user.len(),
+            user_ids.len()
+        )));
+    }
+    user_ids
+        .iter()
+        .zip(per_user)
+        .map(|(u, (metas, last_seen))| {
+            let mut devices = metas
+                .iter()
+                .map(|m| meta_from(m))
+                .collect::<Result<Vec<_>, _>>()?;
+            devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+            Ok(UserPresence {
+                user_id: u.clone(),
+                devices,
+                last_seen_ms: last_seen,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -347,5 +334,78 @@ mod tests {
         );
         super::super::conformance::run_all(state.clone()).await;
         state.clear().await.unwrap();
+    }
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    const META: &str = r#"{"device_id":"phone","phx_ref":"k1","online_at_ms":5}"#;
+
+    #[test]
+    fn script_replies_decode() {
+        assert_eq!(connect_reply(&[Value::Int(0)]), Ok(Joined::Ignored));
+        assert_eq!(connect_reply(&[Value::Int(1)]), Ok(Joined::Nothing));
+        let Ok(Joined::Device {
+            meta,
+            user_came_online: true,
+        }) = connect_reply(&[Value::Int(2), bulk(META), Value::Int(1)])
+        else {
+            panic!("a device join")
+        };
+        assert_eq!((meta.device_id.as_str(), meta.online_at_ms), ("phone", 5));
+        let left = departures_reply(&[bulk("u1"), bulk(META), Value::Int(1)]).unwrap();
+        assert_eq!(left.len(), 1);
+        assert!(left[0].user_went_offline);
+        let users = ["u1".to_owned(), "u2".to_owned()];
+        let replies = [
+            Value::Array(vec![bulk(META)]),
+            Value::Nil,
+            Value::Array(vec![]),
+            bulk("42"),
+        ];
+        let p = presence_reply(&users, &replies).unwrap();
+        assert!(p[0].online() && p[0].last_seen_ms.is_none());
+        assert!(!p[1].online());
+        assert_eq!(p[1].last_seen_ms, Some(42));
+    }
+
+    #[test]
+    fn malformed_script_replies_are_errors_not_panics() {
+        fn malformed<T>(r: Result<T, StateError>) -> bool {
+            matches!(r, Err(StateError::Malformed(_)))
+        }
+        assert!(malformed(connect_reply(&[])));
+        assert!(malformed(connect_reply(&[Value::Int(7)])));
+        assert!(malformed(connect_reply(&[Value::Int(2), bulk(META)])));
+        assert!(malformed(connect_reply(&[
+            Value::Int(2),
+            Value::Nil,
+            Value::Int(1)
+        ])));
+        assert!(malformed(connect_reply(&[
+            Value::Int(2),
+            bulk("{"),
+            Value::Int(1)
+        ])));
+        assert!(malformed(departures_reply(&[bulk("u1"), bulk(META)])));
+        assert!(malformed(departures_reply(&[
+            bulk("u1"),
+            bulk(META),
+            bulk("x")
+        ])));
+        let users = ["u1".to_owned(), "u2".to_owned()];
+        assert!(malformed(presence_reply(
+            &users,
+            &[Value::Array(vec![]), Value::Nil]
+        )));
+        assert!(malformed(presence_reply(
+            &users,
+            &[Value::Array(vec![]), Value::Nil, Value::Nil]
+        )));
+        assert!(malformed(presence_reply(
+            &users[..1],
+            &[Value::Int(3), Value::Nil]
+        )));
     }
 }
