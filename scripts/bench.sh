@@ -9,8 +9,79 @@
 #   scripts/bench.sh            # everything
 #   scripts/bench.sh --quick    # small sizes, a smoke test (~1 min)
 #   BENCH_SKIP_DISTRIBUTED=1 scripts/bench.sh
+#   scripts/bench.sh --ab A B [N]   # compare two builds (below)
+#
+# --ab A B [N]: builds git revisions A and B (`WORKTREE` = the working tree
+# as it is now), runs one case N times each (default 5), alternating A, B,
+# A, B, ... so both see the same machine noise, and prints every run and the
+# ratio B/A: the median of the per-pair ratios and their range. The case is
+# chat-max unless AB_ARGS (bench arguments) and AB_METRIC (a number in the
+# run's JSON, default acked_per_sec) say otherwise, e.g.
+#   AB_ARGS="chat --connections 2000 --group-min 2 --group-max 2 --rate 1000 --duration 10s" \
+#   AB_METRIC=latency_ms.p99 scripts/bench.sh --ab main WORKTREE 6
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# build_rev REV DIR: release bench + all-in-one binaries of REV into DIR.
+build_rev() {
+  local rev=$1 dir=$2
+  mkdir -p "$dir"
+  if [[ $rev == WORKTREE ]]; then
+    cargo build --release -p bench -p quckchat >&2
+    cp target/release/bench target/release/quckchat "$dir/"
+    return
+  fi
+  local src
+  src=target/ab/src-$(git rev-parse --short "$rev^{commit}")
+  rm -rf "$src"
+  git worktree add --detach --force "$src" "$rev" >&2
+  (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -p bench -p quckchat >&2)
+  cp target/ab/target/release/bench target/ab/target/release/quckchat "$dir/"
+  git worktree remove --force "$src"
+}
+
+if [[ ${1:-} == --ab ]]; then
+  [[ $# -ge 3 ]] || { echo "usage: scripts/bench.sh --ab REV_A REV_B [RUNS]" >&2; exit 2; }
+  a=$2 b=$3 runs=${4:-5}
+  read -r -a args <<<"${AB_ARGS:-chat --connections 2000 --group-min 2 --group-max 10 --rate 30000 --duration 10s}"
+  metric=${AB_METRIC:-acked_per_sec}
+  mkdir -p target/ab
+  echo "bench.sh: building $a and $b (release)" >&2
+  build_rev "$a" target/ab/bin-a
+  build_rev "$b" target/ab/bin-b
+  results=target/ab/results.tsv
+  : >"$results"
+  for ((i = 1; i <= runs; i++)); do
+    for side in a b; do
+      json=target/ab/run-$side-$i.json
+      timeout "${RUN_TIMEOUT:-300}" "target/ab/bin-$side/bench" "${args[@]}" --spawn allinone \
+        --case ab --json "$json" >/dev/null
+      value=$(python3 -c 'import json, sys
+v = json.load(open(sys.argv[1]))
+for key in sys.argv[2].split("."):
+    v = v[key]
+print(v)' "$json" "$metric")
+      printf '%s\t%s\t%s\n' "$i" "$side" "$value" >>"$results"
+      echo "bench.sh: run $i $side ($([[ $side == a ]] && echo "$a" || echo "$b")): $metric = $value" >&2
+    done
+  done
+  python3 - "$results" "$a" "$b" "$metric" "${args[*]}" <<'PY'
+import statistics, sys
+path, a, b, metric, args = sys.argv[1:]
+runs = {}
+for line in open(path):
+    i, side, value = line.split()
+    runs.setdefault(int(i), {})[side] = float(value)
+ratios = sorted(r["b"] / r["a"] for r in runs.values() if r.get("a"))
+va = [r["a"] for r in runs.values()]
+vb = [r["b"] for r in runs.values()]
+print(f"bench {args}: {metric}, {len(runs)} alternating runs each")
+print(f"  A {a}: {', '.join(f'{v:g}' for v in va)} (median {statistics.median(va):g})")
+print(f"  B {b}: {', '.join(f'{v:g}' for v in vb)} (median {statistics.median(vb):g})")
+print(f"  B/A per pair: median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}x..{ratios[-1]:.2f}x")
+PY
+  exit 0
+fi
 
 quick=0
 [[ ${1:-} == --quick ]] && quick=1
