@@ -13,6 +13,8 @@ use quckchat_proto::chat::{
 use quckchat_runtime::ids::valid_id;
 use tonic::{Request, Response, Status};
 
+use quckchat_runtime::service::Payload;
+
 use crate::service::{parse_send, ChatError, ChatService, HISTORY_DEFAULT, HISTORY_MAX};
 use crate::store::{self, StoreError};
 
@@ -37,9 +39,8 @@ fn chat_status(err: ChatError) -> Status {
         ChatError::Forbidden => Status::permission_denied("only the sender may change a message"),
         ChatError::MessageDeleted => Status::failed_precondition("message deleted"),
         ChatError::InvalidPayload(m) => Status::invalid_argument(m),
-        ChatError::UnknownEvent(e) => Status::unimplemented(e),
-        ChatError::InvalidTopic => Status::invalid_argument("invalid conversation id"),
         ChatError::Unavailable => Status::unavailable("store unavailable"),
+        ChatError::Refused(err) => err.into(),
     }
 }
 
@@ -167,8 +168,8 @@ impl ChatApi for ChatGrpc {
                 .map_err(|e| Status::invalid_argument(format!("metadata_json is not JSON: {e}")))?;
             payload.insert("metadata".into(), v);
         }
-        let new =
-            parse_send(&req.conversation_id, &req.sender_id, &payload).map_err(chat_status)?;
+        let new = parse_send(&req.conversation_id, &req.sender_id, &Payload(payload))
+            .map_err(chat_status)?;
         let message = self.service.post(new).await.map_err(chat_status)?;
         Ok(Response::new(message_to_proto(message)))
     }

@@ -17,10 +17,12 @@
 pub mod commands;
 pub mod config;
 pub mod grpc;
+pub mod payload;
 pub mod presence;
 pub mod service;
 pub mod store;
 mod turns;
+mod typing;
 
 use std::sync::Arc;
 

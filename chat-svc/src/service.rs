@@ -8,31 +8,30 @@
 //! backend changes MongoDB directly (change stream); at worst it is
 //! [`MEMBERSHIP_TTL`] old.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use prost::Message as _;
-use quckchat_proto::bus::{
-    command_reply, direct_event, ChannelEvent, ClientCommand, CloseChannel, CommandReply,
-    DirectEvent, TopicEvent,
-};
+use async_trait::async_trait;
 use quckchat_runtime::bus::{Bus, Subjects};
+use quckchat_runtime::errors::ClientError;
 use quckchat_runtime::ids::valid_id;
-use serde_json::{json, Map, Value};
+use quckchat_runtime::publish::Publisher;
+use quckchat_runtime::routes;
+use quckchat_runtime::service::{Command, Payload, Reply, Service};
+use serde_json::{json, Value};
 
+use crate::payload::{content_field, emoji_field};
+pub use crate::payload::{
+    parse_send, MAX_CLIENT_MESSAGE_ID, MAX_CONTENT_CHARS, MAX_METADATA_BYTES,
+};
 use crate::presence::{PresenceLookup, PRESENCE_TIMEOUT};
 use crate::store::{
     ChatStore, Conversation, Message, MessageChange, MessageRef, NewMessage, Page, StoreError,
-    MESSAGE_TYPES,
 };
 use crate::turns::Turns;
-
-/// Longest message content, in characters.
-pub const MAX_CONTENT_CHARS: usize = 10_000;
-/// Longest `clientMessageId`.
-pub const MAX_CLIENT_MESSAGE_ID: usize = 128;
+use crate::typing::Typing;
+pub use crate::typing::{TYPING_EXPIRY, TYPING_THROTTLE};
 /// Most messages (new, and changed old ones) replayed after a join with
 /// `lastSeq`; past it the join reply says `replayComplete: false` and the
 /// client pages the rest with `message:history` from `replayFromSeq`.
@@ -46,42 +45,55 @@ pub const MAX_PAGE_BYTES: usize = 512 * 1024;
 /// Default and largest `message:history` page.
 pub const HISTORY_DEFAULT: usize = 50;
 pub const HISTORY_MAX: usize = 100;
-/// A typing indicator without `typing:stop` ends by itself after this.
-pub const TYPING_EXPIRY: Duration = Duration::from_secs(8);
-/// Repeated `typing:start` within this window is not re-broadcast.
-pub const TYPING_THROTTLE: Duration = Duration::from_secs(3);
 /// How long a replica trusts its cached membership of a conversation.
 pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(10);
 
 /// Name of this service on the bus.
-pub const SERVICE: &str = "chat";
+pub const SERVICE: &str = routes::CHAT;
 
-/// Why a command was refused; each maps to the reply's `reason`.
+/// Why a command was refused; each is one of the [`ClientError`] reasons.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChatError {
+    /// Not a member of the conversation (or no such conversation).
     #[error("unauthorized")]
     Unauthorized,
+    /// No such message in the conversation.
     #[error("not_found")]
     NotFound,
+    /// Only the sender may change a message.
     #[error("forbidden")]
     Forbidden,
     #[error("message deleted")]
     MessageDeleted,
     #[error("invalid payload: {0}")]
     InvalidPayload(String),
-    #[error("unknown event")]
-    UnknownEvent(String),
-    #[error("invalid topic")]
-    InvalidTopic,
+    /// The store did not answer (logged where it happened).
     #[error("service unavailable")]
     Unavailable,
+    /// A refusal every service shares.
+    #[error(transparent)]
+    Refused(ClientError),
 }
 
-impl ChatError {
-    fn response(&self) -> Value {
-        match self {
-            ChatError::UnknownEvent(event) => json!({"reason": "unknown event", "event": event}),
-            other => json!({"reason": other.to_string()}),
+impl From<ChatError> for ClientError {
+    fn from(err: ChatError) -> Self {
+        match err {
+            ChatError::Unauthorized => ClientError::Unauthorized,
+            ChatError::NotFound => ClientError::NotFound,
+            ChatError::Forbidden => ClientError::Forbidden,
+            ChatError::MessageDeleted => ClientError::MessageDeleted,
+            ChatError::InvalidPayload(m) => ClientError::InvalidPayload(m),
+            ChatError::Unavailable => ClientError::Unavailable,
+            ChatError::Refused(err) => err,
+        }
+    }
+}
+
+impl From<ClientError> for ChatError {
+    fn from(err: ClientError) -> Self {
+        match err {
+            ClientError::InvalidPayload(m) => ChatError::InvalidPayload(m),
+            other => ChatError::Refused(other),
         }
     }
 }
@@ -101,25 +113,9 @@ impl From<StoreError> for ChatError {
     }
 }
 
-/// What a handled command produces.
-struct Outcome {
-    response: Value,
-    followups: Vec<ChannelEvent>,
-}
-
-impl From<Value> for Outcome {
-    fn from(response: Value) -> Self {
-        Self {
-            response,
-            followups: Vec::new(),
-        }
-    }
-}
-
 pub struct ChatService {
     store: Arc<dyn ChatStore>,
-    bus: Arc<dyn Bus>,
-    subjects: Subjects,
+    publisher: Publisher,
     members: moka::future::Cache<String, Arc<HashSet<String>>>,
     typing: Typing,
     presence: Option<Arc<dyn PresenceLookup>>,
@@ -136,13 +132,12 @@ impl ChatService {
             .max_capacity(100_000)
             .time_to_live(MEMBERSHIP_TTL)
             .build();
-        let typing = Typing::new(bus.clone(), subjects.clone());
+        let publisher = Publisher::new(bus, subjects);
         Self {
             store,
-            bus,
-            subjects,
+            typing: Typing::new(publisher.clone()),
+            publisher,
             members,
-            typing,
             presence: None,
             send_turns: Turns::new(SEND_TURNS),
         }
@@ -160,7 +155,9 @@ impl ChatService {
 
     /// Subject on which every replica hears membership changes.
     pub fn membership_subject(&self) -> String {
-        self.subjects.service_event(SERVICE, "membership")
+        self.publisher
+            .subjects()
+            .service_event(SERVICE, "membership")
     }
 
     /// Forgets cached membership (another replica changed it).
@@ -168,58 +165,23 @@ impl ChatService {
         self.members.invalidate(conversation_id).await;
     }
 
-    /// Handles one command and builds the reply the client will see.
-    pub async fn handle(&self, cmd: &ClientCommand) -> CommandReply {
-        let result = self.dispatch(cmd).await;
-        // Only known names become label values (static, no allocation):
-        // clients choose event names.
-        let event: &'static str = std::iter::once(&"phx_join")
-            .chain(KNOWN_EVENTS)
-            .find(|known| **known == cmd.event)
-            .copied()
-            .unwrap_or("other");
-        metrics::counter!(
-            "quckchat_chat_commands_total",
-            "event" => event,
-            "result" => if result.is_ok() { "ok" } else { "error" },
-        )
-        .increment(1);
-        match result {
-            Ok(outcome) => CommandReply {
-                status: command_reply::Status::Ok as i32,
-                response: outcome.response.to_string().into_bytes(),
-                followups: outcome.followups,
-            },
-            Err(e) => CommandReply {
-                status: command_reply::Status::Error as i32,
-                response: e.response().to_string().into_bytes(),
-                followups: Vec::new(),
-            },
-        }
-    }
-
-    async fn dispatch(&self, cmd: &ClientCommand) -> Result<Outcome, ChatError> {
-        let conversation_id = cmd
-            .topic
-            .strip_prefix("chat:")
-            .filter(|id| valid_id(id))
-            .ok_or(ChatError::InvalidTopic)?;
-        let p = parse_object(&cmd.payload)?;
+    /// Answers a join or a push on `chat:<id>` (the kit checked the topic,
+    /// the payload's shape and the event's name).
+    async fn dispatch(&self, cmd: &Command) -> Result<Reply, ChatError> {
+        let conversation_id = cmd.id.as_str();
+        let p = &cmd.payload;
         let user = cmd.user_id.as_str();
-        if cmd.event == "phx_join" {
-            return self.join(conversation_id, user, &p).await;
-        }
-        if !KNOWN_EVENTS.contains(&cmd.event.as_str()) {
-            return Err(ChatError::UnknownEvent(cmd.event.clone()));
+        if cmd.is_join() {
+            return self.join(conversation_id, user, p).await;
         }
         self.authorize(conversation_id, user).await?;
         let response = match cmd.event.as_str() {
-            "message:send" => self.send(conversation_id, user, &p).await?,
+            "message:send" => self.send(conversation_id, user, p).await?,
             "message:edit" => {
-                let content = content_field(&p)?;
+                let content = content_field(p)?;
                 self.change(
                     conversation_id,
-                    &p,
+                    p,
                     MessageChange::Edit {
                         by: user.into(),
                         content,
@@ -230,16 +192,16 @@ impl ChatService {
             "message:delete" => {
                 self.change(
                     conversation_id,
-                    &p,
+                    p,
                     MessageChange::Delete { by: user.into() },
                 )
                 .await?
             }
             "message:reaction:add" => {
-                let emoji = emoji_field(&p)?;
+                let emoji = emoji_field(p)?;
                 self.change(
                     conversation_id,
-                    &p,
+                    p,
                     MessageChange::AddReaction {
                         by: user.into(),
                         emoji,
@@ -248,10 +210,10 @@ impl ChatService {
                 .await?
             }
             "message:reaction:remove" => {
-                let emoji = emoji_field(&p)?;
+                let emoji = emoji_field(p)?;
                 self.change(
                     conversation_id,
-                    &p,
+                    p,
                     MessageChange::RemoveReaction {
                         by: user.into(),
                         emoji,
@@ -267,9 +229,9 @@ impl ChatService {
                 self.typing.stop(conversation_id, user).await;
                 json!({})
             }
-            "message:read" => self.read(conversation_id, user, &p).await?,
-            "message:history" => self.history_event(conversation_id, &p).await?,
-            other => return Err(ChatError::UnknownEvent(other.to_owned())),
+            "message:read" => self.read(conversation_id, user, p).await?,
+            "message:history" => self.history_event(conversation_id, p).await?,
+            other => return Err(ClientError::UnknownEvent(other.to_owned()).into()),
         };
         Ok(response.into())
     }
@@ -304,9 +266,9 @@ impl ChatService {
         &self,
         conversation_id: &str,
         user_id: &str,
-        p: &Map<String, Value>,
-    ) -> Result<Outcome, ChatError> {
-        let last_seen = opt_u64(p, "lastSeq")?;
+        p: &Payload,
+    ) -> Result<Reply, ChatError> {
+        let last_seen = p.opt_u64("lastSeq")?;
         let conv = self
             .store
             .conversation(conversation_id)
@@ -327,10 +289,7 @@ impl ChatService {
             match tokio::time::timeout(PRESENCE_TIMEOUT, presence.presence_state(&conv.member_ids))
                 .await
             {
-                Ok(Ok(state)) => followups.push(ChannelEvent {
-                    event: "presence_state".into(),
-                    payload: state.to_string().into_bytes(),
-                }),
+                Ok(Ok(state)) => followups.push(("presence_state".to_owned(), state)),
                 Ok(Err(err)) => {
                     tracing::warn!(%err, "presence unavailable: join without presence_state")
                 }
@@ -349,7 +308,7 @@ impl ChatService {
                 response["replayFromSeq"] = json!(seq);
             }
         }
-        Ok(Outcome {
+        Ok(Reply {
             response,
             followups,
         })
@@ -359,7 +318,7 @@ impl ChatService {
         &self,
         conversation_id: &str,
         user_id: &str,
-        p: &Map<String, Value>,
+        p: &Payload,
     ) -> Result<Value, ChatError> {
         let new = parse_send(conversation_id, user_id, p)?;
         Ok(self.store_and_broadcast(new).await?.1)
@@ -408,10 +367,10 @@ impl ChatService {
     async fn change(
         &self,
         conversation_id: &str,
-        p: &Map<String, Value>,
+        p: &Payload,
         change: MessageChange,
     ) -> Result<Value, ChatError> {
-        let message_id = req_str(p, "messageId")?;
+        let message_id = p.str("messageId")?;
         if !valid_id(message_id) {
             return Err(ChatError::NotFound);
         }
@@ -452,9 +411,9 @@ impl ChatService {
         &self,
         conversation_id: &str,
         user_id: &str,
-        p: &Map<String, Value>,
+        p: &Payload,
     ) -> Result<Value, ChatError> {
-        let which = match (opt_str(p, "messageId")?, opt_u64(p, "seq")?) {
+        let which = match (p.opt_str("messageId")?, p.opt_u64("seq")?) {
             (Some(id), _) if valid_id(id) => MessageRef::Id(id.to_owned()),
             (Some(_), _) => return Err(ChatError::NotFound),
             (None, Some(seq)) if seq >= 1 => MessageRef::Seq(seq),
@@ -490,13 +449,9 @@ impl ChatService {
         Ok(json!({ "readUpTo": state.read_up_to }))
     }
 
-    async fn history_event(
-        &self,
-        conversation_id: &str,
-        p: &Map<String, Value>,
-    ) -> Result<Value, ChatError> {
-        let before = opt_u64(p, "beforeSeq")?;
-        let limit = match opt_u64(p, "limit")? {
+    async fn history_event(&self, conversation_id: &str, p: &Payload) -> Result<Value, ChatError> {
+        let before = p.opt_u64("beforeSeq")?;
+        let limit = match p.opt_u64("limit")? {
             None => HISTORY_DEFAULT,
             Some(n) if (1..=HISTORY_MAX as u64).contains(&n) => n as usize,
             Some(_) => {
@@ -580,9 +535,11 @@ impl ChatService {
     /// members' channels on every gateway.
     async fn membership_changed(&self, conversation_id: &str, removed: &[String]) {
         self.members.invalidate(conversation_id).await;
-        let subject = self.membership_subject();
-        let id = Bytes::from(conversation_id.to_owned());
-        if let Err(err) = self.bus.publish(&subject, None, Vec::new(), id).await {
+        if let Err(err) = self
+            .publisher
+            .notice(SERVICE, "membership", conversation_id)
+            .await
+        {
             tracing::warn!(%err, "membership change not announced");
         }
         self.close_channels(conversation_id, removed).await;
@@ -590,17 +547,9 @@ impl ChatService {
 
     /// Closes `users`' channels on the conversation's topic, on every gateway.
     async fn close_channels(&self, conversation_id: &str, users: &[String]) {
-        let close = DirectEvent {
-            topic: format!("chat:{conversation_id}"),
-            kind: Some(direct_event::Kind::Close(CloseChannel {
-                reason: "removed".into(),
-            })),
-        }
-        .encode_to_vec();
+        let topic = format!("chat:{conversation_id}");
         for user in users {
-            let subject = self.subjects.user(user);
-            let payload = Bytes::from(close.clone());
-            if let Err(err) = self.bus.publish(&subject, None, Vec::new(), payload).await {
+            if let Err(err) = self.publisher.close_channel(user, &topic, "removed").await {
                 tracing::warn!(%err, user, "channel close not sent");
             }
         }
@@ -650,15 +599,31 @@ impl ChatService {
         payload: &Value,
         except_user: Option<&str>,
     ) {
-        publish_topic(
-            self.bus.as_ref(),
-            &self.subjects,
-            conversation_id,
-            event,
-            payload,
-            except_user,
-        )
-        .await;
+        let topic = format!("chat:{conversation_id}");
+        if let Err(err) = self
+            .publisher
+            .to_topic(&topic, event, payload, except_user)
+            .await
+        {
+            tracing::warn!(%err, %topic, event, "broadcast not published");
+        }
+    }
+}
+
+#[async_trait]
+impl Service for ChatService {
+    type Error = ChatError;
+
+    fn name(&self) -> &'static str {
+        SERVICE
+    }
+
+    fn events(&self) -> &'static [&'static str] {
+        KNOWN_EVENTS
+    }
+
+    async fn handle(&self, cmd: Command) -> Result<Reply, ChatError> {
+        self.dispatch(&cmd).await
     }
 }
 
@@ -674,30 +639,6 @@ const KNOWN_EVENTS: &[&str] = &[
     "message:history",
 ];
 
-async fn publish_topic(
-    bus: &dyn Bus,
-    subjects: &Subjects,
-    conversation_id: &str,
-    event: &str,
-    payload: &Value,
-    except_user: Option<&str>,
-) {
-    let topic = format!("chat:{conversation_id}");
-    let ev = TopicEvent {
-        topic: topic.clone(),
-        event: event.to_owned(),
-        payload: payload.to_string().into_bytes(),
-        exclude_user_id: except_user.unwrap_or_default().to_owned(),
-    };
-    let subject = subjects.topic(&topic);
-    if let Err(err) = bus
-        .publish(&subject, None, Vec::new(), Bytes::from(ev.encode_to_vec()))
-        .await
-    {
-        tracing::warn!(%err, %subject, event, "broadcast not published");
-    }
-}
-
 fn deleted_payload(m: &Message) -> Value {
     json!({
         "messageId": m.id,
@@ -710,19 +651,16 @@ fn deleted_payload(m: &Message) -> Value {
 /// (edited state, or deleted), then the new messages, oldest first, within
 /// [`MAX_REPLAY_BYTES`]. Returns the events, whether nothing was left out,
 /// and the seq of the first new message sent.
-fn replay_events(replay: crate::store::Replay) -> (Vec<ChannelEvent>, bool, Option<u64>) {
+fn replay_events(replay: crate::store::Replay) -> (Vec<(String, Value)>, bool, Option<u64>) {
     let mut complete = replay.complete;
     let mut budget = MAX_REPLAY_BYTES;
-    let mut take = |event: &str, payload: Value| -> Option<ChannelEvent> {
-        let bytes = payload.to_string().into_bytes();
-        if bytes.len() > budget {
+    let mut take = |event: &str, payload: Value| -> Option<(String, Value)> {
+        let size = serde_json::to_vec(&payload).map_or(usize::MAX, |b| b.len());
+        if size > budget {
             return None;
         }
-        budget -= bytes.len();
-        Some(ChannelEvent {
-            event: event.to_owned(),
-            payload: bytes,
-        })
+        budget -= size;
+        Some((event.to_owned(), payload))
     };
     // Newest messages first against the budget, so what is cut is the oldest.
     let mut new_events = Vec::new();
@@ -757,248 +695,6 @@ fn replay_events(replay: crate::store::Replay) -> (Vec<ChannelEvent>, bool, Opti
     }
     events.extend(new_events);
     (events, complete, first_seq)
-}
-
-/// Typing indicators: not stored, sent to the others only, throttled, and
-/// ended by the service when the client does not (after [`TYPING_EXPIRY`]).
-/// Kept per replica: a `typing:stop` handled by another replica only makes
-/// this one's expiry send a second, harmless stop.
-struct Typing {
-    bus: Arc<dyn Bus>,
-    subjects: Subjects,
-    active: Arc<Mutex<HashMap<(String, String), TypingState>>>,
-}
-
-struct TypingState {
-    last_broadcast: Instant,
-    generation: u64,
-}
-
-impl Typing {
-    fn new(bus: Arc<dyn Bus>, subjects: Subjects) -> Self {
-        Self {
-            bus,
-            subjects,
-            active: Arc::new(Mutex::new(HashMap::new())),
-        }
-    }
-
-    async fn start(&self, conversation_id: &str, user_id: &str) {
-        let key = (conversation_id.to_owned(), user_id.to_owned());
-        let (announce, generation) = {
-            let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let state = active.entry(key.clone()).or_insert(TypingState {
-                last_broadcast: now.checked_sub(TYPING_THROTTLE * 2).unwrap_or(now),
-                generation: 0,
-            });
-            state.generation += 1;
-            let announce = now.duration_since(state.last_broadcast) >= TYPING_THROTTLE;
-            if announce {
-                state.last_broadcast = now;
-            }
-            (announce, state.generation)
-        };
-        if announce {
-            self.publish(conversation_id, user_id, "typing:start").await;
-        }
-        let (active, bus, subjects) =
-            (self.active.clone(), self.bus.clone(), self.subjects.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(TYPING_EXPIRY).await;
-            let expired = {
-                let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
-                let current = active.get(&key).is_some_and(|s| s.generation == generation);
-                if current {
-                    active.remove(&key);
-                }
-                current
-            };
-            if expired {
-                let payload = json!({ "userId": key.1, "conversationId": key.0 });
-                publish_topic(
-                    bus.as_ref(),
-                    &subjects,
-                    &key.0,
-                    "typing:stop",
-                    &payload,
-                    Some(&key.1),
-                )
-                .await;
-            }
-        });
-    }
-
-    async fn stop(&self, conversation_id: &str, user_id: &str) {
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(conversation_id.to_owned(), user_id.to_owned()));
-        self.publish(conversation_id, user_id, "typing:stop").await;
-    }
-
-    async fn publish(&self, conversation_id: &str, user_id: &str, event: &str) {
-        let payload = json!({ "userId": user_id, "conversationId": conversation_id });
-        publish_topic(
-            self.bus.as_ref(),
-            &self.subjects,
-            conversation_id,
-            event,
-            &payload,
-            Some(user_id),
-        )
-        .await;
-    }
-}
-
-fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, ChatError> {
-    if payload.is_empty() {
-        return Ok(Map::new());
-    }
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(Value::Null) => Ok(Map::new()),
-        _ => Err(ChatError::InvalidPayload("expected an object".into())),
-    }
-}
-
-fn invalid(msg: impl Into<String>) -> ChatError {
-    ChatError::InvalidPayload(msg.into())
-}
-
-/// An optional string field (`null` counts as absent).
-fn opt_str<'a>(p: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ChatError> {
-    match p.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(invalid(format!("{field} must be a string"))),
-    }
-}
-
-fn req_str<'a>(p: &'a Map<String, Value>, field: &str) -> Result<&'a str, ChatError> {
-    opt_str(p, field)?.ok_or_else(|| invalid(format!("{field} is required")))
-}
-
-/// An optional non-negative integer field.
-fn opt_u64(p: &Map<String, Value>, field: &str) -> Result<Option<u64>, ChatError> {
-    match p.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| invalid(format!("{field} must be a non-negative integer"))),
-    }
-}
-
-fn content_field(p: &Map<String, Value>) -> Result<String, ChatError> {
-    let content = req_str(p, "content")?;
-    if content.chars().count() > MAX_CONTENT_CHARS {
-        return Err(invalid(format!(
-            "content exceeds {MAX_CONTENT_CHARS} characters"
-        )));
-    }
-    Ok(content.to_owned())
-}
-
-/// An emoji: one Unicode emoji (with skin tone or variation selector), or a
-/// `:shortcode:` naming one.
-fn emoji_field(p: &Map<String, Value>) -> Result<String, ChatError> {
-    let emoji = req_str(p, "emoji")?;
-    let known = emojis::get(emoji).is_some()
-        || emoji
-            .strip_prefix(':')
-            .and_then(|s| s.strip_suffix(':'))
-            .is_some_and(|code| emojis::get_by_shortcode(code).is_some());
-    if known {
-        Ok(emoji.to_owned())
-    } else {
-        Err(invalid("emoji must be a single emoji or a :shortcode:"))
-    }
-}
-
-/// Largest `metadata`, encoded.
-pub const MAX_METADATA_BYTES: usize = 16 * 1024;
-
-/// Metadata every store can keep as the client sent it: no `$` keys (MongoDB
-/// operators), integers within 64-bit signed, nesting at most 16 deep.
-fn check_metadata(v: &Value, depth: usize) -> Result<(), ChatError> {
-    if depth > 16 {
-        return Err(invalid("metadata is nested too deep"));
-    }
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                if k.starts_with('$') {
-                    return Err(invalid(format!(
-                        "metadata keys must not start with $: {k:?}"
-                    )));
-                }
-                check_metadata(v, depth + 1)?;
-            }
-            Ok(())
-        }
-        Value::Array(a) => a.iter().try_for_each(|v| check_metadata(v, depth + 1)),
-        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => Err(invalid(
-            "metadata numbers must fit in 64-bit signed integers",
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Validates a `message:send` payload.
-pub fn parse_send(
-    conversation_id: &str,
-    user_id: &str,
-    p: &Map<String, Value>,
-) -> Result<NewMessage, ChatError> {
-    if let Some(cid) = opt_str(p, "conversationId")? {
-        if cid != conversation_id {
-            return Err(invalid("conversationId does not match the topic"));
-        }
-    }
-    let kind = req_str(p, "type")?;
-    if !MESSAGE_TYPES.contains(&kind) {
-        return Err(invalid(format!(
-            "type must be one of {}",
-            MESSAGE_TYPES.join(", ")
-        )));
-    }
-    let content = content_field(p)?;
-    if kind == "text" && content.trim().is_empty() {
-        return Err(invalid("content must not be empty"));
-    }
-    let client_message_id = opt_str(p, "clientMessageId")?;
-    if client_message_id.is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_MESSAGE_ID) {
-        return Err(invalid(format!(
-            "clientMessageId must be 1 to {MAX_CLIENT_MESSAGE_ID} characters"
-        )));
-    }
-    let reply_to = opt_str(p, "replyTo")?;
-    if reply_to.is_some_and(|r| !valid_id(r)) {
-        return Err(invalid("replyTo must name a message of this conversation"));
-    }
-    let metadata = match p.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => {
-            check_metadata(&Value::Object(m.clone()), 0)?;
-            if serde_json::to_vec(m).map_or(usize::MAX, |v| v.len()) > MAX_METADATA_BYTES {
-                return Err(invalid(format!(
-                    "metadata exceeds {MAX_METADATA_BYTES} bytes"
-                )));
-            }
-            Some(m.clone())
-        }
-        Some(_) => return Err(invalid("metadata must be an object")),
-    };
-    Ok(NewMessage {
-        conversation_id: conversation_id.to_owned(),
-        sender_id: user_id.to_owned(),
-        kind: kind.to_owned(),
-        content,
-        client_message_id: client_message_id.map(str::to_owned),
-        reply_to: reply_to.map(str::to_owned),
-        metadata,
-    })
 }
 
 #[cfg(test)]

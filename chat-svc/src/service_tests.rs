@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message as _;
-use quckchat_proto::bus::{direct_event, ClientCommand, DirectEvent, TopicEvent};
+use quckchat_proto::bus::{direct_event, DirectEvent, TopicEvent};
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects, Subscription};
+use quckchat_runtime::service::answer;
+use quckchat_runtime::testkit;
 use serde_json::{json, Value};
 
 use super::*;
@@ -48,27 +50,10 @@ impl Fixture {
         event: &str,
         payload: Value,
     ) -> (bool, Value, Vec<(String, Value)>) {
-        let reply = self
-            .service
-            .handle(&ClientCommand {
-                conn_id: "k".into(),
-                user_id: user.into(),
-                device_id: "d".into(),
-                topic: "chat:c1".into(),
-                event: event.into(),
-                payload: payload.to_string().into_bytes(),
-            })
-            .await;
-        let followups = reply
-            .followups
-            .iter()
-            .map(|f| (f.event.clone(), serde_json::from_slice(&f.payload).unwrap()))
-            .collect();
-        (
-            reply.status == command_reply::Status::Ok as i32,
-            serde_json::from_slice(&reply.response).unwrap(),
-            followups,
-        )
+        let mut cmd = testkit::command("chat:c1", event, user, &payload);
+        (cmd.conn_id, cmd.device_id) = ("k".into(), "d".into());
+        let reply = testkit::decode(&answer(&self.service, cmd).await);
+        (reply.ok, reply.response, reply.followups)
     }
 
     async fn ok(&self, user: &str, event: &str, payload: Value) -> Value {
@@ -120,8 +105,8 @@ impl Fixture {
     }
 }
 
-fn obj(v: Value) -> Map<String, Value> {
-    v.as_object().unwrap().clone()
+fn obj(v: Value) -> Payload {
+    Payload(v.as_object().unwrap().clone())
 }
 
 #[test]
@@ -557,11 +542,11 @@ fn replay_is_bounded_in_bytes_keeping_the_newest() {
         complete: true,
     });
     assert!(!complete);
-    let total: usize = events.iter().map(|e| e.payload.len()).sum();
+    let total: usize = events.iter().map(|(_, p)| p.to_string().len()).sum();
     assert!(total <= MAX_REPLAY_BYTES);
-    let first: Value = serde_json::from_slice(&events[0].payload).unwrap();
+    let first = &events[0].1;
     assert_eq!(Some(first["message"]["seq"].as_u64().unwrap()), from);
-    let last: Value = serde_json::from_slice(&events.last().unwrap().payload).unwrap();
+    let last = &events.last().unwrap().1;
     assert_eq!(last["message"]["seq"], 100, "the newest are kept");
 }
 
@@ -626,32 +611,71 @@ async fn typing_goes_to_the_others_and_is_throttled() {
     assert_eq!(f.broadcast().await.0, "typing:stop");
 }
 
-#[tokio::test(start_paused = true)]
-async fn typing_expires_by_itself() {
+/// The next typing event on the topic, or `None` if none comes within
+/// `wait` (tokio's clock: paused tests move it).
+async fn typing_event(topic: &mut Subscription, wait: Duration) -> Option<(String, String)> {
+    let msg = tokio::time::timeout(wait, topic.next()).await.ok()??;
+    let ev = TopicEvent::decode(msg.payload.as_ref()).unwrap();
+    Some((ev.event, ev.exclude_user_id))
+}
+
+fn typing_fixture() -> (Arc<dyn Bus>, Subjects, Typing) {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     let subjects = Subjects::new("qc");
+    let typing = Typing::new(Publisher::new(bus.clone(), subjects.clone()));
+    (bus, subjects, typing)
+}
+
+#[tokio::test(start_paused = true)]
+async fn typing_expires_by_itself() {
+    let (bus, subjects, typing) = typing_fixture();
     let mut topic = bus
         .subscribe(&subjects.topic("chat:c1"), None)
         .await
         .unwrap();
-    let typing = Typing::new(bus.clone(), subjects);
+    let start = Some(("typing:start".to_owned(), "alice".to_owned()));
+    let stop = Some(("typing:stop".to_owned(), "alice".to_owned()));
     typing.start("c1", "alice").await;
-    let start = TopicEvent::decode(topic.next().await.unwrap().payload.as_ref()).unwrap();
-    assert_eq!(start.event, "typing:start");
+    assert_eq!(typing_event(&mut topic, Duration::ZERO).await, start);
     tokio::time::sleep(TYPING_EXPIRY - Duration::from_secs(1)).await;
-    typing.start("c1", "alice").await; // still typing: the expiry moves
-    tokio::time::sleep(TYPING_EXPIRY - Duration::from_secs(1)).await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(10), topic.next())
-            .await
-            .is_err(),
-        "not expired yet"
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let stop = TopicEvent::decode(topic.next().await.unwrap().payload.as_ref()).unwrap();
+    // Still typing: the expiry moves; past the throttle, announced again.
+    typing.start("c1", "alice").await;
+    assert_eq!(typing_event(&mut topic, Duration::ZERO).await, start);
     assert_eq!(
-        (stop.event.as_str(), stop.exclude_user_id.as_str()),
-        ("typing:stop", "alice")
+        typing_event(&mut topic, TYPING_EXPIRY - Duration::from_secs(1)).await,
+        None,
+        "not expired yet: the second start moved the expiry"
+    );
+    assert_eq!(
+        typing_event(&mut topic, Duration::from_secs(2)).await,
+        stop,
+        "expired one TYPING_EXPIRY after the last start"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn typing_start_is_throttled_then_announced_again() {
+    let (bus, subjects, typing) = typing_fixture();
+    let mut topic = bus
+        .subscribe(&subjects.topic("chat:c1"), None)
+        .await
+        .unwrap();
+    let start = Some(("typing:start".to_owned(), "alice".to_owned()));
+    typing.start("c1", "alice").await;
+    assert_eq!(typing_event(&mut topic, Duration::ZERO).await, start);
+    tokio::time::sleep(TYPING_THROTTLE - Duration::from_millis(100)).await;
+    typing.start("c1", "alice").await;
+    assert_eq!(
+        typing_event(&mut topic, Duration::ZERO).await,
+        None,
+        "a start within the throttle window is not re-broadcast"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    typing.start("c1", "alice").await;
+    assert_eq!(
+        typing_event(&mut topic, Duration::ZERO).await,
+        start,
+        "a start after the throttle window is broadcast again"
     );
 }
 
@@ -668,20 +692,13 @@ async fn concurrent_sends_are_broadcast_in_seq_order() {
         .map(|i| {
             let service = service.clone();
             tokio::spawn(async move {
-                let cmd = ClientCommand {
-                    conn_id: "k".into(),
-                    user_id: if i % 2 == 0 { "alice" } else { "bob" }.into(),
-                    device_id: "d".into(),
-                    topic: "chat:c1".into(),
-                    event: "message:send".into(),
-                    payload: json!({"type": "text", "content": format!("m{i}")})
-                        .to_string()
-                        .into_bytes(),
-                };
-                assert_eq!(
-                    service.handle(&cmd).await.status,
-                    command_reply::Status::Ok as i32
+                let cmd = testkit::command(
+                    "chat:c1",
+                    "message:send",
+                    if i % 2 == 0 { "alice" } else { "bob" },
+                    &json!({"type": "text", "content": format!("m{i}")}),
                 );
+                assert!(testkit::decode(&answer(service.as_ref(), cmd).await).ok);
             })
         })
         .collect();
@@ -710,7 +727,9 @@ async fn unknown_event_names_do_not_become_metric_labels() {
     let text = metrics.render();
     assert!(!text.contains("made-up-7f3a"), "{text}");
     assert!(
-        text.contains(r#"quckchat_chat_commands_total{event="other",result="error"}"#),
+        text.contains(
+            r#"quckchat_commands_total{service="chat",event="other",result="unknown_event"}"#
+        ),
         "{text}"
     );
 }

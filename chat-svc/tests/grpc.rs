@@ -10,13 +10,15 @@ use prost::Message as _;
 use quckchat_chat::grpc::ChatGrpc;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, EmbeddedStore};
-use quckchat_proto::bus::{command_reply, direct_event, ClientCommand, DirectEvent, TopicEvent};
+use quckchat_proto::bus::{direct_event, DirectEvent, TopicEvent};
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::{
     GetConversationRequest, GetHistoryRequest, GetUnreadCountsRequest, PostMessageRequest,
     RemoveMemberRequest, UnreadCount, UpsertConversationRequest,
 };
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
+use quckchat_runtime::service::answer;
+use quckchat_runtime::testkit;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -81,21 +83,9 @@ impl Fixture {
 
     /// A client command as the gateway would send it.
     async fn push(&self, user: &str, conv: &str, event: &str, payload: Value) -> (bool, Value) {
-        let reply = self
-            .service
-            .handle(&ClientCommand {
-                conn_id: format!("{user}-conn"),
-                user_id: user.into(),
-                device_id: "d".into(),
-                topic: format!("chat:{conv}"),
-                event: event.into(),
-                payload: payload.to_string().into_bytes(),
-            })
-            .await;
-        (
-            reply.status == command_reply::Status::Ok as i32,
-            serde_json::from_slice(&reply.response).unwrap(),
-        )
+        let cmd = testkit::command(&format!("chat:{conv}"), event, user, &payload);
+        let reply = testkit::decode(&answer(self.service.as_ref(), cmd).await);
+        (reply.ok, reply.response)
     }
 }
 

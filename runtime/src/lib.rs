@@ -21,7 +21,8 @@
 //! - [`process`] — the start and end of every binary;
 //! - [`server`] — binding and serving HTTP on one port;
 //! - [`shutdown`] — SIGTERM/SIGINT handling;
-//! - [`time`] — timestamps as clients see them.
+//! - [`time`] — timestamps as clients see them;
+//! - `testkit` (feature `testsuite`) — test helpers every crate shares.
 
 pub mod admin;
 pub mod auth;
@@ -39,4 +40,6 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testkit;
 pub mod time;

@@ -29,6 +29,9 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 
 /// The join event: its reply decides whether the client is in.
 pub const JOIN: &str = "phx_join";
+/// A socket left the channel (sent to services whose route asks for it:
+/// `notify_leave`).
+pub const LEAVE: &str = "phx_leave";
 
 /// A client's join or push, as a service receives it: the topic is one of
 /// the service's kinds with a valid id, the payload is a JSON object.
@@ -70,6 +73,10 @@ impl Command {
 
     pub fn is_join(&self) -> bool {
         self.event == JOIN
+    }
+
+    pub fn is_leave(&self) -> bool {
+        self.event == LEAVE
     }
 
     /// `kind:id`.
@@ -189,8 +196,9 @@ pub trait Service: Send + Sync + 'static {
     /// queue group.
     fn name(&self) -> &'static str;
 
-    /// The events it accepts besides `phx_join`; others are refused as
-    /// `unknown event` before [`Service::handle`] sees them.
+    /// The events it accepts besides `phx_join` (and `phx_leave`, which
+    /// comes only to services whose route asks for it); others are refused
+    /// as `unknown event` before [`Service::handle`] sees them.
     fn events(&self) -> &'static [&'static str];
 
     /// Answers one join or push.
@@ -202,7 +210,11 @@ pub trait Service: Send + Sync + 'static {
 pub async fn answer<S: Service + ?Sized>(service: &S, cmd: ClientCommand) -> CommandReply {
     let event = event_label(service, &cmd.event);
     let result = match Command::from_bus(service.name(), cmd) {
-        Ok(cmd) if !cmd.is_join() && !service.events().contains(&cmd.event.as_str()) => {
+        Ok(cmd)
+            if !cmd.is_join()
+                && !cmd.is_leave()
+                && !service.events().contains(&cmd.event.as_str()) =>
+        {
             Err(ClientError::UnknownEvent(cmd.event))
         }
         Ok(cmd) => service.handle(cmd).await.map_err(Into::into),
@@ -224,7 +236,8 @@ pub async fn answer<S: Service + ?Sized>(service: &S, cmd: ClientCommand) -> Com
 /// Only known event names become metric labels (static, no allocation):
 /// clients choose event names.
 fn event_label<S: Service + ?Sized>(service: &S, event: &str) -> &'static str {
-    std::iter::once(&JOIN)
+    [&JOIN, &LEAVE]
+        .into_iter()
         .chain(service.events())
         .find(|known| **known == event)
         .copied()
