@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, InFrame, Vsn};
 use crate::hub::{json_payload, Delivery, Item, SubjectKind, Subscriber};
-use crate::routing::{self, Route, TopicError};
+use crate::routing::{self, Route};
 use crate::Shared;
+use quckchat_runtime::errors::ClientError;
 
 /// Close codes (RFC 6455 and IANA registry).
 pub mod close_code {
@@ -81,7 +82,7 @@ struct Completion {
     sub_id: u64,
     ref_: Option<String>,
     join: bool,
-    result: Result<CommandReply, String>,
+    result: Result<CommandReply, ClientError>,
 }
 
 /// Why the loop ended, for the close frame.
@@ -304,9 +305,9 @@ where
         join_ref: Option<&str>,
         ref_: Option<&str>,
         topic: &str,
-        reason: &str,
+        err: &ClientError,
     ) -> Result<(), ()> {
-        self.reply(join_ref, ref_, topic, false, &frame::reason(reason))
+        self.reply(join_ref, ref_, topic, false, &err.response().to_string())
             .await
     }
 
@@ -369,14 +370,11 @@ where
                         }) => {
                             metrics::counter!("quckchat_gateway_oversized_frames_total")
                                 .increment(1);
-                            let body =
-                                serde_json::json!({"reason": "payload too large", "limit": max});
-                            self.reply(
+                            self.error(
                                 join_ref.as_deref(),
                                 Some(&ref_),
                                 &topic,
-                                false,
-                                &body.to_string(),
+                                &ClientError::PayloadTooLarge { limit: max },
                             )
                             .await
                             .map_err(|()| None)
@@ -393,7 +391,8 @@ where
                         reason,
                     }) => {
                         self.strike()?;
-                        self.error(join_ref.as_deref(), Some(&ref_), &topic, &reason)
+                        let err = ClientError::InvalidFrame(reason);
+                        self.error(join_ref.as_deref(), Some(&ref_), &topic, &err)
                             .await
                             .map_err(|()| None)
                     }
@@ -406,7 +405,7 @@ where
                         p.join_ref.as_deref(),
                         Some(&p.ref_),
                         &p.topic,
-                        "binary payloads are not supported",
+                        &ClientError::BinaryPayload,
                     )
                     .await
                     .map_err(|()| None),
@@ -430,7 +429,7 @@ where
                     f.join_ref.as_deref(),
                     f.ref_.as_deref(),
                     &f.topic,
-                    "rate_limited",
+                    &ClientError::RateLimited,
                 )
                 .await;
         }
@@ -443,7 +442,7 @@ where
                     f.join_ref.as_deref(),
                     f.ref_.as_deref(),
                     &f.topic,
-                    "unmatched topic",
+                    &ClientError::UnmatchedTopic,
                 )
                 .await;
         };
@@ -462,7 +461,7 @@ where
                     join_ref.as_deref(),
                     f.ref_.as_deref(),
                     &f.topic,
-                    "rate_limited",
+                    &ClientError::RateLimited,
                 )
                 .await;
         }
@@ -480,13 +479,9 @@ where
     async fn join(&mut self, f: InFrame) -> Result<(), ()> {
         let route = match routing::route(&f.topic) {
             Ok(route) => route,
-            Err(e) => {
-                let reason = match e {
-                    TopicError::Unmatched => "unmatched topic",
-                    TopicError::Invalid => "invalid topic",
-                };
+            Err(err) => {
                 return self
-                    .error(f.join_ref.as_deref(), f.ref_.as_deref(), &f.topic, reason)
+                    .error(f.join_ref.as_deref(), f.ref_.as_deref(), &f.topic, &err)
                     .await;
             }
         };
@@ -501,7 +496,7 @@ where
                     f.join_ref.as_deref(),
                     f.ref_.as_deref(),
                     &f.topic,
-                    "too many channels",
+                    &ClientError::TooManyChannels,
                 )
                 .await;
         }
@@ -535,7 +530,7 @@ where
                 Ok(()) => shared.request(route, command).await,
                 Err(err) => {
                     tracing::warn!(%err, %topic, "topic subscription failed");
-                    Err("service unavailable".to_owned())
+                    Err(ClientError::Unavailable)
                 }
             };
             Completion {
@@ -606,7 +601,7 @@ where
                         done.join_ref.as_deref(),
                         done.ref_.as_deref(),
                         &done.topic,
-                        "closed",
+                        &ClientError::Closed,
                     )
                     .await;
             }
@@ -617,7 +612,7 @@ where
                         .map(|r| r.get().to_owned())
                         .unwrap_or_else(|| "{}".into()),
                 ),
-                Err(reason) => (false, frame::reason(reason)),
+                Err(err) => (false, err.response().to_string()),
             };
             return self
                 .reply(
@@ -648,7 +643,7 @@ where
         let ok = reply.status() == command_reply::Status::Ok;
         let response = json_payload(&reply.response)
             .map(|r| r.get().to_owned())
-            .unwrap_or_else(|| frame::reason("internal error"));
+            .unwrap_or_else(|| ClientError::Internal.response().to_string());
         if done.join && !ok {
             metrics::counter!("quckchat_gateway_joins_total", "result" => "refused").increment(1);
             self.abandon(&topic).await?;
@@ -800,7 +795,7 @@ where
                 channel.join_ref.as_deref(),
                 push.ref_.as_deref(),
                 topic,
-                "unmatched topic",
+                &ClientError::UnmatchedTopic,
             )
             .await?;
         }
@@ -831,7 +826,7 @@ impl Shared {
         &self,
         route: &Route,
         command: ClientCommand,
-    ) -> Result<CommandReply, String> {
+    ) -> Result<CommandReply, ClientError> {
         let subject = self.subjects.command(route.service);
         let started = std::time::Instant::now();
         let res = self
@@ -848,12 +843,12 @@ impl Shared {
         match res {
             Ok(msg) => CommandReply::decode(msg.payload.as_ref()).map_err(|err| {
                 tracing::warn!(%err, service = route.service, "undecodable reply");
-                "internal error".to_owned()
+                ClientError::Internal
             }),
-            Err(BusError::TimedOut(_)) => Err("timeout".to_owned()),
+            Err(BusError::TimedOut(_)) => Err(ClientError::Timeout),
             Err(err) => {
                 tracing::warn!(%err, service = route.service, "command not delivered");
-                Err("service unavailable".to_owned())
+                Err(ClientError::Unavailable)
             }
         }
     }

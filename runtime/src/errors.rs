@@ -52,6 +52,9 @@ pub enum ClientError {
     /// A socket joined as many channels as it may.
     #[error("too many channels")]
     TooManyChannels,
+    /// A frame that could be answered but not understood.
+    #[error("invalid frame: {0}")]
+    InvalidFrame(String),
     /// A binary frame where only text is spoken.
     #[error("binary payloads are not supported")]
     BinaryPayload,
@@ -103,6 +106,7 @@ impl ClientError {
             Self::UnmatchedTopic => "unmatched_topic",
             Self::InvalidTopic => "invalid_topic",
             Self::TooManyChannels => "too_many_channels",
+            Self::InvalidFrame(_) => "invalid_frame",
             Self::BinaryPayload => "binary_payload",
             Self::MessageDeleted => "message_deleted",
             Self::Closed => "closed",
@@ -133,6 +137,7 @@ impl ClientError {
             | Self::UnknownEvent(_)
             | Self::UnmatchedTopic
             | Self::InvalidTopic
+            | Self::InvalidFrame(_)
             | Self::BinaryPayload => Code::InvalidArgument,
             Self::PayloadTooLarge { .. } | Self::TooManyChannels => Code::ResourceExhausted,
             Self::MessageDeleted => Code::FailedPrecondition,
