@@ -26,6 +26,11 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("read /proc/{pid}/stat"))?;
+    cpu_secs_of_stat(&stat)
+}
+
+/// User + system CPU seconds from the text of a `/proc/<pid>/stat`.
+fn cpu_secs_of_stat(stat: &str) -> anyhow::Result<f64> {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -167,12 +172,40 @@ mod tests {
     fn reads_this_process() {
         let pid = std::process::id();
         assert!(rss_kib(pid).unwrap() > 0);
-        assert!(cpu_secs(pid).unwrap() >= 0.0);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         assert_eq!(pid_listening_on(port).unwrap(), pid);
         let (fds, sockets) = open_fds(pid).unwrap();
         assert!(fds >= sockets && sockets >= 1);
         assert!(open_files_soft_limit().unwrap() > 0);
+    }
+
+    #[test]
+    fn cpu_seconds_are_utime_plus_stime() {
+        // pid, comm (parentheses and spaces in it), state, then fields 4..;
+        // utime (14) = 250 ticks, stime (15) = 50, cutime/cstime = 7/9.
+        let stat = "42 (my (odd) cmd) R 1 42 42 0 -1 4194560 100 0 0 0 250 50 7 9 20 0 1 0 5";
+        assert_eq!(cpu_secs_of_stat(stat).unwrap(), 3.0);
+        assert!(cpu_secs_of_stat("42 (x) R 1 2").is_err(), "short stat");
+    }
+
+    #[test]
+    fn cpu_seconds_grow_with_work() {
+        let pid = std::process::id();
+        let before = cpu_secs(pid).unwrap();
+        // Busy until the kernel has charged 0.2 s more (ticks are 10 ms);
+        // the wall-clock bound only stops a broken reading from hanging.
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while cpu_secs(pid).unwrap() < before + 0.2 {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "CPU time stuck at {before}"
+            );
+        }
     }
 }
