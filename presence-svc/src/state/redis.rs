@@ -336,6 +336,66 @@ mod tests {
         state.clear().await.unwrap();
     }
 
+    /// Every key under `<prefix>:`, without the prefix.
+    async fn keys_under(state: &RedisState, prefix: &str) -> std::collections::BTreeSet<String> {
+        let keys: Vec<String> = state
+            .redis
+            .query(redis::cmd("KEYS").arg(format!("{prefix}:*")))
+            .await
+            .unwrap();
+        keys.into_iter()
+            .map(|k| k[prefix.len() + 1..].to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_key_carries_the_redis_key_prefix() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("keys{id}");
+        let state = RedisState::connect(&url, &prefix)
+            .await
+            .expect("Redis must be reachable at REDIS_URL (scripts/deps.sh starts it)");
+        let c = Connection {
+            node_id: format!("n{id}"),
+            conn_id: format!("c{id}"),
+            user_id: format!("u{id}"),
+            device_id: "phone".into(),
+        };
+        let (n, u, conn) = (&c.node_id, &c.user_id, &c.conn_id);
+        state.connect(&c, 1_000).await.unwrap();
+        assert_eq!(
+            keys_under(&state, &prefix).await,
+            [
+                format!("devices:{u}"),
+                format!("conns:{u}:phone"),
+                format!("node:{n}"),
+                "nodes".to_owned(),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        state.disconnect(&c, 2_000, 5_000).await.unwrap();
+        let left = state.take_departures(10_000).await.unwrap();
+        assert_eq!(left.len(), 1);
+        let after = keys_under(&state, &prefix).await;
+        for key in [format!("closed:{conn}"), "lastseen".to_owned()] {
+            assert!(after.contains(&key), "{key} not under {prefix}: {after:?}");
+        }
+        // Nothing naming this test's ids lives outside the prefix.
+        let anywhere: Vec<String> = state
+            .redis
+            .query(redis::cmd("KEYS").arg(format!("*{id}*")))
+            .await
+            .unwrap();
+        assert!(!anywhere.is_empty());
+        for key in &anywhere {
+            assert!(key.starts_with(&format!("{prefix}:")), "{key}");
+        }
+        state.clear().await.unwrap();
+        assert!(keys_under(&state, &prefix).await.is_empty());
+    }
+
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
     }
