@@ -253,4 +253,106 @@ mod tests {
         assert!(!ready);
         assert_eq!(body["status"], "draining");
     }
+
+    /// A plain HTTP/1.1 GET against `router`: status, content type, body.
+    async fn get(router: Router, path: &str) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+            .await
+            .expect("an HTTP answer")
+            .unwrap();
+        server.abort();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-type")
+                    .then(|| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        (status, content_type, body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn health_endpoints_answer_status_node_version_and_checks() {
+        let up = Arc::new(AtomicBool::new(true));
+        let health = Health::new("node-7", vec![Arc::new(Flag(up.clone()))]);
+        let version = env!("CARGO_PKG_VERSION");
+        let app = || router(health.clone());
+
+        let (status, ctype, body) = get(app(), "/health").await;
+        assert_eq!(status, 503, "not ready before start");
+        assert!(ctype.starts_with("application/json"), "{ctype}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"status": "starting", "node": "node-7", "version": version,
+                               "checks": {"store": "ok"}})
+        );
+        health.set_started();
+        for path in ["/health", "/health/ready"] {
+            let (status, _, body) = get(app(), path).await;
+            assert_eq!(status, 200, "{path}");
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"status": "ok", "node": "node-7", "version": version,
+                                   "checks": {"store": "ok"}}),
+                "{path}"
+            );
+        }
+        up.store(false, Ordering::SeqCst);
+        let (status, _, body) = get(app(), "/health/ready").await;
+        assert_eq!(status, 503);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["status"], "unavailable");
+        assert_eq!(body["checks"]["store"], "store down");
+        // Liveness ignores dependencies.
+        let (status, _, body) = get(app(), "/health/live").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"status": "ok"})
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_endpoint_renders_recorded_values() {
+        let health = Health::new("n1", Vec::new());
+        let app = || router(health.clone());
+        // The recorder is installed on first use; values before it are lost.
+        metrics_handle();
+        metrics::counter!("quckchat_admin_test_events_total", "kind" => "a").increment(3);
+        let (status, ctype, body) = get(app(), "/metrics").await;
+        assert_eq!(status, 200);
+        assert_eq!(ctype, "text/plain; version=0.0.4");
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            body.lines()
+                .any(|l| l == format!("quckchat_build_info{{version=\"{version}\"}} 1")),
+            "{body}"
+        );
+        assert!(
+            body.lines()
+                .any(|l| l == "quckchat_admin_test_events_total{kind=\"a\"} 3"),
+            "{body}"
+        );
+        metrics::counter!("quckchat_admin_test_events_total", "kind" => "a").increment(2);
+        let (_, _, body) = get(app(), "/metrics").await;
+        assert!(
+            body.lines()
+                .any(|l| l == "quckchat_admin_test_events_total{kind=\"a\"} 5"),
+            "the value follows what was recorded: {body}"
+        );
+    }
 }
