@@ -10,9 +10,9 @@ use quckchat_proto::chat::{
     ListConversationsResponse, PostMessageRequest, RemoveMemberRequest, UnreadCount,
     UpsertConversationRequest, UserIds,
 };
-use quckchat_runtime::ids::valid_id;
 use tonic::{Request, Response, Status};
 
+use quckchat_runtime::grpc::check_id;
 use quckchat_runtime::service::Payload;
 
 use crate::service::{parse_send, ChatError, ChatService, HISTORY_DEFAULT, HISTORY_MAX};
@@ -77,16 +77,6 @@ fn message_to_proto(m: store::Message) -> ChatMessage {
             .into_iter()
             .map(|(k, user_ids)| (k, UserIds { user_ids }))
             .collect(),
-    }
-}
-
-fn check_id(what: &str, id: &str) -> Result<(), Status> {
-    if valid_id(id) {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "{what} must match [A-Za-z0-9_-]{{1,64}}: {id:?}"
-        )))
     }
 }
 

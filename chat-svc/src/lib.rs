@@ -23,22 +23,3 @@ pub mod service;
 pub mod store;
 mod turns;
 mod typing;
-
-use std::sync::Arc;
-
-use async_trait::async_trait;
-use quckchat_runtime::admin::HealthCheck;
-
-/// The store as a readiness dependency.
-pub struct StoreHealth(pub Arc<dyn store::ChatStore>);
-
-#[async_trait]
-impl HealthCheck for StoreHealth {
-    fn name(&self) -> &'static str {
-        "store"
-    }
-
-    async fn check(&self) -> Result<(), String> {
-        self.0.ping().await.map_err(|e| e.to_string())
-    }
-}

@@ -3,16 +3,15 @@
 
 use std::sync::Arc;
 
-use quckchat_chat::config::ChatConfig;
+use quckchat_chat::commands;
+use quckchat_chat::config::{ChatConfig, PRESENCE_GRPC_URL};
 use quckchat_chat::grpc::ChatGrpc;
 use quckchat_chat::presence::GrpcPresence;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, MongoStore};
-use quckchat_chat::{commands, StoreHealth};
-use quckchat_runtime::admin::{self, BusHealth, Health};
-use quckchat_runtime::bus::{Bus, NatsBus, Subjects};
-use quckchat_runtime::{process, server, shutdown};
-use tokio_util::sync::CancellationToken;
+use quckchat_runtime::admin::health_check;
+use quckchat_runtime::config::MONGODB_URL;
+use quckchat_runtime::process::{self, Node};
 
 #[tokio::main]
 async fn main() {
@@ -21,44 +20,28 @@ async fn main() {
 }
 
 async fn run(config: ChatConfig) -> anyhow::Result<()> {
-    let bus: Arc<dyn Bus> = Arc::new(
-        NatsBus::connect(&config.bus.nats_url, &config.server.node_name)
-            .await
-            .map_err(|e| anyhow::anyhow!("NATS_URL: {e}"))?,
-    );
+    let node = Node::connect("chat-svc", &config.server, &config.bus).await?;
     let store: Arc<dyn ChatStore> = Arc::new(
         MongoStore::connect(&config.mongodb_url)
             .await
-            .map_err(|e| anyhow::anyhow!("MONGODB_URL: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("{MONGODB_URL}: {e}"))?,
     );
-    let token = CancellationToken::new();
-    shutdown::cancel_on_signal(token.clone());
-    let subjects = Subjects::new(config.bus.subject_prefix.clone());
-    let mut service = ChatService::new(store.clone(), bus.clone(), subjects.clone());
+    let mut chat = ChatService::new(store.clone(), node.bus(), node.subjects().clone());
     if let Some(url) = &config.presence_grpc_url {
         let presence =
-            GrpcPresence::new(url).map_err(|e| anyhow::anyhow!("PRESENCE_GRPC_URL: {e}"))?;
-        service = service.with_presence(Arc::new(presence));
+            GrpcPresence::new(url).map_err(|e| anyhow::anyhow!("{PRESENCE_GRPC_URL}: {e}"))?;
+        chat = chat.with_presence(Arc::new(presence));
     }
-    let service = Arc::new(service);
+    let chat = Arc::new(chat);
     let consumer = commands::serve(
-        service.clone(),
-        bus.clone(),
-        &subjects,
-        token.clone(),
-        config.server.drain,
+        chat.clone(),
+        node.bus(),
+        node.subjects(),
+        node.shutdown(),
+        node.drain(),
     )
     .await?;
-    let health = Health::new(
-        config.server.node_name.clone(),
-        vec![Arc::new(BusHealth(bus)), Arc::new(StoreHealth(store))],
-    );
-    let router = admin::router(health.clone())
-        .merge(tonic::service::Routes::new(ChatGrpc::server(service)).into_axum_router());
-    let listener = server::bind(config.server.listen_addr()).await?;
-    tracing::info!(addr = %config.server.listen_addr(), "chat-svc listening");
-    server::serve_with_health(listener, router, token, health.clone()).await?;
-    consumer.await?;
-    tracing::info!("chat-svc stopped");
-    Ok(())
+    let checks = vec![health_check("store", store, |s| s.ping())];
+    let grpc = tonic::service::Routes::new(ChatGrpc::server(chat)).into_axum_router();
+    node.serve(checks, grpc, vec![consumer]).await
 }

@@ -26,11 +26,8 @@ pub struct GrpcPresence {
 impl GrpcPresence {
     /// Connects lazily to the presence service (or the all-in-one server).
     pub fn new(url: &str) -> Result<Self, String> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("{url}: {e}"))?
-            .connect_timeout(PRESENCE_TIMEOUT)
-            .timeout(PRESENCE_TIMEOUT)
-            .connect_lazy();
+        let channel =
+            quckchat_runtime::grpc::client_with_timeouts(url, PRESENCE_TIMEOUT, PRESENCE_TIMEOUT)?;
         Ok(Self {
             client: PresenceServiceClient::new(channel),
         })

@@ -6,7 +6,7 @@ use quckchat_proto::presence::presence_service_server::{
     PresenceService as PresenceApi, PresenceServiceServer,
 };
 use quckchat_proto::presence::{Device, GetPresenceRequest, GetPresenceResponse, UserPresence};
-use quckchat_runtime::ids::valid_id;
+use quckchat_runtime::grpc::check_id;
 use quckchat_runtime::time::iso;
 use tonic::{Request, Response, Status};
 
@@ -41,10 +41,8 @@ impl PresenceApi for PresenceGrpc {
                 "at most {MAX_USERS} user_ids per call"
             )));
         }
-        if let Some(bad) = ids.iter().find(|u| !valid_id(u)) {
-            return Err(Status::invalid_argument(format!(
-                "user_ids must match [A-Za-z0-9_-]{{1,64}}: {bad:?}"
-            )));
+        for id in &ids {
+            check_id("user_ids", id)?;
         }
         let presence = self.state.presence(&ids).await.map_err(|e| {
             tracing::warn!(%e, "presence state unavailable");

@@ -41,11 +41,7 @@ pub struct ChatMemberships {
 impl ChatMemberships {
     /// Connects lazily to `url` (chat-svc, or the all-in-one server itself).
     pub fn new(url: &str) -> Result<Self, String> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("{url}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = quckchat_runtime::grpc::client(url)?;
         Ok(Self {
             client: ChatServiceClient::new(channel),
             cache: moka::future::Cache::builder()
@@ -84,9 +80,13 @@ pub struct PresenceService {
     subjects: Subjects,
     memberships: Arc<dyn Memberships>,
     timing: PresenceTiming,
-    /// Announcements run beside the event loop, this many at once, so a
-    /// slow chat-svc never holds up gateway reports.
+    /// Announcements run beside the event loop, [`ANNOUNCE_CONCURRENCY`]
+    /// at once, so a slow chat-svc never holds up gateway reports.
     announcing: Arc<tokio::sync::Semaphore>,
+    /// Announcements waiting or running: at most [`MAX_PENDING_ANNOUNCEMENTS`]
+    /// (past it the event loop waits), drained at shutdown.
+    pending: Arc<tokio::sync::Semaphore>,
+    announcements: tokio_util::task::TaskTracker,
     /// Nodes are not expired until one TTL after start: heartbeats sent
     /// while this service was down are not a node's death.
     started: std::time::Instant,
@@ -94,6 +94,8 @@ pub struct PresenceService {
 
 /// Announcements in flight at once.
 const ANNOUNCE_CONCURRENCY: usize = 64;
+/// Announcements waiting at most; past it, reports wait for room.
+const MAX_PENDING_ANNOUNCEMENTS: usize = 10_000;
 
 fn device_meta(m: &DeviceMeta) -> Value {
     meta(&m.device_id, &m.phx_ref, m.online_at_ms)
@@ -114,15 +116,22 @@ impl PresenceService {
             memberships,
             timing,
             announcing: Arc::new(tokio::sync::Semaphore::new(ANNOUNCE_CONCURRENCY)),
+            pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_ANNOUNCEMENTS)),
+            announcements: tokio_util::task::TaskTracker::new(),
             started: std::time::Instant::now(),
         }
     }
 
-    /// Tells the user's conversations `events`, beside the event loop.
-    fn announce(self: &Arc<Self>, user_id: String, events: Vec<(&'static str, Value)>) {
+    /// Tells the user's conversations `events`, beside the event loop
+    /// (waits only when [`MAX_PENDING_ANNOUNCEMENTS`] are already queued).
+    async fn announce(self: &Arc<Self>, user_id: String, events: Vec<(&'static str, Value)>) {
+        let Ok(queued) = self.pending.clone().acquire_owned().await else {
+            return;
+        };
         let this = self.clone();
-        tokio::spawn(async move {
-            let Ok(_permit) = this.announcing.clone().acquire_owned().await else {
+        self.announcements.spawn(async move {
+            let _queued = queued;
+            let Ok(_running) = this.announcing.clone().acquire_owned().await else {
                 return;
             };
             this.tell_conversations(&user_id, &events).await;
@@ -138,10 +147,12 @@ impl PresenceService {
     }
 
     /// Subscribes to gateway reports and starts the sweeper; everything stops
-    /// with `shutdown`.
+    /// with `shutdown`, and the task ends once the announcements queued by
+    /// then are sent (at most `drain` later).
     pub async fn start(
         self: Arc<Self>,
         shutdown: CancellationToken,
+        drain: Duration,
     ) -> Result<tokio::task::JoinHandle<()>, BusError> {
         let mut lifecycle = self
             .bus
@@ -155,7 +166,7 @@ impl PresenceService {
             let mut sweep = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => break,
                     Some(msg) = lifecycle.next() => match ConnectionLifecycle::decode(msg.payload.as_ref()) {
                         Ok(ev) => self.clone().on_lifecycle(ev).await,
                         Err(err) => tracing::warn!(%err, "undecodable connection report"),
@@ -166,6 +177,13 @@ impl PresenceService {
                     },
                     _ = sweep.tick() => self.sweep().await,
                 }
+            }
+            self.announcements.close();
+            if tokio::time::timeout(drain, self.announcements.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("presence announcements still running after the drain window");
             }
         }))
     }
@@ -199,7 +217,7 @@ impl PresenceService {
                 }
                 // Telling conversations needs a gRPC round trip: do not hold
                 // up the next report.
-                self.announce(conn.user_id, events);
+                self.announce(conn.user_id, events).await;
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "connection open not recorded"),
@@ -269,7 +287,7 @@ impl PresenceService {
                     json!({ "userId": left.user_id, "lastSeenAt": iso(at) }),
                 ));
             }
-            self.announce(left.user_id, events);
+            self.announce(left.user_id, events).await;
         }
     }
 
@@ -317,6 +335,67 @@ mod tests {
         async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, String> {
             Ok(Arc::new(Vec::new()))
         }
+    }
+
+    /// One conversation, answered slowly (a busy chat-svc).
+    struct SlowConversations;
+
+    #[async_trait]
+    impl Memberships for SlowConversations {
+        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, String> {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Arc::new(vec!["c1".to_owned()]))
+        }
+    }
+
+    #[tokio::test]
+    async fn announcements_queued_at_shutdown_are_sent_before_the_worker_ends() {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let subjects = Subjects::new("qc");
+        let timing = PresenceTiming {
+            grace: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(30),
+        };
+        let service = Arc::new(PresenceService::new(
+            Arc::new(MemoryState::new()),
+            bus.clone(),
+            subjects.clone(),
+            Arc::new(SlowConversations),
+            timing,
+        ));
+        let mut topic = bus
+            .subscribe(&subjects.topic("chat:c1"), None)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let worker = service
+            .clone()
+            .start(stop.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        service
+            .clone()
+            .on_lifecycle(ConnectionLifecycle {
+                kind: connection_lifecycle::Kind::Opened as i32,
+                node_id: "gw@1".into(),
+                conn_id: "k1".into(),
+                user_id: "alice".into(),
+                device_id: "phone".into(),
+                at_ms: 0,
+            })
+            .await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), worker)
+            .await
+            .expect("the worker ended within its drain")
+            .unwrap();
+        // Already published when the worker ended: no waiting here.
+        let msg = tokio::time::timeout(Duration::from_millis(10), topic.next())
+            .await
+            .expect("the announcement queued before the stop was sent before the worker ended")
+            .unwrap();
+        let ev = TopicEvent::decode(msg.payload.as_ref()).unwrap();
+        assert_eq!(ev.event, "presence_diff");
     }
 
     #[tokio::test]

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use quckchat_chat::commands;
 use quckchat_chat::grpc::ChatGrpc;
 use quckchat_chat::presence::GrpcPresence;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, EmbeddedStore};
-use quckchat_chat::{commands, StoreHealth};
 use quckchat_gateway::{Gateway, GatewayConfig};
 use quckchat_presence::config::PresenceTiming;
 use quckchat_presence::grpc::PresenceGrpc;
@@ -98,7 +98,7 @@ pub async fn run(
         memberships,
         config.presence,
     ));
-    let presence_worker = presence.start(services_stop.clone()).await?;
+    let presence_worker = presence.start(services_stop.clone(), drain).await?;
 
     let chat = ChatService::new(store.clone(), bus.clone(), subjects.clone()).with_presence(
         Arc::new(GrpcPresence::new(&self_url).map_err(anyhow::Error::msg)?),
@@ -117,7 +117,7 @@ pub async fn run(
         config.gateway.server.node_name.clone(),
         vec![
             Arc::new(BusHealth(bus.clone())),
-            Arc::new(StoreHealth(store)),
+            admin::health_check("store", store, |s| s.ping()),
         ],
     );
     let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());

@@ -29,9 +29,29 @@ pub fn client_with_timeouts(
         .connect_lazy())
 }
 
+/// An id field of a request (`[A-Za-z0-9_-]{1,64}`, docs/protocol.md#topics),
+/// or `INVALID_ARGUMENT` naming the field.
+pub fn check_id(field: &str, id: &str) -> Result<(), tonic::Status> {
+    if crate::ids::valid_id(id) {
+        Ok(())
+    } else {
+        Err(tonic::Status::invalid_argument(format!(
+            "{field} must match [A-Za-z0-9_-]{{1,64}}: {id:?}"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_checked_naming_the_field() {
+        assert!(check_id("user_id", "u-1").is_ok());
+        let err = check_id("user_id", "a b").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("user_id must match"), "{err}");
+    }
 
     #[tokio::test]
     async fn a_malformed_url_is_named() {

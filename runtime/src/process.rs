@@ -23,3 +23,82 @@ pub fn finish(process: &str, result: anyhow::Result<()>) {
         std::process::exit(1);
     }
 }
+
+/// A distributed service process: its bus, its shutdown and its port. A
+/// service's `main.rs` connects one, builds the service on [`Node::bus`],
+/// and hands [`Node::serve`] its health checks, gRPC routes and workers.
+pub struct Node {
+    name: &'static str,
+    server: crate::config::ServerConfig,
+    bus: std::sync::Arc<dyn crate::bus::Bus>,
+    subjects: crate::bus::Subjects,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Node {
+    /// Connects to NATS (a failure names `NATS_URL`) and cancels
+    /// [`Node::shutdown`] on SIGTERM/SIGINT.
+    pub async fn connect(
+        name: &'static str,
+        server: &crate::config::ServerConfig,
+        bus: &crate::config::BusConfig,
+    ) -> anyhow::Result<Self> {
+        let nats = crate::bus::NatsBus::connect(&bus.nats_url, &server.node_name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", crate::config::NATS_URL))?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        crate::shutdown::cancel_on_signal(shutdown.clone());
+        Ok(Self {
+            name,
+            server: server.clone(),
+            bus: std::sync::Arc::new(nats),
+            subjects: crate::bus::Subjects::new(bus.subject_prefix.clone()),
+            shutdown,
+        })
+    }
+
+    pub fn bus(&self) -> std::sync::Arc<dyn crate::bus::Bus> {
+        self.bus.clone()
+    }
+
+    pub fn subjects(&self) -> &crate::bus::Subjects {
+        &self.subjects
+    }
+
+    /// Cancelled when the process is asked to stop.
+    pub fn shutdown(&self) -> tokio_util::sync::CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// How long work in flight may take to finish after a stop.
+    pub fn drain(&self) -> std::time::Duration {
+        self.server.drain
+    }
+
+    /// Serves `/health*`, `/metrics` and `grpc` on `PORT` (ready while the
+    /// bus and every check answer) until the stop, then waits for
+    /// `workers` to finish their drain.
+    pub async fn serve(
+        self,
+        checks: Vec<std::sync::Arc<dyn crate::admin::HealthCheck>>,
+        grpc: axum::Router,
+        workers: Vec<tokio::task::JoinHandle<()>>,
+    ) -> anyhow::Result<()> {
+        let mut all: Vec<std::sync::Arc<dyn crate::admin::HealthCheck>> =
+            vec![std::sync::Arc::new(crate::admin::BusHealth(
+                self.bus.clone(),
+            ))];
+        all.extend(checks);
+        let health = crate::admin::Health::new(self.server.node_name.clone(), all);
+        let router = crate::admin::router(health.clone()).merge(grpc);
+        let addr = self.server.listen_addr();
+        let listener = crate::server::bind(addr).await?;
+        tracing::info!(%addr, "{} listening", self.name);
+        crate::server::serve_with_health(listener, router, self.shutdown, health).await?;
+        for worker in workers {
+            worker.await?;
+        }
+        tracing::info!("{} stopped", self.name);
+        Ok(())
+    }
+}
