@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 const MAX_MICROS: u64 = 60_000_000;
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant bounds, checked by every test run"
+)]
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid histogram bounds")
 }

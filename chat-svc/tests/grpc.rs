@@ -3,6 +3,12 @@
 //! what each call changes is seen where clients see it (topic broadcasts,
 //! channel closes, later calls).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

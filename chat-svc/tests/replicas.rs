@@ -5,6 +5,12 @@
 //! Needs NATS (`NATS_URL`, default 127.0.0.1:4222) and `TEST_MONGODB_URL`;
 //! `scripts/test.sh` provides both.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

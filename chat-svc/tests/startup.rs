@@ -1,5 +1,11 @@
 //! chat-svc refuses a dead MongoDB with one clear line, in bounded time.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

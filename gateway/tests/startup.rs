@@ -1,6 +1,12 @@
 //! The gateway binary refuses bad configuration and a dead NATS with one
 //! clear line, never a panic.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,11 @@
 //! presence-svc refuses a bad or dead Redis with one clear line.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::process::Command;
 
 fn presence() -> Command {

@@ -2,6 +2,12 @@
 //! is persisted under DATA_DIR and survives a restart; shutdown closes
 //! sockets with 1012; the CLI fails bad configuration with exit code 64.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;

@@ -3,6 +3,12 @@
 //! that log, and its admin endpoints report real state (health fields,
 //! metrics that move with activity).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
+
 use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;

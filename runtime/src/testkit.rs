@@ -3,6 +3,12 @@
 //! servers (its own subject prefix, database, key prefix), so tests run in
 //! parallel and leave nothing behind that another could see.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failed step is a failed test"
+)]
+
 use prost::Message as _;
 use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
 use serde_json::Value;

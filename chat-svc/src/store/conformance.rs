@@ -2,6 +2,12 @@
 //! against the embedded store and a real MongoDB-wire server. Ids are random
 //! so runs can share a database.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failed step is a failed test"
+)]
+
 use std::collections::HashSet;
 use std::sync::Arc;
 

@@ -3,6 +3,12 @@
 //!
 //! [`MemoryState`]: super::MemoryState
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failed step is a failed test"
+)]
+
 use std::sync::Arc;
 
 use super::{Connection, Joined, PresenceState};

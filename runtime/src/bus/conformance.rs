@@ -3,6 +3,12 @@
 //! and a real NATS server; each case uses its own random subject prefix so
 //! runs can share one NATS.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failed step is a failed test"
+)]
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
