@@ -78,21 +78,6 @@ impl Publisher {
             .await
     }
 
-    /// `event` on `topic` to one connection, if it joined it.
-    pub async fn to_connection(
-        &self,
-        conn_id: &str,
-        topic: &str,
-        event: &str,
-        payload: &Value,
-    ) -> Result<(), BusError> {
-        self.send(
-            &self.subjects.connection(conn_id),
-            push(topic, event, payload),
-        )
-        .await
-    }
-
     /// Closes `topic` on every connection of `user_id` (`phx_close` with
     /// `{reason}`).
     pub async fn close_channel(
@@ -184,12 +169,6 @@ mod tests {
         assert_eq!(msg.subject, "pub.user.u2");
         let ev = DirectEvent::decode(msg.payload.as_ref()).unwrap();
         assert!(matches!(ev.kind, Some(direct_event::Kind::Push(p)) if p.event == "call:incoming"));
-
-        publisher
-            .to_connection("k9", "chat:c1", "x", &json!({}))
-            .await
-            .unwrap();
-        assert_eq!(next(&mut all).await.subject, "pub.conn.k9");
 
         publisher
             .close_channel("u3", "chat:c1", "removed")
