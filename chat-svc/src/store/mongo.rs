@@ -754,6 +754,7 @@ impl ChatStore for MongoStore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use quckchat_runtime::testkit::with_database;
 
     /// A store on a fresh database of the MongoDB-wire server named by
     /// `TEST_MONGODB_URL` (started by `scripts/deps.sh`).
@@ -805,23 +806,5 @@ pub(crate) mod tests {
     #[test]
     fn message_ids_are_object_ids() {
         assert!(ObjectId::parse_str(super::super::new_message_id()).is_ok());
-    }
-
-    /// Puts `db` into a MongoDB URL's path, keeping its options.
-    pub(crate) fn with_database(url: &str, db: &str) -> String {
-        let (base, query) = match url.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (url, None),
-        };
-        let scheme_end = base.find("://").map_or(0, |i| i + 3);
-        let host_end = base[scheme_end..]
-            .find('/')
-            .map_or(base.len(), |i| scheme_end + i);
-        let mut out = format!("{}/{db}", &base[..host_end]);
-        if let Some(q) = query {
-            out.push('?');
-            out.push_str(q);
-        }
-        out
     }
 }
