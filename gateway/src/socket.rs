@@ -703,6 +703,10 @@ where
     async fn on_delivery(&mut self, d: Delivery) -> Result<(), ()> {
         let topic = match &*d.item {
             Item::Broadcast(b) => b.topic.clone(),
+            // Meant for another connection of this user.
+            Item::Direct(ev) if !ev.conn_id.is_empty() && ev.conn_id != self.peer.conn_id => {
+                return Ok(());
+            }
             Item::Direct(ev) => ev.topic.clone(),
             Item::SubscriptionLost { topic } => match topic {
                 Some(t) => t.clone(),

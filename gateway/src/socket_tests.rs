@@ -208,10 +208,19 @@ async fn fixture_with(config: GatewayConfig) -> Fixture {
 }
 
 fn connect(f: &Fixture, user: &str, client_buffer: usize) -> Client {
+    connect_as(
+        f,
+        user,
+        &uuid::Uuid::new_v4().simple().to_string(),
+        client_buffer,
+    )
+}
+
+fn connect_as(f: &Fixture, user: &str, conn_id: &str, client_buffer: usize) -> Client {
     let (client_tx, server_rx) = fmpsc::unbounded();
     let (server_tx, client_rx) = fmpsc::channel(client_buffer);
     let peer = Peer {
-        conn_id: uuid::Uuid::new_v4().simple().to_string(),
+        conn_id: conn_id.into(),
         user_id: user.into(),
         device_id: "d1".into(),
         vsn: Vsn::V2,
@@ -800,4 +809,35 @@ async fn unusable_frames_are_counted_in_the_malformed_frames_metric() {
     let after = counter(&metrics.render(), METRIC);
     // Other tests in this process may count theirs too; ours are at least 3.
     assert!(after >= before + 3.0, "{METRIC}: {before} -> {after}");
+}
+
+#[tokio::test]
+async fn a_connection_event_reaches_only_that_connection_of_the_user() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut phone = connect_as(&f, "alice", "phone-conn", 64);
+    let mut laptop = connect_as(&f, "alice", "laptop-conn", 64);
+    join(&mut phone, "1", "chat:c1").await;
+    join(&mut laptop, "1", "chat:c1").await;
+    let publisher = quckchat_runtime::publish::Publisher::new(f.bus.clone(), Subjects::new("qc"));
+    publisher
+        .to_connection(
+            "alice",
+            "laptop-conn",
+            "chat:c1",
+            "only:laptop",
+            &json!({"n": 1}),
+        )
+        .await
+        .unwrap();
+    publisher
+        .to_user("alice", "chat:c1", "every:device", &json!({"n": 2}))
+        .await
+        .unwrap();
+    assert_eq!(laptop.recv().await[3], "only:laptop");
+    assert_eq!(laptop.recv().await[3], "every:device");
+    assert_eq!(
+        phone.recv().await[3],
+        "every:device",
+        "the phone got the laptop's event"
+    );
 }

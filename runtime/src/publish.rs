@@ -74,8 +74,28 @@ impl Publisher {
         event: &str,
         payload: &Value,
     ) -> Result<(), BusError> {
-        self.send(&self.subjects.user(user_id), push(topic, event, payload))
-            .await
+        self.send(
+            &self.subjects.user(user_id),
+            push(topic, event, payload, ""),
+        )
+        .await
+    }
+
+    /// `event` on `topic` to one connection of `user_id` (one device), if it
+    /// joined it: sent on the user's subject, kept only by that connection.
+    pub async fn to_connection(
+        &self,
+        user_id: &str,
+        conn_id: &str,
+        topic: &str,
+        event: &str,
+        payload: &Value,
+    ) -> Result<(), BusError> {
+        self.send(
+            &self.subjects.user(user_id),
+            push(topic, event, payload, conn_id),
+        )
+        .await
     }
 
     /// Closes `topic` on every connection of `user_id` (`phx_close` with
@@ -91,6 +111,7 @@ impl Publisher {
             kind: Some(direct_event::Kind::Close(CloseChannel {
                 reason: reason.to_owned(),
             })),
+            conn_id: String::new(),
         };
         self.send(&self.subjects.user(user_id), close.encode_to_vec())
             .await
@@ -109,13 +130,14 @@ impl Publisher {
     }
 }
 
-fn push(topic: &str, event: &str, payload: &Value) -> Vec<u8> {
+fn push(topic: &str, event: &str, payload: &Value, conn_id: &str) -> Vec<u8> {
     DirectEvent {
         topic: topic.to_owned(),
         kind: Some(direct_event::Kind::Push(ChannelEvent {
             event: event.to_owned(),
             payload: payload.to_string().into_bytes(),
         })),
+        conn_id: conn_id.to_owned(),
     }
     .encode_to_vec()
 }
@@ -169,6 +191,17 @@ mod tests {
         assert_eq!(msg.subject, "pub.user.u2");
         let ev = DirectEvent::decode(msg.payload.as_ref()).unwrap();
         assert!(matches!(ev.kind, Some(direct_event::Kind::Push(p)) if p.event == "call:incoming"));
+
+        publisher
+            .to_connection("u2", "k9", "chat:c1", "x", &json!({}))
+            .await
+            .unwrap();
+        let msg = next(&mut all).await;
+        assert_eq!(msg.subject, "pub.user.u2");
+        assert_eq!(
+            DirectEvent::decode(msg.payload.as_ref()).unwrap().conn_id,
+            "k9"
+        );
 
         publisher
             .close_channel("u3", "chat:c1", "removed")
