@@ -3,7 +3,8 @@
 //!
 //! - [`frame`] — the 2.0.0 / 1.0.0 serializers;
 //! - [`routing`] — topic kinds → owning service, topic id validation;
-//! - [`socket`] — one socket's channels, heartbeats, limits, replies;
+//! - [`socket`] — one socket's channels, heartbeats, replies; `limits` its push
+//!   budget and malformed-frame count; `rpc` its calls to the services;
 //! - [`hub`] — one bus subscription per topic per node, fanned out locally.
 //!
 //! A client push travels: socket → [`socket`] → bus request on
@@ -15,7 +16,9 @@
 pub mod config;
 pub mod frame;
 pub mod hub;
+mod limits;
 pub mod routing;
+mod rpc;
 pub mod socket;
 
 use std::collections::HashMap;

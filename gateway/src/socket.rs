@@ -17,9 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use prost::Message as _;
 use quckchat_proto::bus::{command_reply, direct_event, ClientCommand, CommandReply};
-use quckchat_runtime::bus::BusError;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -27,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, InFrame, Vsn};
 use crate::hub::{json_payload, Delivery, Item, SubjectKind, Subscriber};
+use crate::limits::{PushBudget, Strikes};
 use crate::routing::{self, Route};
 use crate::Shared;
 use quckchat_runtime::errors::ClientError;
@@ -88,16 +87,6 @@ struct Completion {
 /// Why the loop ended, for the close frame.
 struct Close(u16, &'static str);
 
-struct Strikes {
-    window_start: Instant,
-    count: u32,
-}
-
-struct RateLimit {
-    tokens: f64,
-    last: Instant,
-}
-
 pub async fn run<S, E>(ws: S, shared: Arc<Shared>, peer: Peer)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
@@ -112,14 +101,8 @@ where
         tx,
         slow: CancellationToken::new(),
         inflight: FuturesUnordered::new(),
-        strikes: Strikes {
-            window_start: Instant::now(),
-            count: 0,
-        },
-        rate: RateLimit {
-            tokens: f64::from(shared.config.socket.rate_per_sec) * 2.0,
-            last: Instant::now(),
-        },
+        strikes: Strikes::new(shared.config.socket.malformed_limit, Instant::now()),
+        budget: PushBudget::new(shared.config.socket.rate_per_sec, Instant::now()),
         user_sub_id: shared.hub.next_sub_id(),
     };
     socket.serve(rx).await;
@@ -134,7 +117,7 @@ struct Socket<S> {
     slow: CancellationToken,
     inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
     strikes: Strikes,
-    rate: RateLimit,
+    budget: PushBudget,
     user_sub_id: u64,
 }
 
@@ -320,15 +303,7 @@ where
     /// Counts an unusable frame; too many in a minute closes the socket.
     fn strike(&mut self) -> Result<(), Option<Close>> {
         metrics::counter!("quckchat_gateway_malformed_frames_total").increment(1);
-        let now = Instant::now();
-        if now.duration_since(self.strikes.window_start) > Duration::from_secs(60) {
-            self.strikes = Strikes {
-                window_start: now,
-                count: 0,
-            };
-        }
-        self.strikes.count += 1;
-        if self.strikes.count > self.shared.config.socket.malformed_limit {
+        if self.strikes.strike(Instant::now()) {
             return Err(Some(Close(close_code::POLICY, "too many malformed frames")));
         }
         Ok(())
@@ -336,17 +311,7 @@ where
 
     /// Takes one token from the push budget.
     fn allow_push(&mut self) -> bool {
-        let rate = f64::from(self.shared.config.socket.rate_per_sec);
-        let now = Instant::now();
-        let refill = now.duration_since(self.rate.last).as_secs_f64() * rate;
-        self.rate.tokens = (self.rate.tokens + refill).min(rate * 2.0);
-        self.rate.last = now;
-        if self.rate.tokens >= 1.0 {
-            self.rate.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.take(Instant::now())
     }
 
     async fn on_message(&mut self, msg: Message) -> Result<(), Option<Close>> {
@@ -820,53 +785,6 @@ where
             tokio::spawn(async move { shared.notify(route, command).await });
         }
         Some(channel)
-    }
-}
-
-impl Shared {
-    /// Sends a command to the service owning `route` and waits for its reply.
-    /// Errors come back as a client-facing reason.
-    pub(crate) async fn request(
-        &self,
-        route: &Route,
-        command: ClientCommand,
-    ) -> Result<CommandReply, ClientError> {
-        let subject = self.subjects.command(route.service);
-        let started = std::time::Instant::now();
-        let res = self
-            .bus
-            .request(
-                &subject,
-                Vec::new(),
-                command.encode_to_vec().into(),
-                self.config.bus.request_timeout,
-            )
-            .await;
-        metrics::histogram!("quckchat_gateway_command_seconds", "service" => route.service)
-            .record(started.elapsed().as_secs_f64());
-        match res {
-            Ok(msg) => CommandReply::decode(msg.payload.as_ref()).map_err(|err| {
-                tracing::warn!(%err, service = route.service, "undecodable reply");
-                ClientError::Internal
-            }),
-            Err(BusError::TimedOut(_)) => Err(ClientError::Timeout),
-            Err(err) => {
-                tracing::warn!(%err, service = route.service, "command not delivered");
-                Err(ClientError::Unavailable)
-            }
-        }
-    }
-
-    /// Fire-and-forget notice to a service (no reply expected).
-    pub(crate) async fn notify(&self, route: &Route, command: ClientCommand) {
-        let subject = self.subjects.command(route.service);
-        if let Err(err) = self
-            .bus
-            .publish(&subject, None, Vec::new(), command.encode_to_vec().into())
-            .await
-        {
-            tracing::warn!(%err, service = route.service, "leave notice not sent");
-        }
     }
 }
 

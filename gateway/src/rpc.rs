@@ -1,0 +1,58 @@
+//! A socket's calls to the services: a join or push as a bus request to the
+//! owning service (its reply, or the reason the client gets instead), and
+//! the leave notices services ask for.
+
+use prost::Message as _;
+use quckchat_proto::bus::{ClientCommand, CommandReply};
+use quckchat_runtime::bus::BusError;
+use quckchat_runtime::errors::ClientError;
+
+use crate::routing::Route;
+use crate::Shared;
+
+impl Shared {
+    /// Sends a command to the service owning `route` and waits for its reply.
+    /// Errors come back as a client-facing reason.
+    pub(crate) async fn request(
+        &self,
+        route: &Route,
+        command: ClientCommand,
+    ) -> Result<CommandReply, ClientError> {
+        let subject = self.subjects.command(route.service);
+        let started = std::time::Instant::now();
+        let res = self
+            .bus
+            .request(
+                &subject,
+                Vec::new(),
+                command.encode_to_vec().into(),
+                self.config.bus.request_timeout,
+            )
+            .await;
+        metrics::histogram!("quckchat_gateway_command_seconds", "service" => route.service)
+            .record(started.elapsed().as_secs_f64());
+        match res {
+            Ok(msg) => CommandReply::decode(msg.payload.as_ref()).map_err(|err| {
+                tracing::warn!(%err, service = route.service, "undecodable reply");
+                ClientError::Internal
+            }),
+            Err(BusError::TimedOut(_)) => Err(ClientError::Timeout),
+            Err(err) => {
+                tracing::warn!(%err, service = route.service, "command not delivered");
+                Err(ClientError::Unavailable)
+            }
+        }
+    }
+
+    /// Fire-and-forget notice to a service (no reply expected).
+    pub(crate) async fn notify(&self, route: &Route, command: ClientCommand) {
+        let subject = self.subjects.command(route.service);
+        if let Err(err) = self
+            .bus
+            .publish(&subject, None, Vec::new(), command.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(%err, service = route.service, "leave notice not sent");
+        }
+    }
+}
