@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use quckchat_proto::presence::presence_service_client::PresenceServiceClient;
 use quckchat_proto::presence::GetPresenceRequest;
+use quckchat_runtime::grpc::CallError;
 use quckchat_runtime::presence::{entries, meta};
+use quckchat_runtime::routes;
 use serde_json::Value;
 
 /// Longest a join waits for presence before going on without it.
@@ -16,7 +18,7 @@ pub const PRESENCE_TIMEOUT: Duration = Duration::from_millis(500);
 #[async_trait]
 pub trait PresenceLookup: Send + Sync {
     /// The `presence_state` payload for these users.
-    async fn presence_state(&self, user_ids: &[String]) -> Result<Value, String>;
+    async fn presence_state(&self, user_ids: &[String]) -> Result<Value, CallError>;
 }
 
 pub struct GrpcPresence {
@@ -36,7 +38,7 @@ impl GrpcPresence {
 
 #[async_trait]
 impl PresenceLookup for GrpcPresence {
-    async fn presence_state(&self, user_ids: &[String]) -> Result<Value, String> {
+    async fn presence_state(&self, user_ids: &[String]) -> Result<Value, CallError> {
         let users = self
             .client
             .clone()
@@ -44,7 +46,7 @@ impl PresenceLookup for GrpcPresence {
                 user_ids: user_ids.to_vec(),
             })
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| CallError::new(routes::PRESENCE, &s))?
             .into_inner()
             .users;
         Ok(entries(users.iter().map(|u| {

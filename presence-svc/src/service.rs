@@ -11,7 +11,9 @@ use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle, NodeHeartbe
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::ListConversationsRequest;
 use quckchat_runtime::bus::{Bus, BusError, Subjects};
+use quckchat_runtime::grpc::CallError;
 use quckchat_runtime::presence::{entries, meta};
+use quckchat_runtime::routes;
 use quckchat_runtime::time::{iso, now_ms};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +31,7 @@ const MEMBERSHIP_TTL: Duration = Duration::from_secs(30);
 /// Which conversations a user is in (from chat-svc).
 #[async_trait]
 pub trait Memberships: Send + Sync {
-    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, String>;
+    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, CallError>;
 }
 
 /// Memberships over chat-svc's gRPC API, cached.
@@ -54,7 +56,7 @@ impl ChatMemberships {
 
 #[async_trait]
 impl Memberships for ChatMemberships {
-    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, String> {
+    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, CallError> {
         if let Some(hit) = self.cache.get(user_id).await {
             return Ok(hit);
         }
@@ -65,7 +67,7 @@ impl Memberships for ChatMemberships {
                 user_id: user_id.to_owned(),
             })
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| CallError::new(routes::CHAT, &s))?
             .into_inner()
             .conversation_ids;
         let ids = Arc::new(ids);
@@ -332,7 +334,7 @@ mod tests {
 
     #[async_trait]
     impl Memberships for NoConversations {
-        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, String> {
+        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, CallError> {
             Ok(Arc::new(Vec::new()))
         }
     }
@@ -342,7 +344,7 @@ mod tests {
 
     #[async_trait]
     impl Memberships for SlowConversations {
-        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, String> {
+        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, CallError> {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok(Arc::new(vec!["c1".to_owned()]))
         }

@@ -29,6 +29,31 @@ pub fn client_with_timeouts(
         .connect_lazy())
 }
 
+/// A failed call to another service: which service, and what it answered.
+/// Logs show all of it; a client sees only [`CallError::client_error`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{service} answered {code:?}: {message}")]
+pub struct CallError {
+    pub service: &'static str,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl CallError {
+    pub fn new(service: &'static str, status: &tonic::Status) -> Self {
+        Self {
+            service,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+
+    /// The reason a client gets when this call's failure reaches it.
+    pub fn client_error(&self) -> crate::errors::ClientError {
+        crate::errors::ClientError::from_status(&tonic::Status::new(self.code, &self.message))
+    }
+}
+
 /// An id field of a request (`[A-Za-z0-9_-]{1,64}`, docs/protocol.md#topics),
 /// or `INVALID_ARGUMENT` naming the field.
 pub fn check_id(field: &str, id: &str) -> Result<(), tonic::Status> {
@@ -44,6 +69,13 @@ pub fn check_id(field: &str, id: &str) -> Result<(), tonic::Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn call_errors_keep_the_detail_for_logs_and_map_for_clients() {
+        let err = CallError::new("presence", &tonic::Status::unavailable("redis down"));
+        assert_eq!(err.to_string(), "presence answered Unavailable: redis down");
+        assert_eq!(err.client_error(), crate::errors::ClientError::Unavailable);
+    }
 
     #[test]
     fn ids_are_checked_naming_the_field() {
