@@ -22,25 +22,10 @@ use prost::Message as _;
 use quckchat_chat::commands;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, MongoStore};
-use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
 use quckchat_runtime::bus::{Bus, BusError, BusMessage, Headers, NatsBus, Subjects, Subscription};
+use quckchat_runtime::testkit;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-
-fn mongo_url(db: &str) -> String {
-    let base = std::env::var("TEST_MONGODB_URL")
-        .expect("TEST_MONGODB_URL must name a MongoDB-wire server (scripts/test.sh sets it)");
-    let (head, query) = base
-        .split_once('?')
-        .map_or((base.as_str(), None), |(h, q)| (h, Some(q)));
-    let host_end = head["mongodb://".len()..]
-        .find('/')
-        .map_or(head.len(), |i| i + "mongodb://".len());
-    match query {
-        Some(q) => format!("{}/{db}?{q}", &head[..host_end]),
-        None => format!("{}/{db}", &head[..host_end]),
-    }
-}
 
 /// A replica's bus connection, counting the commands it answered: a reply
 /// goes to the requester's inbox, every other publish is on a subject under
@@ -106,9 +91,9 @@ struct Cluster {
 
 /// Starts `n` replicas, each with its own NATS connection and MongoDB client.
 async fn cluster(n: usize) -> Cluster {
-    let nats = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let prefix = format!("replicas{}", uuid::Uuid::new_v4().simple());
-    let url = mongo_url(&prefix);
+    let nats = testkit::nats_url();
+    let prefix = testkit::unique("replicas");
+    let url = testkit::mongodb_url();
     let subjects = Subjects::new(prefix);
     let store: Arc<dyn ChatStore> = Arc::new(MongoStore::connect(&url).await.expect("MongoDB"));
     let bus: Arc<dyn Bus> = Arc::new(NatsBus::connect(&nats, "client").await.unwrap());
@@ -177,14 +162,7 @@ impl Cluster {
     }
 
     async fn push(&self, user: &str, event: &str, payload: Value) -> (bool, Value) {
-        let cmd = ClientCommand {
-            conn_id: user.into(),
-            user_id: user.into(),
-            device_id: "d".into(),
-            topic: "chat:c1".into(),
-            event: event.into(),
-            payload: payload.to_string().into_bytes(),
-        };
+        let cmd = testkit::command("chat:c1", event, user, &payload);
         let msg = self
             .bus
             .request(
@@ -195,11 +173,8 @@ impl Cluster {
             )
             .await
             .unwrap();
-        let reply = CommandReply::decode(msg.payload.as_ref()).unwrap();
-        (
-            reply.status == command_reply::Status::Ok as i32,
-            serde_json::from_slice(&reply.response).unwrap(),
-        )
+        let reply = testkit::decode_bytes(&msg.payload);
+        (reply.ok, reply.response)
     }
 }
 
