@@ -141,6 +141,19 @@ pub fn run_to_exit(
     (status.code(), out)
 }
 
+/// Asserts a binary refuses to start with `env`: it exits with `code`
+/// within 20 s (bad config: 64; a dead dependency: 1), its output names
+/// `names` (the variable at fault), and it did not panic.
+pub fn assert_start_fails(binary: &std::path::Path, env: &[(&str, &str)], code: i32, names: &str) {
+    let (exit, out) = run_to_exit(binary, env, std::time::Duration::from_secs(20));
+    assert_eq!(exit, Some(code), "{out}");
+    assert!(
+        out.contains(names),
+        "the output does not name {names}: {out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
