@@ -1,6 +1,6 @@
-//! Per-socket limits: the push budget (a token bucket) and the count of
-//! unusable frames in a window. Time is passed in, so both are tested
-//! without waiting.
+//! Per-socket limits: the push budget and the control budget (token
+//! buckets) and the count of unusable frames in a window. Time is passed in,
+//! so all are tested without waiting.
 
 use std::time::Duration;
 
@@ -34,6 +34,27 @@ impl PushBudget {
         } else {
             false
         }
+    }
+}
+
+/// Control frames (WebSocket pings and pongs, Phoenix heartbeats) per second
+/// a socket may send on average, bursts of twice that. Clients heartbeat every
+/// 30 s and ping at most every few seconds, so this is generous; it is there
+/// so a ping flood costs a socket close, not a core.
+pub(crate) const CONTROL_RATE_PER_SEC: u32 = 20;
+
+/// The control budget: its own bucket, so pings never spend pushes and
+/// pushes never starve heartbeats.
+pub(crate) struct ControlBudget(PushBudget);
+
+impl ControlBudget {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self(PushBudget::new(CONTROL_RATE_PER_SEC, now))
+    }
+
+    /// Takes one control frame from the budget; `false` when it is spent.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        self.0.take(now)
     }
 }
 
@@ -84,6 +105,19 @@ mod tests {
             (0..100).filter(|_| budget.take(later)).count(),
             10,
             "refill stops at the burst"
+        );
+    }
+
+    #[test]
+    fn the_control_budget_is_its_own_generous_bucket() {
+        let t0 = Instant::now();
+        let mut control = ControlBudget::new(t0);
+        let burst = 2 * CONTROL_RATE_PER_SEC as usize;
+        assert_eq!((0..burst * 10).filter(|_| control.take(t0)).count(), burst);
+        let one_second = t0 + Duration::from_secs(1);
+        assert_eq!(
+            (0..burst).filter(|_| control.take(one_second)).count(),
+            CONTROL_RATE_PER_SEC as usize
         );
     }
 

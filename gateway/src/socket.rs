@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, InFrame, Vsn};
 use crate::hub::{json_payload, Delivery, Item, SubjectKind, Subscriber};
-use crate::limits::{PushBudget, Strikes};
+use crate::limits::{ControlBudget, PushBudget, Strikes};
 use crate::routing::{self, Route};
 use crate::Shared;
 use quckchat_runtime::errors::ClientError;
@@ -33,6 +33,11 @@ use quckchat_runtime::errors::ClientError;
 /// Close codes (RFC 6455 and IANA registry).
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
+    /// A WebSocket protocol error (reserved bits, fragmented control frame,
+    /// unmasked client frame, ...).
+    pub const PROTOCOL: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTART: u16 = 1012;
@@ -42,10 +47,31 @@ pub mod close_code {
 /// How long a server-initiated close waits for the client's close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
-/// Whether a read error is a message over the size limit (tungstenite's
-/// capacity error, as axum wraps it).
-fn too_big(err: &impl std::fmt::Display) -> bool {
-    err.to_string().contains("Message too long")
+/// The close a read error calls for. The socket sees tungstenite's errors
+/// wrapped by axum, which keeps their text: a message over the size limit
+/// (1009), a WebSocket protocol error (1002) and a text frame that is not
+/// UTF-8 (1007) are answered with a close frame; anything else (the peer
+/// vanished, I/O) ends the socket without one.
+fn read_error_close(err: &impl std::fmt::Display) -> Option<Close> {
+    let text = err.to_string();
+    if text.contains("Message too long") {
+        metrics::counter!("quckchat_gateway_oversized_frames_total").increment(1);
+        return Some(Close(close_code::TOO_BIG, "message too big"));
+    }
+    if text.starts_with("WebSocket protocol error") {
+        // The TCP connection ended without a close frame: nobody to tell.
+        if text.contains("without closing handshake") {
+            return None;
+        }
+        metrics::counter!("quckchat_gateway_protocol_errors_total", "kind" => "protocol")
+            .increment(1);
+        return Some(Close(close_code::PROTOCOL, "protocol error"));
+    }
+    if text.starts_with("UTF-8 encoding error") {
+        metrics::counter!("quckchat_gateway_protocol_errors_total", "kind" => "utf8").increment(1);
+        return Some(Close(close_code::INVALID_DATA, "invalid UTF-8"));
+    }
+    None
 }
 
 /// Who is on the socket.
@@ -103,6 +129,7 @@ where
         inflight: FuturesUnordered::new(),
         strikes: Strikes::new(shared.config.socket.malformed_limit, Instant::now()),
         budget: PushBudget::new(shared.config.socket.rate_per_sec, Instant::now()),
+        control: ControlBudget::new(Instant::now()),
         user_sub_id: shared.hub.next_sub_id(),
     };
     socket.serve(rx).await;
@@ -118,6 +145,8 @@ struct Socket<S> {
     inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
     strikes: Strikes,
     budget: PushBudget,
+    /// WebSocket pings/pongs and Phoenix heartbeats.
+    control: ControlBudget,
     user_sub_id: u64,
 }
 
@@ -209,11 +238,8 @@ where
                 incoming = self.ws.next() => {
                     let msg = match incoming {
                         Some(Ok(msg)) => msg,
-                        Some(Err(err)) if too_big(&err) => {
-                            metrics::counter!("quckchat_gateway_oversized_frames_total").increment(1);
-                            return Some(Close(close_code::TOO_BIG, "message too big"));
-                        }
-                        Some(Err(_)) | None => return None,
+                        Some(Err(err)) => return read_error_close(&err),
+                        None => return None,
                     };
                     idle.as_mut().reset(Instant::now() + idle_timeout);
                     match self.on_message(msg).await {
@@ -309,6 +335,21 @@ where
         Ok(())
     }
 
+    /// Takes one token from the control budget (pings, pongs, heartbeats);
+    /// a socket over it is closed with 1008 rather than kept answering.
+    fn control_frame(&mut self) -> Result<(), Option<Close>> {
+        if self.control.take(Instant::now()) {
+            return Ok(());
+        }
+        metrics::counter!("quckchat_gateway_control_limited_total").increment(1);
+        tracing::warn!(
+            conn_id = %self.peer.conn_id,
+            user_id = %self.peer.user_id,
+            "control frames over budget: closing the socket"
+        );
+        Err(Some(Close(close_code::POLICY, "too many control frames")))
+    }
+
     /// Takes one token from the push budget.
     fn allow_push(&mut self) -> bool {
         self.budget.take(Instant::now())
@@ -348,7 +389,12 @@ where
                     };
                 }
                 match decoded {
-                    Ok(frame) => self.on_frame(frame).await.map_err(|()| None),
+                    Ok(frame) => {
+                        if frame.topic == "phoenix" && frame.event == "heartbeat" {
+                            self.control_frame()?;
+                        }
+                        self.on_frame(frame).await.map_err(|()| None)
+                    }
                     Err(FrameError::Invalid {
                         join_ref,
                         ref_,
@@ -377,7 +423,8 @@ where
                 None => self.strike(),
             },
             Message::Close(_) => Err(None),
-            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            // tungstenite has already queued the pong: only count it.
+            Message::Ping(_) | Message::Pong(_) => self.control_frame(),
         }
     }
 

@@ -841,3 +841,176 @@ async fn a_connection_event_reaches_only_that_connection_of_the_user() {
         "the phone got the laptop's event"
     );
 }
+
+#[tokio::test]
+async fn a_ping_flood_closes_the_socket_with_policy_violation() {
+    const METRIC: &str = "quckchat_gateway_control_limited_total";
+    let metrics = quckchat_runtime::admin::metrics_handle();
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    let before = counter(&metrics.render(), METRIC);
+    // Far past the burst, sent at once: no refill can keep up.
+    let flood = 20 * crate::limits::CONTROL_RATE_PER_SEC;
+    for _ in 0..flood {
+        c.tx.unbounded_send(Message::Ping(vec![1].into())).unwrap();
+    }
+    let (_, code) = c.frames_until_close(PROMPTLY).await;
+    assert_eq!(code, 1008);
+    assert!(counter(&metrics.render(), METRIC) >= before + 1.0);
+    tokio::time::timeout(PROMPTLY, c.task)
+        .await
+        .expect("the socket task ended")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pongs_and_heartbeats_count_against_the_control_budget_too() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut pongs = connect(&f, "alice", 64);
+    for _ in 0..20 * crate::limits::CONTROL_RATE_PER_SEC {
+        pongs
+            .tx
+            .unbounded_send(Message::Pong(vec![1].into()))
+            .unwrap();
+    }
+    assert_eq!(pongs.frames_until_close(PROMPTLY).await.1, 1008);
+
+    let mut beats = connect(&f, "bob", 1024);
+    for i in 0..20 * crate::limits::CONTROL_RATE_PER_SEC {
+        beats.send(json!([null, i.to_string(), "phoenix", "heartbeat", {}]));
+    }
+    let (replies, code) = beats.frames_until_close(PROMPTLY).await;
+    assert_eq!(code, 1008);
+    assert!(
+        replies.len() <= 2 * crate::limits::CONTROL_RATE_PER_SEC as usize + 2,
+        "{} heartbeats answered",
+        replies.len()
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_at_a_normal_pace_are_answered() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    // A burst a well-behaved client never reaches: all answered.
+    for i in 0..crate::limits::CONTROL_RATE_PER_SEC {
+        c.tx.unbounded_send(Message::Ping(vec![1].into())).unwrap();
+        c.send(json!([null, i.to_string(), "phoenix", "heartbeat", {}]));
+        assert_eq!(c.recv().await[1], i.to_string());
+    }
+}
+
+/// The server's end of a socket whose reads fail as tungstenite's do,
+/// wrapped by axum.
+struct FaultyPipe {
+    rx: fmpsc::UnboundedReceiver<Result<Message, axum::Error>>,
+    tx: fmpsc::Sender<Message>,
+}
+
+impl Stream for FaultyPipe {
+    type Item = Result<Message, axum::Error>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_next_unpin(cx)
+    }
+}
+
+impl Sink<Message> for FaultyPipe {
+    type Error = fmpsc::SendError;
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tx.poll_ready(cx)
+    }
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+        self.tx.start_send(item)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.tx).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.tx).poll_close(cx)
+    }
+}
+
+/// The close code the socket sends after this read error, if any.
+async fn close_after_read_error(err: tokio_tungstenite::tungstenite::Error) -> Option<u16> {
+    let f = fixture(SocketConfig::default()).await;
+    let (client_tx, server_rx) = fmpsc::unbounded();
+    let (server_tx, mut client_rx) = fmpsc::channel(64);
+    let peer = Peer {
+        conn_id: "c".into(),
+        user_id: "alice".into(),
+        device_id: "d1".into(),
+        vsn: Vsn::V2,
+    };
+    let task = tokio::spawn(run(
+        FaultyPipe {
+            rx: server_rx,
+            tx: server_tx,
+        },
+        f.gateway.shared.clone(),
+        peer,
+    ));
+    client_tx
+        .unbounded_send(Ok(Message::Text(
+            json!([null, "1", "phoenix", "heartbeat", {}])
+                .to_string()
+                .into(),
+        )))
+        .unwrap();
+    client_tx
+        .unbounded_send(Err(axum::Error::new(err)))
+        .unwrap();
+    let mut code = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(PROMPTLY, client_rx.next()).await {
+        if let Message::Close(frame) = msg {
+            code = frame.map(|c| c.code);
+            break;
+        }
+    }
+    drop(client_tx);
+    tokio::time::timeout(PROMPTLY, task)
+        .await
+        .expect("the socket task ended")
+        .unwrap();
+    code
+}
+
+#[tokio::test]
+async fn websocket_protocol_errors_close_with_1002_and_bad_utf8_with_1007() {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    for err in [
+        ProtocolError::NonZeroReservedBits,
+        ProtocolError::FragmentedControlFrame,
+        ProtocolError::UnmaskedFrameFromClient,
+        ProtocolError::UnknownDataFrameType(3),
+        ProtocolError::UnexpectedContinueFrame,
+    ] {
+        let name = format!("{err:?}");
+        assert_eq!(
+            close_after_read_error(WsError::Protocol(err)).await,
+            Some(1002),
+            "{name}"
+        );
+    }
+    let bad_utf8 = std::str::from_utf8(&[0xff, 0xfe][..]).unwrap_err();
+    assert_eq!(
+        close_after_read_error(WsError::Utf8(bad_utf8.to_string())).await,
+        Some(1007)
+    );
+    assert_eq!(
+        close_after_read_error(WsError::Capacity(CapacityError::MessageTooLong {
+            size: 10,
+            max_size: 1
+        }))
+        .await,
+        Some(1009)
+    );
+    // The peer went away: nobody to send a close frame to.
+    assert_eq!(
+        close_after_read_error(WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake
+        ))
+        .await,
+        None
+    );
+}
