@@ -5,6 +5,12 @@ use std::time::Duration;
 use quckchat_runtime::config::{
     BusConfig, ConfigError, ConfigReader, ServerConfig, JWT_SECRET, SECRET_KEY_BASE,
 };
+use quckchat_runtime::server::ServeLimits;
+
+pub use crate::admission::{
+    AdmissionConfig, CHECK_ORIGIN, MAX_CONNECTIONS_PER_IP, MAX_SOCKETS_PER_USER, TRUSTED_PROXIES,
+};
+pub use quckchat_runtime::server::{HEADER_READ_TIMEOUT_SECS, MAX_CONNECTIONS};
 
 pub const SOCKET_IDLE_TIMEOUT_SECS: &str = "SOCKET_IDLE_TIMEOUT_SECS";
 pub const MAX_FRAME_BYTES: &str = "MAX_FRAME_BYTES";
@@ -25,6 +31,10 @@ pub struct GatewayConfig {
     /// How often this gateway tells presence it is alive; presence drops the
     /// connections of a gateway silent for its node TTL (default 30 s).
     pub node_heartbeat: Duration,
+    /// Who may open a socket: origin, sockets per address and per user.
+    pub admission: AdmissionConfig,
+    /// Connections of the listener: header-read timeout and global cap.
+    pub connections: ServeLimits,
 }
 
 /// Limits of one client socket.
@@ -105,6 +115,8 @@ impl GatewayConfig {
         // Kept from the Phoenix server for drop-in env files; QuckChat signs nothing with it.
         let _ = r.secret(SECRET_KEY_BASE);
         Ok(Self {
+            admission: AdmissionConfig::read(r, &server.host)?,
+            connections: ServeLimits::read(r)?,
             server,
             bus,
             jwt_secret,
@@ -139,5 +151,61 @@ mod tests {
             HashMap::from([(JWT_SECRET, "k"), (SOCKET_IDLE_TIMEOUT_SECS, "2")]);
         let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
         assert_eq!(cfg.socket.idle_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn admission_and_connection_limits() {
+        let env: HashMap<&str, &str> = HashMap::from([(JWT_SECRET, "k")]);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+        assert_eq!(
+            cfg.admission.max_per_ip,
+            AdmissionConfig::DEFAULT_MAX_PER_IP
+        );
+        assert_eq!(
+            cfg.admission.max_per_user,
+            AdmissionConfig::DEFAULT_MAX_PER_USER
+        );
+        assert!(cfg.admission.trusted_proxies.is_empty());
+        assert!(cfg
+            .admission
+            .check_origin
+            .allows(&["https://localhost:4000"]));
+        assert!(!cfg
+            .admission
+            .check_origin
+            .allows(&["https://evil.example.com"]));
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(10));
+        assert!(cfg.connections.max_connections >= 1);
+
+        let env: HashMap<&str, &str> = HashMap::from([
+            (JWT_SECRET, "k"),
+            ("HOST", "chat.example.com"),
+            (MAX_CONNECTIONS_PER_IP, "0"),
+            (MAX_SOCKETS_PER_USER, "3"),
+            (TRUSTED_PROXIES, "10.0.0.0/8, ::1"),
+            (MAX_CONNECTIONS, "100"),
+            (HEADER_READ_TIMEOUT_SECS, "4"),
+        ]);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+        assert_eq!(cfg.admission.max_per_ip, 0);
+        assert_eq!(cfg.admission.max_per_user, 3);
+        assert_eq!(cfg.admission.trusted_proxies.len(), 2);
+        assert!(cfg
+            .admission
+            .check_origin
+            .allows(&["https://chat.example.com"]));
+        assert_eq!(cfg.connections.max_connections, 100);
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(4));
+
+        for (key, bad) in [
+            (TRUSTED_PROXIES, "10.0.0.0/99"),
+            (CHECK_ORIGIN, "ftp:/x"),
+            (MAX_CONNECTIONS, "0"),
+            (MAX_SOCKETS_PER_USER, "-1"),
+        ] {
+            let env: HashMap<&str, &str> = HashMap::from([(JWT_SECRET, "k"), (key, bad)]);
+            let err = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap_err();
+            assert_eq!(err.key, key, "{bad}");
+        }
     }
 }

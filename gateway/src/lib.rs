@@ -5,7 +5,11 @@
 //! - [`routing`] — topic kinds → owning service, topic id validation;
 //! - [`socket`] — one socket's channels, heartbeats, replies; `limits` its push
 //!   budget and malformed-frame count; `rpc` its calls to the services;
-//! - [`hub`] — one bus subscription per topic per node, fanned out locally.
+//! - [`hub`] — one bus subscription per topic per node, fanned out locally;
+//! - [`admission`] — who may open a socket (origin, sockets per address and
+//!   per user), decided before the upgrade. The listener's own guards
+//!   (header-read timeout, connection cap) are `quckchat_runtime::server`'s,
+//!   configured by [`GatewayConfig::connections`].
 //!
 //! A client push travels: socket → [`socket`] → bus request on
 //! `<prefix>.cmd.<service>` → service → reply → `phx_reply`. A broadcast
@@ -13,6 +17,7 @@
 //! socket that joined the topic. Losing a gateway loses no data: clients
 //! reconnect elsewhere and rejoin.
 
+pub mod admission;
 pub mod config;
 pub mod frame;
 pub mod hub;
@@ -26,16 +31,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use base64::Engine as _;
 use prost::Message as _;
 use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle, NodeHeartbeat};
 use quckchat_runtime::auth::JwtVerifier;
 use quckchat_runtime::bus::{Bus, Subjects};
+use quckchat_runtime::server::ConnMeta;
 use quckchat_runtime::time::now_ms;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -61,6 +67,7 @@ pub struct Shared {
     pub(crate) hub: hub::Hub,
     pub(crate) shutdown: CancellationToken,
     verifier: JwtVerifier,
+    admission: admission::Admission,
     sockets: TaskTracker,
     /// Open sockets, so they can be reported again to presence on request.
     live: std::sync::Mutex<HashMap<String, Peer>>,
@@ -79,11 +86,12 @@ impl Gateway {
         let verifier = JwtVerifier::hs256(&config.jwt_secret);
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(bus.clone()),
-            config,
+            admission: admission::Admission::new(config.admission.clone()),
             bus,
             subjects,
             shutdown,
             verifier,
+            config,
             sockets: TaskTracker::new(),
             live: std::sync::Mutex::new(HashMap::new()),
         });
@@ -211,12 +219,22 @@ fn token_from(params: &HashMap<String, String>, headers: &HeaderMap) -> Option<S
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     Query(params): Query<HashMap<String, String>>,
+    conn: Option<Extension<ConnectInfo<ConnMeta>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     if shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "server shutting down").into_response();
     }
+    if let Err(refused) = shared.admission.check_origin(&headers) {
+        return refused.into_response();
+    }
+    // The peer is known when served by `quckchat_runtime::server`.
+    let peer = conn.map(|Extension(ConnectInfo(meta))| meta.peer.ip());
+    let mut ticket = match shared.admission.admit_ip(peer, &headers) {
+        Ok(ticket) => ticket,
+        Err(refused) => return refused.into_response(),
+    };
     let Some(vsn) = Vsn::parse(params.get("vsn").map(String::as_str)) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -241,6 +259,9 @@ async fn upgrade(
         metrics::counter!("quckchat_gateway_auth_refused_total").increment(1);
         tracing::debug!("socket refused: the token's user id is not an id");
         return StatusCode::FORBIDDEN.into_response();
+    }
+    if let Err(refused) = shared.admission.admit_user(&mut ticket, &identity.user_id) {
+        return refused.into_response();
     }
     let device_id = identity
         .device_id
@@ -268,7 +289,13 @@ async fn upgrade(
         .write_buffer_size(WRITE_BATCH_BYTES)
         // A client that stops reading fails its writes past this.
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| tracker.track_future(socket::run(socket, shared, peer)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                socket::run(socket, shared, peer).await;
+                // The socket's places in the admission counts end with it.
+                drop(ticket);
+            })
+        })
 }
 
 impl Shared {

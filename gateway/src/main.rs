@@ -31,7 +31,14 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let router = gateway.router().merge(admin::router(health.clone()));
     let listener = server::bind(config.server.listen_addr()).await?;
     tracing::info!(addr = %config.server.listen_addr(), "gateway listening");
-    server::serve_with_health(listener, router, token.clone(), health.clone()).await?;
+    server::serve_with_health_limited(
+        listener,
+        router,
+        token.clone(),
+        health.clone(),
+        config.connections,
+    )
+    .await?;
     gateway.drained(config.server.drain).await;
     tracing::info!("gateway stopped");
     Ok(())

@@ -129,7 +129,14 @@ pub async fn run(
         .merge(admin::router(health.clone()))
         .merge(grpc);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "quckchat listening (all-in-one)");
-    server::serve_with_health(listener, router, token.clone(), health.clone()).await?;
+    server::serve_with_health_limited(
+        listener,
+        router,
+        token.clone(),
+        health.clone(),
+        config.gateway.connections,
+    )
+    .await?;
     gateway.drained(drain).await;
     services_stop.cancel();
     chat_consumer.await?;
