@@ -2,6 +2,11 @@
 //! on loopback: header-read timeout, connection cap with health still
 //! answering, sockets per address and per user, X-Forwarded-For only from
 //! trusted proxies, and CHECK_ORIGIN. Every wait is bounded.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests: a failed step is a failed test"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
