@@ -1,6 +1,7 @@
 //! chat-svc configuration (distributed mode).
 
 use quckchat_runtime::config::{BusConfig, ConfigError, ConfigReader, ServerConfig, MONGODB_URL};
+use quckchat_runtime::grpc::GrpcToken;
 
 pub const PRESENCE_GRPC_URL: &str = "PRESENCE_GRPC_URL";
 
@@ -12,6 +13,9 @@ pub struct ChatConfig {
     pub mongodb_url: String,
     /// presence-svc's gRPC address; unset: joins carry no `presence_state`.
     pub presence_grpc_url: Option<String>,
+    /// `GRPC_AUTH_TOKEN` (required): what gRPC callers present, and what
+    /// this service presents to presence-svc.
+    pub grpc_token: GrpcToken,
 }
 
 impl ChatConfig {
@@ -25,6 +29,7 @@ impl ChatConfig {
                 &["mongodb", "mongodb+srv"],
             )?,
             presence_grpc_url: r.optional(PRESENCE_GRPC_URL),
+            grpc_token: GrpcToken::read_required(r)?,
         })
     }
 }

@@ -160,6 +160,17 @@ impl ChatApi for ChatGrpc {
         }
         let new = parse_send(&req.conversation_id, &req.sender_id, &Payload(payload))
             .map_err(chat_status)?;
+        // The backend posts for a user: that user must be a member, as for
+        // a socket's message:send.
+        self.service
+            .check_member(&req.conversation_id, &req.sender_id)
+            .await
+            .map_err(|e| match e {
+                ChatError::Unauthorized => {
+                    Status::permission_denied("sender_id is not a member of this conversation")
+                }
+                e => chat_status(e),
+            })?;
         let message = self.service.post(new).await.map_err(chat_status)?;
         Ok(Response::new(message_to_proto(message)))
     }

@@ -20,7 +20,7 @@ async fn main() {
 }
 
 async fn run(config: ChatConfig) -> anyhow::Result<()> {
-    let node = Node::connect("chat-svc", &config.server, &config.bus).await?;
+    let node = Node::connect("chat-svc", &config.server, &config.bus, &config.grpc_token).await?;
     let store: Arc<dyn ChatStore> = Arc::new(
         MongoStore::connect(&config.mongodb_url)
             .await
@@ -28,8 +28,8 @@ async fn run(config: ChatConfig) -> anyhow::Result<()> {
     );
     let mut chat = ChatService::new(store.clone(), node.bus(), node.subjects().clone());
     if let Some(url) = &config.presence_grpc_url {
-        let presence =
-            GrpcPresence::new(url).map_err(|e| anyhow::anyhow!("{PRESENCE_GRPC_URL}: {e}"))?;
+        let presence = GrpcPresence::new(url, node.grpc_token())
+            .map_err(|e| anyhow::anyhow!("{PRESENCE_GRPC_URL}: {e}"))?;
         chat = chat.with_presence(Arc::new(presence));
     }
     let chat = Arc::new(chat);
@@ -42,6 +42,6 @@ async fn run(config: ChatConfig) -> anyhow::Result<()> {
     )
     .await?;
     let checks = vec![health_check("store", store, |s| s.ping())];
-    let grpc = tonic::service::Routes::new(ChatGrpc::server(chat)).into_axum_router();
+    let grpc = tonic::service::Routes::new(ChatGrpc::server(chat));
     node.serve(checks, grpc, vec![consumer]).await
 }

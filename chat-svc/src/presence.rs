@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use quckchat_proto::presence::presence_service_client::PresenceServiceClient;
 use quckchat_proto::presence::GetPresenceRequest;
-use quckchat_runtime::grpc::CallError;
+use quckchat_runtime::grpc::{AuthChannel, CallError, GrpcToken};
 use quckchat_runtime::presence::{entries, meta};
 use quckchat_runtime::routes;
 use serde_json::Value;
@@ -22,14 +22,19 @@ pub trait PresenceLookup: Send + Sync {
 }
 
 pub struct GrpcPresence {
-    client: PresenceServiceClient<tonic::transport::Channel>,
+    client: PresenceServiceClient<AuthChannel>,
 }
 
 impl GrpcPresence {
-    /// Connects lazily to the presence service (or the all-in-one server).
-    pub fn new(url: &str) -> Result<Self, String> {
-        let channel =
-            quckchat_runtime::grpc::client_with_timeouts(url, PRESENCE_TIMEOUT, PRESENCE_TIMEOUT)?;
+    /// Connects lazily to the presence service (or the all-in-one server),
+    /// presenting `token` (`GRPC_AUTH_TOKEN`).
+    pub fn new(url: &str, token: &GrpcToken) -> Result<Self, String> {
+        let channel = quckchat_runtime::grpc::client_with_timeouts(
+            url,
+            token,
+            PRESENCE_TIMEOUT,
+            PRESENCE_TIMEOUT,
+        )?;
         Ok(Self {
             client: PresenceServiceClient::new(channel),
         })

@@ -237,6 +237,16 @@ impl ChatService {
     }
 
     /// Whether `user_id` is a member right now (cached).
+    /// Whether `user_id` may act in `conversation_id`, checked as for a
+    /// socket push: for backend calls that act for a user.
+    pub(crate) async fn check_member(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<(), ChatError> {
+        self.authorize(conversation_id, user_id).await
+    }
+
     async fn authorize(&self, conversation_id: &str, user_id: &str) -> Result<(), ChatError> {
         let members = match self.members.get(conversation_id).await {
             Some(m) => m,

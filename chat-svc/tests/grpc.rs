@@ -1,7 +1,8 @@
 //! chat-svc's gRPC API (`proto/quckchat/chat/v1/chat.proto`) over a real
 //! HTTP/2 connection: the embedded store and the in-process bus behind it, so
 //! what each call changes is seen where clients see it (topic broadcasts,
-//! channel closes, later calls).
+//! channel closes, later calls). Served as every process serves it: behind
+//! the `GRPC_AUTH_TOKEN` check, the client presenting the token.
 
 #![allow(
     clippy::unwrap_used,
@@ -23,16 +24,19 @@ use quckchat_proto::chat::{
     RemoveMemberRequest, UnreadCount, UpsertConversationRequest,
 };
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
+use quckchat_runtime::grpc::{authenticated, AuthChannel, GrpcToken};
 use quckchat_runtime::service::answer;
 use quckchat_runtime::testkit;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 use tonic::Code;
 
 const PROMPTLY: Duration = Duration::from_secs(10);
 
+const TOKEN: &str = "chat-grpc-test-token-0123456789";
+
 struct Fixture {
-    client: ChatServiceClient<Channel>,
+    client: ChatServiceClient<AuthChannel>,
+    addr: std::net::SocketAddr,
     service: Arc<ChatService>,
     bus: Arc<dyn Bus>,
     subjects: Subjects,
@@ -47,13 +51,18 @@ async fn fixture() -> Fixture {
     let service = Arc::new(ChatService::new(store, bus.clone(), subjects.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder().add_service(ChatGrpc::server(service.clone()));
+    let token = GrpcToken::new(TOKEN).unwrap();
+    let routes = authenticated(
+        tonic::service::Routes::new(ChatGrpc::server(service.clone())),
+        &token,
+    );
+    let server = tonic::transport::Server::builder().add_routes(routes.into());
     tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
-    let client = ChatServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let channel = quckchat_runtime::grpc::client(&format!("http://{addr}"), &token).unwrap();
+    let client = ChatServiceClient::new(channel);
     Fixture {
         client,
+        addr,
         service,
         bus,
         subjects,
@@ -207,13 +216,13 @@ async fn remove_member_closes_their_channel_and_refuses_their_pushes() {
 #[tokio::test]
 async fn post_message_stores_broadcasts_and_is_idempotent() {
     let mut f = fixture().await;
-    f.upsert("g3", &["alice"]).await;
+    f.upsert("g3", &["alice", "bot"]).await;
     let mut topic = f
         .bus
         .subscribe(&f.subjects.topic("chat:g3"), None)
         .await
         .unwrap();
-    // A bot that is not a member posts; the type defaults to "system".
+    // A bot (a member, like any sender) posts; the type defaults to "system".
     let request = PostMessageRequest {
         conversation_id: "g3".into(),
         sender_id: "bot".into(),
@@ -309,7 +318,7 @@ async fn get_history_pages_oldest_first() {
 async fn get_unread_counts_follow_read_receipts() {
     let mut f = fixture().await;
     f.upsert("g5", &["alice", "bob"]).await;
-    f.upsert("g6", &["bob"]).await;
+    f.upsert("g6", &["bob", "carol"]).await;
     f.upsert("g7", &["alice"]).await;
     for i in 1..=3 {
         f.post("g5", "alice", &format!("m{i}")).await;
@@ -364,4 +373,130 @@ async fn get_unread_counts_follow_read_receipts() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "not bob's conversation");
+}
+
+#[tokio::test]
+async fn post_message_refuses_a_sender_who_is_not_a_member_and_stores_nothing() {
+    let mut f = fixture().await;
+    f.upsert("g9", &["alice"]).await;
+    let mut topic = f
+        .bus
+        .subscribe(&f.subjects.topic("chat:g9"), None)
+        .await
+        .unwrap();
+    for sender in ["mallory", "alice"] {
+        if sender == "alice" {
+            f.upsert("g9", &["bob"]).await; // alice was removed
+        }
+        let err = f
+            .client
+            .post_message(PostMessageRequest {
+                conversation_id: "g9".into(),
+                sender_id: sender.into(),
+                r#type: "text".into(),
+                content: format!("as {sender}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{sender}: {err:?}");
+    }
+    // Nothing stored, nothing broadcast.
+    let history = f
+        .client
+        .get_history(GetHistoryRequest {
+            conversation_id: "g9".into(),
+            before_seq: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.messages.is_empty(), "{:?}", history.messages);
+    let conv = f
+        .client
+        .get_conversation(GetConversationRequest {
+            conversation_id: "g9".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(conv.last_seq, 0);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), topic.next()).await {
+        let ev = TopicEvent::decode(msg.payload.as_ref()).unwrap();
+        assert_ne!(ev.event, "message:new", "nothing broadcast");
+    }
+    // A conversation that does not exist: refused the same way.
+    let err = f
+        .client
+        .post_message(PostMessageRequest {
+            conversation_id: "nosuch".into(),
+            sender_id: "alice".into(),
+            content: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // A member still posts.
+    assert_eq!(f.post("g9", "bob", "hi").await, 1);
+}
+
+#[tokio::test]
+async fn calls_without_the_token_are_unauthenticated_and_change_nothing() {
+    let mut f = fixture().await;
+    f.upsert("g10", &["alice"]).await;
+    let url = format!("http://{}", f.addr);
+    let anonymous = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect_lazy();
+    let wrong = quckchat_runtime::grpc::client(
+        &url,
+        &GrpcToken::new("chat-grpc-test-token-0123456788").unwrap(),
+    )
+    .unwrap();
+    let mut anonymous = ChatServiceClient::new(anonymous);
+    let mut wrong = ChatServiceClient::new(wrong);
+    let history = || GetHistoryRequest {
+        conversation_id: "g10".into(),
+        before_seq: 0,
+        limit: 0,
+    };
+    let upsert = || UpsertConversationRequest {
+        conversation_id: "g10".into(),
+        member_ids: vec!["mallory".into()],
+    };
+    let post = || PostMessageRequest {
+        conversation_id: "g10".into(),
+        sender_id: "alice".into(),
+        content: "forged".into(),
+        ..Default::default()
+    };
+    let codes = [
+        anonymous.get_history(history()).await.unwrap_err().code(),
+        anonymous
+            .upsert_conversation(upsert())
+            .await
+            .unwrap_err()
+            .code(),
+        anonymous.post_message(post()).await.unwrap_err().code(),
+        wrong.get_history(history()).await.unwrap_err().code(),
+        wrong
+            .upsert_conversation(upsert())
+            .await
+            .unwrap_err()
+            .code(),
+        wrong.post_message(post()).await.unwrap_err().code(),
+    ];
+    assert_eq!(codes, [Code::Unauthenticated; 6]);
+    let conv = f
+        .client
+        .get_conversation(GetConversationRequest {
+            conversation_id: "g10".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(conv.member_ids, ["alice"], "membership unchanged");
+    assert_eq!(conv.last_seq, 0, "nothing posted");
 }

@@ -276,6 +276,8 @@ export class ServerSet {
     this.gatewayCount = mode === "distributed" ? gateways : 1
     if(!(Number.isInteger(this.gatewayCount) && this.gatewayCount >= 1)){ throw new Error(`gateways: ${gateways}`) }
     this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
+    /** GRPC_AUTH_TOKEN of every process and of the CLI (gRPC refuses calls without it) */
+    this.grpcToken = `e2e-grpc-${randomBytes(16).toString("hex")}`
     this.procs = []
     /** the socket-facing processes (the all-in-one server, or each gateway): {name, nodeName, proc, port} */
     this.gateways = []
@@ -330,11 +332,12 @@ export class ServerSet {
       ...baseEnv(),
       BIND_ADDRESS: "127.0.0.1",
       JWT_SECRET: this.jwtSecret,
+      GRPC_AUTH_TOKEN: this.grpcToken,
       DATA_DIR: this.dataDir,
       NODE_HEARTBEAT_SECS: "1",
       ...extraEnv,
     }
-    this.cliEnv = {...baseEnv(), JWT_SECRET: this.jwtSecret}
+    this.cliEnv = {...baseEnv(), JWT_SECRET: this.jwtSecret, GRPC_AUTH_TOKEN: this.grpcToken}
     if(common.SHUTDOWN_DRAIN_SECS !== undefined){ this.drainSecs = Number(common.SHUTDOWN_DRAIN_SECS) }
 
     if(this.mode === "allinone"){

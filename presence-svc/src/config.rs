@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use quckchat_runtime::config::{BusConfig, ConfigError, ConfigReader, ServerConfig, REDIS_URL};
+use quckchat_runtime::grpc::GrpcToken;
 
 pub const PRESENCE_GRACE_SECS: &str = "PRESENCE_GRACE_SECS";
 pub const PRESENCE_NODE_TTL_SECS: &str = "PRESENCE_NODE_TTL_SECS";
@@ -39,6 +40,9 @@ pub struct PresenceConfig {
     pub redis_key_prefix: String,
     pub chat_grpc_url: String,
     pub timing: PresenceTiming,
+    /// `GRPC_AUTH_TOKEN` (required): what gRPC callers present, and what
+    /// this service presents to chat-svc.
+    pub grpc_token: GrpcToken,
 }
 
 impl PresenceConfig {
@@ -50,6 +54,7 @@ impl PresenceConfig {
             redis_key_prefix: r.string(REDIS_KEY_PREFIX, "qc"),
             chat_grpc_url: r.url(CHAT_GRPC_URL, "http://127.0.0.1:4001", &["http", "https"])?,
             timing: PresenceTiming::read(r)?,
+            grpc_token: GrpcToken::read_required(r)?,
         })
     }
 }

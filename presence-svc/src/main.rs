@@ -19,14 +19,20 @@ async fn main() {
 }
 
 async fn run(config: PresenceConfig) -> anyhow::Result<()> {
-    let node = Node::connect("presence-svc", &config.server, &config.bus).await?;
+    let node = Node::connect(
+        "presence-svc",
+        &config.server,
+        &config.bus,
+        &config.grpc_token,
+    )
+    .await?;
     let state: Arc<dyn PresenceState> = Arc::new(
         RedisState::connect(&config.redis_url, &config.redis_key_prefix)
             .await
             .map_err(|e| anyhow::anyhow!("{REDIS_URL}: {e}"))?,
     );
     let memberships = Arc::new(
-        ChatMemberships::new(&config.chat_grpc_url)
+        ChatMemberships::new(&config.chat_grpc_url, node.grpc_token())
             .map_err(|e| anyhow::anyhow!("{CHAT_GRPC_URL}: {e}"))?,
     );
     let presence = Arc::new(PresenceService::new(
@@ -38,6 +44,6 @@ async fn run(config: PresenceConfig) -> anyhow::Result<()> {
     ));
     let worker = presence.start(node.shutdown(), node.drain()).await?;
     let checks = vec![health_check("redis", state.clone(), |s| s.ping())];
-    let grpc = tonic::service::Routes::new(PresenceGrpc::server(state)).into_axum_router();
+    let grpc = tonic::service::Routes::new(PresenceGrpc::server(state));
     node.serve(checks, grpc, vec![worker]).await
 }

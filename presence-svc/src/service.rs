@@ -36,14 +36,15 @@ pub trait Memberships: Send + Sync {
 
 /// Memberships over chat-svc's gRPC API, cached.
 pub struct ChatMemberships {
-    client: ChatServiceClient<tonic::transport::Channel>,
+    client: ChatServiceClient<quckchat_runtime::grpc::AuthChannel>,
     cache: moka::future::Cache<String, Arc<Vec<String>>>,
 }
 
 impl ChatMemberships {
-    /// Connects lazily to `url` (chat-svc, or the all-in-one server itself).
-    pub fn new(url: &str) -> Result<Self, String> {
-        let channel = quckchat_runtime::grpc::client(url)?;
+    /// Connects lazily to `url` (chat-svc, or the all-in-one server itself),
+    /// presenting `token` (`GRPC_AUTH_TOKEN`).
+    pub fn new(url: &str, token: &quckchat_runtime::grpc::GrpcToken) -> Result<Self, String> {
+        let channel = quckchat_runtime::grpc::client(url, token)?;
         Ok(Self {
             client: ChatServiceClient::new(channel),
             cache: moka::future::Cache::builder()

@@ -21,6 +21,7 @@ use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::auth::DEV_JWT_SECRET;
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
 use quckchat_runtime::config::{ConfigError, ConfigReader, DATA_DIR};
+use quckchat_runtime::grpc::GrpcToken;
 use quckchat_runtime::server;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,10 @@ pub struct ServeConfig {
     pub presence: PresenceTiming,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
+    /// `GRPC_AUTH_TOKEN`: what gRPC callers must present. Unset: a random
+    /// token only this process's own services know, so gRPC on this port
+    /// answers no one else (outside callers need `GRPC_AUTH_TOKEN` set).
+    pub grpc_token: Option<GrpcToken>,
 }
 
 impl ServeConfig {
@@ -40,6 +45,7 @@ impl ServeConfig {
             gateway: GatewayConfig::read(r, Some(DEV_JWT_SECRET))?,
             presence: PresenceTiming::read(r)?,
             data_dir: PathBuf::from(r.string(DATA_DIR, "./data")),
+            grpc_token: GrpcToken::read_optional(r)?,
         })
     }
 }
@@ -79,6 +85,16 @@ pub async fn run(
         addr
     };
     let self_url = format!("http://{loopback}");
+    let grpc_token = match &config.grpc_token {
+        Some(token) => token.clone(),
+        None => {
+            tracing::warn!(
+                "GRPC_AUTH_TOKEN is not set: gRPC on this port accepts only this process's own calls \
+                 (a random token). Set GRPC_AUTH_TOKEN to call it from the backend or `quckchat conversation`."
+            );
+            GrpcToken::generate()
+        }
+    };
 
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     let store: Arc<dyn ChatStore> = Arc::new(
@@ -90,7 +106,8 @@ pub async fn run(
     let services_stop = CancellationToken::new();
 
     let presence_state: Arc<dyn PresenceState> = Arc::new(MemoryState::new());
-    let memberships = Arc::new(ChatMemberships::new(&self_url).map_err(anyhow::Error::msg)?);
+    let memberships =
+        Arc::new(ChatMemberships::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?);
     let presence = Arc::new(PresenceService::new(
         presence_state.clone(),
         bus.clone(),
@@ -101,7 +118,7 @@ pub async fn run(
     let presence_worker = presence.start(services_stop.clone(), drain).await?;
 
     let chat = ChatService::new(store.clone(), bus.clone(), subjects.clone()).with_presence(
-        Arc::new(GrpcPresence::new(&self_url).map_err(anyhow::Error::msg)?),
+        Arc::new(GrpcPresence::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?),
     );
     let chat = Arc::new(chat);
     let chat_consumer = commands::serve(
@@ -121,9 +138,11 @@ pub async fn run(
         ],
     );
     let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
-    let grpc = tonic::service::Routes::new(ChatGrpc::server(chat))
-        .add_service(PresenceGrpc::server(presence_state))
-        .into_axum_router();
+    let grpc = quckchat_runtime::grpc::authenticated(
+        tonic::service::Routes::new(ChatGrpc::server(chat))
+            .add_service(PresenceGrpc::server(presence_state)),
+        &grpc_token,
+    );
     let router = gateway
         .router()
         .merge(admin::router(health.clone()))

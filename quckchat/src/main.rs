@@ -5,7 +5,8 @@
 //!   in-process bus, embedded store under `DATA_DIR`; nothing else to install.
 //! - `quckchat token <userId> [--ttl 1h]`: prints a JWT signed with `JWT_SECRET`.
 //! - `quckchat conversation put <id> --members u1,u2`: upserts membership
-//!   through the server's gRPC API.
+//!   through the server's gRPC API, presenting `GRPC_AUTH_TOKEN` from the
+//!   environment (`authorization: Bearer <token>`).
 
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use quckchat::{serve, ServeConfig};
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::{GetConversationRequest, UpsertConversationRequest};
 use quckchat_runtime::auth::{mint_token, DEV_JWT_SECRET};
-use quckchat_runtime::config::JWT_SECRET;
+use quckchat_runtime::config::{GRPC_AUTH_TOKEN, JWT_SECRET};
+use quckchat_runtime::grpc::{AuthChannel, GrpcToken};
 use quckchat_runtime::process;
 
 #[derive(Parser)]
@@ -157,6 +159,11 @@ fn run_client(action: ConversationAction) -> i32 {
         Ok(()) => 0,
         Err(err) => {
             match err.downcast_ref::<tonic::Status>() {
+                Some(status) if status.code() == tonic::Code::Unauthenticated => eprintln!(
+                    "quckchat: {:?}: {} — set {GRPC_AUTH_TOKEN} to the server's token",
+                    status.code(),
+                    status.message()
+                ),
                 Some(status) => eprintln!("quckchat: {:?}: {}", status.code(), status.message()),
                 None => eprintln!("quckchat: {err:#}"),
             }
@@ -165,7 +172,16 @@ fn run_client(action: ConversationAction) -> i32 {
     }
 }
 
-async fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<tonic::transport::Channel>> {
+/// A client of the chat API at `addr`, presenting `GRPC_AUTH_TOKEN` (from
+/// the environment, never the command line, so it stays out of `ps`).
+/// Unset: no credential is sent, and the server refuses the call.
+async fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<AuthChannel>> {
+    let token = match std::env::var(GRPC_AUTH_TOKEN) {
+        Ok(t) if !t.trim().is_empty() => {
+            Some(GrpcToken::new(&t).map_err(|e| anyhow::anyhow!("{GRPC_AUTH_TOKEN}: {e}"))?)
+        }
+        _ => None,
+    };
     let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -174,5 +190,9 @@ async fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<tonic::transpor
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
-    Ok(ChatServiceClient::new(channel))
+    let bearer = match &token {
+        Some(token) => token.bearer(),
+        None => quckchat_runtime::grpc::Bearer::none(),
+    };
+    Ok(ChatServiceClient::with_interceptor(channel, bearer))
 }

@@ -1,6 +1,7 @@
 //! The all-in-one server end to end over a real socket: a member's message
 //! is persisted under DATA_DIR and survives a restart; shutdown closes
-//! sockets with 1012; the CLI fails bad configuration with exit code 64.
+//! sockets with 1012; the CLI fails bad configuration with exit code 64;
+//! gRPC answers only callers presenting `GRPC_AUTH_TOKEN`.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,21 +15,34 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use quckchat::ServeConfig;
+use quckchat_proto::chat::chat_service_client::ChatServiceClient;
+use quckchat_proto::chat::{
+    GetConversationRequest, GetHistoryRequest, PostMessageRequest, UpsertConversationRequest,
+};
 use quckchat_runtime::auth::{mint_token, JwtVerifier};
 use quckchat_runtime::config::ConfigReader;
+use quckchat_runtime::grpc::GrpcToken;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "allinone-test-secret";
+const GRPC_TOKEN: &str = "allinone-grpc-token-0123456789";
 
 fn config(data_dir: &std::path::Path) -> ServeConfig {
+    config_with(data_dir, Some(GRPC_TOKEN))
+}
+
+fn config_with(data_dir: &std::path::Path, grpc_token: Option<&str>) -> ServeConfig {
     let dir = data_dir.to_str().unwrap();
-    let env: HashMap<&str, &str> = HashMap::from([
+    let mut env: HashMap<&str, &str> = HashMap::from([
         ("JWT_SECRET", SECRET),
         ("DATA_DIR", dir),
         ("SHUTDOWN_DRAIN_SECS", "1"),
     ]);
+    if let Some(token) = grpc_token {
+        env.insert("GRPC_AUTH_TOKEN", token);
+    }
     ServeConfig::read(&mut ConfigReader::new(&env)).unwrap()
 }
 
@@ -39,10 +53,14 @@ struct Running {
 }
 
 async fn start(data_dir: &std::path::Path) -> Running {
+    start_with(config(data_dir)).await
+}
+
+async fn start_with(config: ServeConfig) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(quckchat::run(config(data_dir), listener, async {
+    let task = tokio::spawn(quckchat::run(config, listener, async {
         let _ = stopped.await;
     }));
     Running { addr, stop, task }
@@ -87,8 +105,22 @@ async fn send(ws: &mut Ws, frame: Value) {
 }
 
 /// Runs `quckchat conversation put` against the server (off the runtime's
-/// thread, which must keep serving).
+/// thread, which must keep serving), with `GRPC_AUTH_TOKEN` as given.
 async fn put_conversation(addr: std::net::SocketAddr, id: &str, members: &str) {
+    let out = run_put(addr, id, members, Some(GRPC_TOKEN)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn run_put(
+    addr: std::net::SocketAddr,
+    id: &str,
+    members: &str,
+    token: Option<&'static str>,
+) -> std::process::Output {
     let args = [
         "conversation",
         "put",
@@ -99,19 +131,16 @@ async fn put_conversation(addr: std::net::SocketAddr, id: &str, members: &str) {
         &format!("http://{addr}"),
     ]
     .map(str::to_owned);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_quckchat"))
-            .args(args)
-            .output()
-            .unwrap()
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_quckchat"));
+        cmd.args(args).env_remove("GRPC_AUTH_TOKEN");
+        if let Some(token) = token {
+            cmd.env("GRPC_AUTH_TOKEN", token);
+        }
+        cmd.output().unwrap()
     })
     .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    .unwrap()
 }
 
 #[tokio::test]
@@ -221,4 +250,150 @@ fn conversation_put_reports_an_unreachable_server() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+fn chat_client(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+) -> ChatServiceClient<quckchat_runtime::grpc::AuthChannel> {
+    let url = format!("http://{addr}");
+    match token {
+        Some(t) => ChatServiceClient::new(
+            quckchat_runtime::grpc::client(&url, &GrpcToken::new(t).unwrap()).unwrap(),
+        ),
+        None => ChatServiceClient::with_interceptor(
+            tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect_lazy(),
+            quckchat_runtime::grpc::Bearer::none(),
+        ),
+    }
+}
+
+/// GetHistory, UpsertConversation and PostMessage on `client`: each one's
+/// code (`Ok` for a success).
+async fn three_calls(
+    client: &mut ChatServiceClient<quckchat_runtime::grpc::AuthChannel>,
+) -> [tonic::Code; 3] {
+    let code = |r: Result<(), tonic::Status>| r.map_or_else(|s| s.code(), |()| tonic::Code::Ok);
+    let upsert = client
+        .upsert_conversation(UpsertConversationRequest {
+            conversation_id: "g1".into(),
+            member_ids: vec!["mallory".into()],
+        })
+        .await
+        .map(drop);
+    let post = client
+        .post_message(PostMessageRequest {
+            conversation_id: "g1".into(),
+            sender_id: "mallory".into(),
+            content: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .map(drop);
+    let history = client
+        .get_history(GetHistoryRequest {
+            conversation_id: "g1".into(),
+            before_seq: 0,
+            limit: 0,
+        })
+        .await
+        .map(drop);
+    [code(history), code(upsert), code(post)]
+}
+
+#[tokio::test]
+async fn grpc_answers_only_callers_with_the_token_and_health_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let unauthenticated = [tonic::Code::Unauthenticated; 3];
+    let mut anonymous = chat_client(server.addr, None);
+    assert_eq!(three_calls(&mut anonymous).await, unauthenticated);
+    let mut wrong = chat_client(server.addr, Some("allinone-grpc-token-0123456780"));
+    assert_eq!(three_calls(&mut wrong).await, unauthenticated);
+    // A bogus header of another scheme changes nothing either.
+    let mut request = tonic::Request::new(GetConversationRequest {
+        conversation_id: "g1".into(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Basic {GRPC_TOKEN}").parse().unwrap(),
+    );
+    let err = anonymous.get_conversation(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // Nothing was created by the refused calls.
+    let mut right = chat_client(server.addr, Some(GRPC_TOKEN));
+    let err = right
+        .get_conversation(GetConversationRequest {
+            conversation_id: "g1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "no conversation g1 yet");
+    assert_eq!(three_calls(&mut right).await, [tonic::Code::Ok; 3]);
+    // Health is plain HTTP, without credentials.
+    let health = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(server.addr).unwrap();
+        tcp.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    server.stop.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server.task).await;
+}
+
+#[tokio::test]
+async fn without_grpc_auth_token_grpc_answers_only_the_server_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(config_with(dir.path(), None)).await;
+    let unauthenticated = [tonic::Code::Unauthenticated; 3];
+    assert_eq!(
+        three_calls(&mut chat_client(server.addr, None)).await,
+        unauthenticated
+    );
+    assert_eq!(
+        three_calls(&mut chat_client(server.addr, Some(GRPC_TOKEN))).await,
+        unauthenticated
+    );
+    // The CLI without the token is refused, and says what to set.
+    let out = run_put(server.addr, "c1", "alice,bob", None).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Unauthenticated") && stderr.contains("GRPC_AUTH_TOKEN"),
+        "{stderr}"
+    );
+    server.stop.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server.task).await;
+}
+
+#[tokio::test]
+async fn the_cli_is_refused_with_a_wrong_token_and_works_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let out = run_put(
+        server.addr,
+        "c1",
+        "alice",
+        Some("allinone-grpc-token-wrong-000"),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+    let out = run_put(server.addr, "c1", "alice", Some(GRPC_TOKEN)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("c1 members=alice"));
+    server.stop.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server.task).await;
 }

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 const JWT: &str = "jwt-secret-value-0451";
 const SKB: &str = "secret-key-base-value-0451";
+const GRPC_TOKEN: &str = "binary-test-grpc-token-5f1e2d";
 /// Starting a binary on a loaded 2-core machine can be slow; this only
 /// bounds a failure.
 const START: Duration = Duration::from_secs(60);
@@ -213,6 +214,7 @@ async fn startup_log_lists_the_configuration_with_secrets_masked() {
         ("SOCKET_MAX_CHANNELS", "7"),
         ("SOCKET_WRITE_TIMEOUT_SECS", "9"),
         ("SOCKET_READ_BUFFER_BYTES", "4096"),
+        ("GRPC_AUTH_TOKEN", GRPC_TOKEN),
     ]);
     server.listening().await;
     let config = server
@@ -238,6 +240,7 @@ async fn startup_log_lists_the_configuration_with_secrets_masked() {
         "SOCKET_WRITE_TIMEOUT_SECS=9",
         "SOCKET_READ_BUFFER_BYTES=4096",
         "SHUTDOWN_DRAIN_SECS=1",
+        "GRPC_AUTH_TOKEN=******",
     ] {
         assert!(pairs.contains(expected), "{expected} not in {config}");
     }
@@ -246,6 +249,7 @@ async fn startup_log_lists_the_configuration_with_secrets_masked() {
     for line in &server.seen {
         assert!(!line.contains(JWT), "JWT_SECRET leaked: {line}");
         assert!(!line.contains(SKB), "SECRET_KEY_BASE leaked: {line}");
+        assert!(!line.contains(GRPC_TOKEN), "GRPC_AUTH_TOKEN leaked: {line}");
     }
     assert!(
         !server.seen.iter().any(|l| l.contains("DEVELOPMENT secret")),

@@ -29,6 +29,8 @@ pub const DATA_DIR: &str = "DATA_DIR";
 pub const BACKEND_URL: &str = "BACKEND_URL";
 pub const REQUEST_TIMEOUT_MS: &str = "REQUEST_TIMEOUT_MS";
 pub const SHUTDOWN_DRAIN_SECS: &str = "SHUTDOWN_DRAIN_SECS";
+/// The shared token gRPC callers present (read by [`crate::grpc::GrpcToken`]).
+pub const GRPC_AUTH_TOKEN: &str = "GRPC_AUTH_TOKEN";
 
 /// Where configuration values come from.
 pub trait Env {

@@ -27,9 +27,12 @@ pub fn finish(process: &str, result: anyhow::Result<()>) {
 /// A distributed service process: its bus, its shutdown and its port. A
 /// service's `main.rs` connects one, builds the service on [`Node::bus`],
 /// and hands [`Node::serve`] its health checks, gRPC routes and workers.
+/// The gRPC routes are served behind the `GRPC_AUTH_TOKEN` check
+/// ([`crate::grpc::authenticated`]); a service does not write it.
 pub struct Node {
     name: &'static str,
     server: crate::config::ServerConfig,
+    grpc_token: crate::grpc::GrpcToken,
     bus: std::sync::Arc<dyn crate::bus::Bus>,
     subjects: crate::bus::Subjects,
     shutdown: tokio_util::sync::CancellationToken,
@@ -37,11 +40,13 @@ pub struct Node {
 
 impl Node {
     /// Connects to NATS (a failure names `NATS_URL`) and cancels
-    /// [`Node::shutdown`] on SIGTERM/SIGINT.
+    /// [`Node::shutdown`] on SIGTERM/SIGINT. `grpc_token` guards this
+    /// node's gRPC routes and is what its clients of other services present.
     pub async fn connect(
         name: &'static str,
         server: &crate::config::ServerConfig,
         bus: &crate::config::BusConfig,
+        grpc_token: &crate::grpc::GrpcToken,
     ) -> anyhow::Result<Self> {
         let nats = crate::bus::NatsBus::connect(&bus.nats_url, &server.node_name)
             .await
@@ -51,6 +56,7 @@ impl Node {
         Ok(Self {
             name,
             server: server.clone(),
+            grpc_token: grpc_token.clone(),
             bus: std::sync::Arc::new(nats),
             subjects: crate::bus::Subjects::new(bus.subject_prefix.clone()),
             shutdown,
@@ -65,6 +71,11 @@ impl Node {
         &self.subjects
     }
 
+    /// The token this node's gRPC clients present to other services.
+    pub fn grpc_token(&self) -> &crate::grpc::GrpcToken {
+        &self.grpc_token
+    }
+
     /// Cancelled when the process is asked to stop.
     pub fn shutdown(&self) -> tokio_util::sync::CancellationToken {
         self.shutdown.clone()
@@ -75,13 +86,13 @@ impl Node {
         self.server.drain
     }
 
-    /// Serves `/health*`, `/metrics` and `grpc` on `PORT` (ready while the
-    /// bus and every check answer) until the stop, then waits for
-    /// `workers` to finish their drain.
+    /// Serves `/health*`, `/metrics` (open) and `grpc` (behind the token
+    /// check) on `PORT` (ready while the bus and every check answer) until
+    /// the stop, then waits for `workers` to finish their drain.
     pub async fn serve(
         self,
         checks: Vec<std::sync::Arc<dyn crate::admin::HealthCheck>>,
-        grpc: axum::Router,
+        grpc: tonic::service::Routes,
         workers: Vec<tokio::task::JoinHandle<()>>,
     ) -> anyhow::Result<()> {
         let mut all: Vec<std::sync::Arc<dyn crate::admin::HealthCheck>> =
@@ -90,6 +101,7 @@ impl Node {
             ))];
         all.extend(checks);
         let health = crate::admin::Health::new(self.server.node_name.clone(), all);
+        let grpc = crate::grpc::authenticated(grpc, &self.grpc_token);
         let router = crate::admin::router(health.clone()).merge(grpc);
         let addr = self.server.listen_addr();
         let listener = crate::server::bind(addr).await?;
