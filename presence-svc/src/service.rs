@@ -210,13 +210,22 @@ impl PresenceService {
                 meta,
                 user_came_online,
             }) => {
-                let diff = json!({
-                    "joins": entries([(conn.user_id.as_str(), vec![device_meta(&meta)])]),
-                    "leaves": {},
-                });
-                let mut events = vec![("presence_diff", diff)];
+                let mut events = Vec::new();
+                // A hidden device (past the shown cap) is not announced: one
+                // user's thousands of sockets cost one diff per shown device,
+                // not one per socket to every other socket.
+                if !meta.hidden {
+                    let diff = json!({
+                        "joins": entries([(conn.user_id.as_str(), vec![device_meta(&meta)])]),
+                        "leaves": {},
+                    });
+                    events.push(("presence_diff", diff));
+                }
                 if user_came_online {
                     events.push(("user:online", json!({ "userId": conn.user_id })));
+                }
+                if events.is_empty() {
+                    return;
                 }
                 // Telling conversations needs a gRPC round trip: do not hold
                 // up the next report.
@@ -277,11 +286,14 @@ impl PresenceService {
             }
         };
         for left in departures {
-            let diff = json!({
-                "joins": {},
-                "leaves": entries([(left.user_id.as_str(), vec![device_meta(&left.meta)])]),
-            });
-            let mut events = vec![("presence_diff", diff)];
+            let mut events = Vec::new();
+            if !left.meta.hidden {
+                let diff = json!({
+                    "joins": {},
+                    "leaves": entries([(left.user_id.as_str(), vec![device_meta(&left.meta)])]),
+                });
+                events.push(("presence_diff", diff));
+            }
             if left.user_went_offline {
                 metrics::counter!("quckchat_presence_offline_total").increment(1);
                 let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
@@ -290,7 +302,9 @@ impl PresenceService {
                     json!({ "userId": left.user_id, "lastSeenAt": iso(at) }),
                 ));
             }
-            self.announce(left.user_id, events).await;
+            if !events.is_empty() {
+                self.announce(left.user_id, events).await;
+            }
         }
     }
 
@@ -399,6 +413,75 @@ mod tests {
             .unwrap();
         let ev = TopicEvent::decode(msg.payload.as_ref()).unwrap();
         assert_eq!(ev.event, "presence_diff");
+    }
+
+    /// One conversation, answered at once.
+    struct OneConversation;
+
+    #[async_trait]
+    impl Memberships for OneConversation {
+        async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, CallError> {
+            Ok(Arc::new(vec!["c1".to_owned()]))
+        }
+    }
+
+    /// `presence_diff`s published to `chat:c1` after `n` sockets of one user
+    /// open, each its own device (a client that names none) and each
+    /// device with a second socket. Every socket joined to the conversation
+    /// gets each diff: deliveries are this times the sockets.
+    async fn diffs_for_sockets_of_one_user(n: usize) -> usize {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let subjects = Subjects::new("qc");
+        let timing = PresenceTiming {
+            grace: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(30),
+        };
+        let service = Arc::new(PresenceService::new(
+            Arc::new(MemoryState::new()),
+            bus.clone(),
+            subjects.clone(),
+            Arc::new(OneConversation),
+            timing,
+        ));
+        let mut topic = bus
+            .subscribe(&subjects.topic("chat:c1"), None)
+            .await
+            .unwrap();
+        for i in 0..2 * n {
+            service
+                .clone()
+                .on_lifecycle(ConnectionLifecycle {
+                    kind: connection_lifecycle::Kind::Opened as i32,
+                    node_id: "gw@1".into(),
+                    conn_id: format!("k{i}"),
+                    user_id: "alice".into(),
+                    device_id: format!("dev{}", i % n),
+                    at_ms: 0,
+                })
+                .await;
+        }
+        service.announcements.close();
+        service.announcements.wait().await;
+        let mut diffs = 0;
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(50), topic.next()).await
+        {
+            if TopicEvent::decode(msg.payload.as_ref()).unwrap().event == "presence_diff" {
+                diffs += 1;
+            }
+        }
+        diffs
+    }
+
+    #[tokio::test]
+    async fn many_sockets_of_one_user_announce_at_most_the_shown_devices() {
+        use crate::state::MAX_SHOWN_DEVICES;
+        assert_eq!(diffs_for_sockets_of_one_user(5).await, 5);
+        // 500 devices, 1,000 sockets: without the cap, 500 diffs each
+        // delivered to all 1,000 sockets (half a million deliveries).
+        let n = 500;
+        let diffs = diffs_for_sockets_of_one_user(n).await;
+        assert_eq!(diffs, MAX_SHOWN_DEVICES, "diffs for {n} devices");
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::{Connection, Joined, PresenceState};
+use super::{Connection, Joined, PresenceState, MAX_SHOWN_DEVICES};
 
 const GRACE: i64 = 5_000;
 
@@ -25,6 +25,7 @@ pub async fn run_all(state: Arc<dyn PresenceState>) {
     a_node_going_away_closes_its_connections_after_grace(state.as_ref()).await;
     departures_are_taken_once(state.clone()).await;
     presence_of_many_users_in_one_call(state.as_ref()).await;
+    a_user_shows_at_most_the_cap_of_devices(state.as_ref()).await;
     state.ping().await.unwrap();
 }
 
@@ -276,4 +277,82 @@ pub async fn presence_of_many_users_in_one_call(s: &dyn PresenceState) {
         all.iter().zip(&users).all(|(p, u)| &p.user_id == u),
         "in the order asked"
     );
+}
+
+/// One user's many devices: past [`MAX_SHOWN_DEVICES`] shown at once, new
+/// ones are hidden (not announced, not listed beyond the cap); a shown one
+/// leaving makes room.
+pub async fn a_user_shows_at_most_the_cap_of_devices(s: &dyn PresenceState) {
+    let (node, user) = (id("n"), id("u"));
+    let extra = 10;
+    // Each device with two sockets.
+    let mut sockets = Vec::new();
+    let mut hidden = Vec::new();
+    for i in 0..MAX_SHOWN_DEVICES + extra {
+        let device = format!("d{i:03}");
+        let (first, second) = (conn(&node, &user, &device), conn(&node, &user, &device));
+        let at = 1_000 + i64::try_from(i).unwrap();
+        match s.connect(&first, at).await.unwrap() {
+            Joined::Device { meta, .. } => hidden.push(meta.hidden),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            s.connect(&second, at).await.unwrap(),
+            Joined::Nothing,
+            "a second socket of the same device adds nothing"
+        );
+        sockets.push((first, second));
+    }
+    assert_eq!(hidden.iter().filter(|h| !**h).count(), MAX_SHOWN_DEVICES);
+    assert!(
+        hidden[MAX_SHOWN_DEVICES..].iter().all(|h| *h),
+        "the devices past the cap are hidden"
+    );
+    let p = &s.presence(std::slice::from_ref(&user)).await.unwrap()[0];
+    assert_eq!(p.devices.len(), MAX_SHOWN_DEVICES, "presence lists the cap");
+    assert!(p.devices.iter().all(|d| !d.hidden), "the shown ones");
+
+    // A shown device and a hidden one leave: each says which it was.
+    let mine = |v: Vec<super::Left>| {
+        v.into_iter()
+            .filter(|l| l.user_id == user)
+            .collect::<Vec<_>>()
+    };
+    for (first, second) in [&sockets[0], &sockets[MAX_SHOWN_DEVICES]] {
+        s.disconnect(first, 2_000, GRACE).await.unwrap();
+        s.disconnect(second, 2_000, GRACE).await.unwrap();
+    }
+    let mut left = mine(s.take_departures(2_000 + GRACE).await.unwrap());
+    left.sort_by(|a, b| a.meta.device_id.cmp(&b.meta.device_id));
+    assert_eq!(
+        left.iter()
+            .map(|l| (l.meta.device_id.as_str(), l.meta.hidden))
+            .collect::<Vec<_>>(),
+        vec![("d000", false), ("d016", true)]
+    );
+    // The shown one made room: the next device is shown, the one after not.
+    for (device, expect_hidden) in [("fresh1", false), ("fresh2", true)] {
+        match s.connect(&conn(&node, &user, device), 8_000).await.unwrap() {
+            Joined::Device { meta, .. } => assert_eq!(meta.hidden, expect_hidden, "{device}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Everything leaves; offline, the count starts again.
+    s.node_gone(&node, 9_000, GRACE).await.unwrap();
+    let left = mine(s.take_departures(9_000 + GRACE).await.unwrap());
+    assert_eq!(left.len(), MAX_SHOWN_DEVICES + extra);
+    assert_eq!(
+        left.iter().filter(|l| !l.meta.hidden).count(),
+        MAX_SHOWN_DEVICES
+    );
+    assert_eq!(left.iter().filter(|l| l.user_went_offline).count(), 1);
+    match s
+        .connect(&conn(&id("n"), &user, "again"), 20_000)
+        .await
+        .unwrap()
+    {
+        Joined::Device { meta, .. } => assert!(!meta.hidden),
+        other => panic!("{other:?}"),
+    }
 }

@@ -5,7 +5,10 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence};
+use super::{
+    capped, Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence,
+    MAX_SHOWN_DEVICES,
+};
 
 /// How long a closed connection id is remembered (to ignore a late open).
 const CLOSED_MEMORY_MS: i64 = 10 * 60 * 1000;
@@ -28,6 +31,8 @@ struct Inner {
     /// (user, device) → when it leaves
     pending: HashMap<(String, String), i64>,
     last_seen: HashMap<String, i64>,
+    /// user → how many of its online devices are shown
+    shown: HashMap<String, usize>,
     /// closed connection id → when
     closed: HashMap<String, i64>,
 }
@@ -97,15 +102,24 @@ impl PresenceState for MemoryState {
             .or_default()
             .insert(c.conn_id.clone());
         s.pending.remove(&key);
-        let devices = s.devices.entry(c.user_id.clone()).or_default();
-        if devices.contains_key(&c.device_id) {
+        if s.devices
+            .get(&c.user_id)
+            .is_some_and(|d| d.contains_key(&c.device_id))
+        {
             return Ok(Joined::Nothing);
         }
+        let shown = s.shown.entry(c.user_id.clone()).or_default();
+        let hidden = *shown >= MAX_SHOWN_DEVICES;
+        if !hidden {
+            *shown += 1;
+        }
+        let devices = s.devices.entry(c.user_id.clone()).or_default();
         let user_came_online = devices.is_empty();
         let meta = DeviceMeta {
             device_id: c.device_id.clone(),
             phx_ref: c.conn_id.clone(),
             online_at_ms: now_ms,
+            hidden,
         };
         devices.insert(c.device_id.clone(), meta.clone());
         Ok(Joined::Device {
@@ -180,7 +194,13 @@ impl PresenceState for MemoryState {
                 continue;
             };
             let user_went_offline = devices.is_empty();
+            if !meta.hidden {
+                if let Some(n) = s.shown.get_mut(&user) {
+                    *n = n.saturating_sub(1);
+                }
+            }
             if user_went_offline {
+                s.shown.remove(&user);
                 s.devices.remove(&user);
                 s.last_seen.insert(user.clone(), now_ms);
             }
@@ -202,7 +222,7 @@ impl PresenceState for MemoryState {
                 devices: s
                     .devices
                     .get(u)
-                    .map(|d| d.values().cloned().collect())
+                    .map(|d| capped(d.values().cloned().collect()))
                     .unwrap_or_default(),
                 last_seen_ms: s.last_seen.get(u).copied(),
             })

@@ -9,6 +9,13 @@
 //!   inside the window cancels the leave, so a network blip or a gateway
 //!   deploy shows nothing to others;
 //! - a **user** is online while any device is;
+//! - at most [`MAX_SHOWN_DEVICES`] devices of a user are **shown** at once:
+//!   a device coming online when that many are shown is *hidden* (its meta
+//!   says so) for as long as it stays online; hidden devices are not
+//!   announced in `presence_diff` and only fill `presence_state` up to the
+//!   cap. One user's thousands of sockets (each its own device when the
+//!   client names none) thus cost linear work, not one diff per socket to
+//!   every other socket;
 //! - a **node** (gateway) that stops heartbeating for the node TTL is dead:
 //!   its connections are dropped and their devices leave at once;
 //! - a connection closed before its open was processed (events can be
@@ -39,6 +46,10 @@ pub struct Connection {
     pub device_id: String,
 }
 
+/// Devices of one user shown at once: announced in `presence_diff`, and
+/// the most metas a user has in `presence_state`.
+pub const MAX_SHOWN_DEVICES: usize = 16;
+
 /// An online device, as Phoenix Presence metas show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceMeta {
@@ -48,6 +59,24 @@ pub struct DeviceMeta {
     pub phx_ref: String,
     /// Unix milliseconds.
     pub online_at_ms: i64,
+    /// Came online while [`MAX_SHOWN_DEVICES`] others were shown: its join
+    /// and leave are not announced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
+}
+
+/// The metas `presence_state` lists for one user: the shown devices, then
+/// hidden ones (earliest online first) up to [`MAX_SHOWN_DEVICES`], in
+/// device id order.
+pub(crate) fn capped(mut devices: Vec<DeviceMeta>) -> Vec<DeviceMeta> {
+    if devices.len() > MAX_SHOWN_DEVICES {
+        devices.sort_by(|a, b| {
+            (a.hidden, a.online_at_ms, &a.device_id).cmp(&(b.hidden, b.online_at_ms, &b.device_id))
+        });
+        devices.truncate(MAX_SHOWN_DEVICES);
+    }
+    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    devices
 }
 
 /// What a connect changed.
@@ -118,7 +147,8 @@ pub trait PresenceState: Send + Sync + 'static {
     /// (each to exactly one caller).
     async fn take_departures(&self, now_ms: i64) -> Result<Vec<Left>, StateError>;
 
-    /// Presence of many users, in the order asked.
+    /// Presence of many users, in the order asked; at most
+    /// [`MAX_SHOWN_DEVICES`] devices each (see [`capped`]).
     async fn presence(&self, user_ids: &[String]) -> Result<Vec<UserPresence>, StateError>;
 
     /// Whether the state answers (readiness).

@@ -11,6 +11,7 @@
 //! - `<p>:nodes` ZSET node → last heartbeat (ms)
 //! - `<p>:pending` ZSET `user|device` → when it leaves (ms)
 //! - `<p>:lastseen` HASH user → ms
+//! - `<p>:shown` HASH user → how many of its online devices are shown
 //! - `<p>:closed:<conn>` a closed connection, kept 10 minutes
 //!
 //! Scripts build keys from the prefix, so this targets a single Redis (or
@@ -20,7 +21,10 @@ use async_trait::async_trait;
 use quckchat_runtime::ephemeral::redis::{self, Value};
 use quckchat_runtime::ephemeral::{decode, pairs, triples, RedisPool, Script};
 
-use super::{Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence};
+use super::{
+    capped, Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence,
+    MAX_SHOWN_DEVICES,
+};
 
 /// Shared by the scripts: closes one connection; schedules its device's
 /// leave when it was the device's last.
@@ -49,7 +53,7 @@ end
 ";
 
 const CONNECT: &str = r#"
-local p, node, user, dev, conn, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local p, node, user, dev, conn, now, cap = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 if redis.call('EXISTS', p..':closed:'..conn) == 1 then return {0} end
 redis.call('ZADD', p..':nodes', now, node)
 redis.call('SADD', p..':node:'..node, user..'|'..dev..'|'..conn)
@@ -58,7 +62,13 @@ redis.call('ZREM', p..':pending', user..'|'..dev)
 local devkey = p..':devices:'..user
 if redis.call('HEXISTS', devkey, dev) == 1 then return {1} end
 local first = redis.call('HLEN', devkey) == 0
-local meta = '{"device_id":"'..dev..'","phx_ref":"'..conn..'","online_at_ms":'..now..'}'
+local hidden = ''
+if tonumber(redis.call('HGET', p..':shown', user) or '0') >= cap then
+  hidden = ',"hidden":true'
+else
+  redis.call('HINCRBY', p..':shown', user, 1)
+end
+local meta = '{"device_id":"'..dev..'","phx_ref":"'..conn..'","online_at_ms":'..now..hidden..'}'
 redis.call('HSET', devkey, dev, meta)
 if first then return {2, meta, 1} end
 return {2, meta, 0}
@@ -81,7 +91,7 @@ for _, node in ipairs(dead) do drop_node(p, node, now) end
 return #dead
 ";
 
-const TAKE_DEPARTURES: &str = r"
+const TAKE_DEPARTURES: &str = r#"
 local p, now = ARGV[1], ARGV[2]
 local out = {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', p..':pending', '-inf', now, 'LIMIT', 0, 500)) do
@@ -92,9 +102,15 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', p..':pending', '-inf', now, 'LI
     local meta = redis.call('HGET', devkey, dev)
     if meta then
       redis.call('HDEL', devkey, dev)
+      if not string.find(meta, '"hidden":true', 1, true) then
+        if redis.call('HINCRBY', p..':shown', user, -1) <= 0 then
+          redis.call('HDEL', p..':shown', user)
+        end
+      end
       local offline = 0
       if redis.call('HLEN', devkey) == 0 then
         offline = 1
+        redis.call('HDEL', p..':shown', user)
         redis.call('HSET', p..':lastseen', user, now)
       end
       table.insert(out, user)
@@ -104,7 +120,7 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', p..':pending', '-inf', now, 'LI
   end
 end
 return out
-";
+"#;
 
 pub struct RedisState {
     redis: RedisPool,
@@ -162,6 +178,7 @@ impl PresenceState for RedisState {
             .arg(&c.device_id)
             .arg(&c.conn_id)
             .arg(now_ms)
+            .arg(MAX_SHOWN_DEVICES)
             .run(&self.redis)
             .await?;
         connect_reply(&reply)
@@ -304,11 +321,12 @@ fn presence_reply(user_ids: &[String], replies: &[Value]) -> Result<Vec<UserPres
         .iter()
         .zip(per_user)
         .map(|(u, (metas, last_seen))| {
-            let mut devices = metas
-                .iter()
-                .map(|m| meta_from(m))
-                .collect::<Result<Vec<_>, _>>()?;
-            devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+            let devices = capped(
+                metas
+                    .iter()
+                    .map(|m| meta_from(m))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
             Ok(UserPresence {
                 user_id: u.clone(),
                 devices,
@@ -371,6 +389,7 @@ mod tests {
                 format!("conns:{u}:phone"),
                 format!("node:{n}"),
                 "nodes".to_owned(),
+                "shown".to_owned(),
             ]
             .into_iter()
             .collect(),
