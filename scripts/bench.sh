@@ -145,7 +145,7 @@ else
 fi
 
 "$BENCH" report "$OUT"/*.json --analysis bench/ANALYSIS.md --out bench/RESULTS.md \
-  --note "server settings raised for load by \`--spawn\`: SOCKET_RATE_LIMIT_PER_SEC=100000 (default 50), SOCKET_IDLE_TIMEOUT_SECS=120, SHUTDOWN_DRAIN_SECS=1; nothing raised in the OS (the open-files limit cannot be)" \
+  --note "server settings raised for load by \`--spawn\`: SOCKET_RATE_LIMIT_PER_SEC=100000 (default 50), MAX_CONNECTIONS_PER_IP=0 and MAX_SOCKETS_PER_USER=0 (no caps), SOCKET_IDLE_TIMEOUT_SECS=120, SHUTDOWN_DRAIN_SECS=1; nothing raised in the OS (the open-files limit cannot be)" \
   --note "client and server share the 2 cores: the client CPU column shows what the load generator took; the figures are lower bounds for a server on its own box; other engineers' test processes may have run concurrently" \
   --note "latency is stamped when a send was due (open-loop pacer on a 1 ms timer), so it includes up to ~1 ms of pacer lag and any client-side queueing" \
   --note "idle-distributed, fanout-distributed: --gateways gateway processes (each its own port and NODE_NAME) and one chat-svc over NATS; connection i goes to gateway i % N; RSS/conn sums the gateways' RSS, chat-svc not counted; setup and connect times are bounded by SecantusDB (every join reads it twice through chat-svc)" \

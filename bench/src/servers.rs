@@ -95,6 +95,9 @@ fn quckchat_env(cmd: &mut Command, port: u16, env: &ServerEnv) {
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("JWT_SECRET", env.jwt_secret)
         .env("SOCKET_RATE_LIMIT_PER_SEC", "100000")
+        // The load generator opens thousands of sockets per loopback address.
+        .env("MAX_CONNECTIONS_PER_IP", "0")
+        .env("MAX_SOCKETS_PER_USER", "0")
         .env("SOCKET_IDLE_TIMEOUT_SECS", "120")
         .env("SHUTDOWN_DRAIN_SECS", "1")
         .env("RUST_LOG", "warn");
