@@ -15,6 +15,7 @@ pub use quckchat_runtime::server::{HEADER_READ_TIMEOUT_SECS, MAX_CONNECTIONS};
 pub const SOCKET_IDLE_TIMEOUT_SECS: &str = "SOCKET_IDLE_TIMEOUT_SECS";
 pub const MAX_FRAME_BYTES: &str = "MAX_FRAME_BYTES";
 pub const SOCKET_RATE_LIMIT_PER_SEC: &str = "SOCKET_RATE_LIMIT_PER_SEC";
+pub const SOCKET_CONTROL_RATE_PER_SEC: &str = "SOCKET_CONTROL_RATE_PER_SEC";
 pub const SOCKET_OUTBOUND_QUEUE: &str = "SOCKET_OUTBOUND_QUEUE";
 pub const SOCKET_MAX_CHANNELS: &str = "SOCKET_MAX_CHANNELS";
 pub const SOCKET_MALFORMED_LIMIT: &str = "SOCKET_MALFORMED_LIMIT";
@@ -48,6 +49,9 @@ pub struct SocketConfig {
     pub max_frame_bytes: usize,
     /// Sustained pushes per second; bursts up to twice that.
     pub rate_per_sec: u32,
+    /// Control frames (WebSocket pings/pongs, Phoenix heartbeats) per second;
+    /// bursts up to twice that; past it the socket is closed (1008).
+    pub control_rate_per_sec: u32,
     /// Frames queued for a socket before it counts as a slow consumer and is
     /// closed with 1013 (it reconnects and recovers with `lastSeq`).
     pub outbound_queue: usize,
@@ -71,6 +75,7 @@ impl Default for SocketConfig {
             idle_timeout: Duration::from_secs(60),
             max_frame_bytes: 64 * 1024,
             rate_per_sec: 50,
+            control_rate_per_sec: crate::limits::CONTROL_RATE_PER_SEC,
             outbound_queue: 1024,
             max_channels: 100,
             malformed_limit: 20,
@@ -87,6 +92,8 @@ impl SocketConfig {
             idle_timeout: r.secs(SOCKET_IDLE_TIMEOUT_SECS, d.idle_timeout.as_secs())?,
             max_frame_bytes: r.positive(MAX_FRAME_BYTES, d.max_frame_bytes)?,
             rate_per_sec: r.positive(SOCKET_RATE_LIMIT_PER_SEC, d.rate_per_sec)?,
+            control_rate_per_sec: r
+                .positive(SOCKET_CONTROL_RATE_PER_SEC, d.control_rate_per_sec)?,
             outbound_queue: r.positive(SOCKET_OUTBOUND_QUEUE, d.outbound_queue)?,
             max_channels: r.positive(SOCKET_MAX_CHANNELS, d.max_channels)?,
             malformed_limit: r.positive(SOCKET_MALFORMED_LIMIT, d.malformed_limit)?,

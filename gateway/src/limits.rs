@@ -37,8 +37,9 @@ impl PushBudget {
     }
 }
 
-/// Control frames (WebSocket pings and pongs, Phoenix heartbeats) per second
-/// a socket may send on average, bursts of twice that. Clients heartbeat every
+/// Default control frames (WebSocket pings and pongs, Phoenix heartbeats)
+/// per second a socket may send on average, bursts of twice that
+/// (`SOCKET_CONTROL_RATE_PER_SEC`). Clients heartbeat every
 /// 30 s and ping at most every few seconds, so this is generous; it is there
 /// so a ping flood costs a socket close, not a core.
 pub(crate) const CONTROL_RATE_PER_SEC: u32 = 20;
@@ -48,8 +49,8 @@ pub(crate) const CONTROL_RATE_PER_SEC: u32 = 20;
 pub(crate) struct ControlBudget(PushBudget);
 
 impl ControlBudget {
-    pub(crate) fn new(now: Instant) -> Self {
-        Self(PushBudget::new(CONTROL_RATE_PER_SEC, now))
+    pub(crate) fn new(rate_per_sec: u32, now: Instant) -> Self {
+        Self(PushBudget::new(rate_per_sec, now))
     }
 
     /// Takes one control frame from the budget; `false` when it is spent.
@@ -111,7 +112,7 @@ mod tests {
     #[test]
     fn the_control_budget_is_its_own_generous_bucket() {
         let t0 = Instant::now();
-        let mut control = ControlBudget::new(t0);
+        let mut control = ControlBudget::new(CONTROL_RATE_PER_SEC, t0);
         let burst = 2 * CONTROL_RATE_PER_SEC as usize;
         assert_eq!((0..burst * 10).filter(|_| control.take(t0)).count(), burst);
         let one_second = t0 + Duration::from_secs(1);

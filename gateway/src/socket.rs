@@ -129,7 +129,7 @@ where
         inflight: FuturesUnordered::new(),
         strikes: Strikes::new(shared.config.socket.malformed_limit, Instant::now()),
         budget: PushBudget::new(shared.config.socket.rate_per_sec, Instant::now()),
-        control: ControlBudget::new(Instant::now()),
+        control: ControlBudget::new(shared.config.socket.control_rate_per_sec, Instant::now()),
         user_sub_id: shared.hub.next_sub_id(),
     };
     socket.serve(rx).await;

@@ -1014,3 +1014,33 @@ async fn websocket_protocol_errors_close_with_1002_and_bad_utf8_with_1007() {
         None
     );
 }
+
+#[tokio::test]
+async fn socket_control_rate_per_sec_sets_the_control_budget() {
+    // A budget of 1/s (burst 2): the third heartbeat at once closes the
+    // socket; with the default (20/s) the same three are answered.
+    let f = fixture_with(config_from_env(&[("SOCKET_CONTROL_RATE_PER_SEC", "1")])).await;
+    let mut c = connect(&f, "alice", 64);
+    for i in 0..3 {
+        c.send(json!([null, i.to_string(), "phoenix", "heartbeat", {}]));
+    }
+    let (_, code) = c.frames_until_close(PROMPTLY).await;
+    assert_eq!(code, 1008);
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    for i in 0..3 {
+        c.send(json!([null, i.to_string(), "phoenix", "heartbeat", {}]));
+        assert_eq!(c.recv().await[3], "phx_reply");
+    }
+}
+
+#[tokio::test]
+async fn socket_malformed_limit_sets_the_strikes_before_1008() {
+    let f = fixture_with(config_from_env(&[("SOCKET_MALFORMED_LIMIT", "2")])).await;
+    let mut c = connect(&f, "alice", 64);
+    for _ in 0..3 {
+        c.send_raw("not a frame");
+    }
+    let (_, code) = c.frames_until_close(PROMPTLY).await;
+    assert_eq!(code, 1008, "the third unusable frame is over a limit of 2");
+}
