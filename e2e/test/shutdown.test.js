@@ -1,5 +1,5 @@
-// Graceful shutdown (README: SHUTDOWN_DRAIN_SECS): on SIGTERM the gateway stops being ready,
-// refuses new connections, closes its open sockets with 1012 spread over the drain window (so
+// Graceful shutdown (README: SHUTDOWN_DRAIN_SECS): on SIGTERM the gateway answers /health/ready 503,
+// refuses new WebSockets (503) while its port stays open, closes its open sockets with 1012 spread over the drain window (so
 // clients do not all reconnect at once) and exits with code 0 within the window.
 import {describe, it} from "node:test"
 import assert from "node:assert/strict"
@@ -63,13 +63,14 @@ for(const mode of modes){
         await sleep(50)
       }
       assert.ok(notReadyAt !== null, `/health/ready still 200 ${Date.now() - at} ms after SIGTERM: ${answers.join(",")}`)
+      assert.equal(answers.at(-1), 503, `/health/ready must answer 503 while draining, not close the port: ${answers.join(",")}`)
       const openWhenNotReady = stillOpen()
 
       // ... and stays away; a new WebSocket is refused
       const upgrade = await tryUpgrade(wsUrl, {timeoutMs: 5000})
       assert.equal(upgrade.opened, false, "a new WebSocket was accepted during the drain")
       const later = await readiness(url)
-      assert.ok(later === 503 || typeof later === "string", `/health/ready during the drain: ${later}`)
+      assert.equal(later, 503, `/health/ready during the drain: ${later}`)
       const openDuringChecks = stillOpen()
 
       const closed = await Promise.all(closes).catch((err) => {

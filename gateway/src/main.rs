@@ -37,9 +37,13 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         token.clone(),
         health.clone(),
         config.connections,
+        // Sockets close over the drain window while the port answers 503.
+        {
+            let (gateway, drain) = (gateway.clone(), config.server.drain);
+            async move { gateway.drained(drain).await }
+        },
     )
     .await?;
-    gateway.drained(config.server.drain).await;
     tracing::info!("gateway stopped");
     Ok(())
 }

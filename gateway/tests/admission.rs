@@ -53,6 +53,7 @@ async fn start(vars: &[(&'static str, &'static str)]) -> Server {
         stop.clone(),
         health,
         config.connections,
+        std::future::ready(()),
     ));
     Server { addr, stop }
 }

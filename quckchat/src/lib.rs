@@ -154,9 +154,13 @@ pub async fn run(
         token.clone(),
         health.clone(),
         config.gateway.connections,
+        // Sockets close over the drain window while the port answers 503.
+        {
+            let gateway = gateway.clone();
+            async move { gateway.drained(drain).await }
+        },
     )
     .await?;
-    gateway.drained(drain).await;
     services_stop.cancel();
     chat_consumer.await?;
     presence_worker.await?;

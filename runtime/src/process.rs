@@ -106,10 +106,15 @@ impl Node {
         let addr = self.server.listen_addr();
         let listener = crate::server::bind(addr).await?;
         tracing::info!(%addr, "{} listening", self.name);
-        crate::server::serve_with_health(listener, router, self.shutdown, health).await?;
-        for worker in workers {
-            worker.await?;
-        }
+        // The port answers 503 on /health/ready until the workers drained.
+        let drained = async move {
+            for worker in workers {
+                if let Err(err) = worker.await {
+                    tracing::warn!(%err, "a worker ended abnormally");
+                }
+            }
+        };
+        crate::server::serve_with_health(listener, router, self.shutdown, health, drained).await?;
         tracing::info!("{} stopped", self.name);
         Ok(())
     }

@@ -484,6 +484,17 @@ pub async fn serve_limited(
     shutdown: CancellationToken,
     limits: ServeLimits,
 ) -> anyhow::Result<()> {
+    serve_until(listener, router, limits, shutdown.cancelled_owned()).await
+}
+
+/// Serves `router` with `limits` until `stop` resolves, then stops accepting
+/// and lets in-flight HTTP requests finish.
+async fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    limits: ServeLimits,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if let Some(files) = open_files_limit() {
         if limits.max_connections as u64 >= files {
             tracing::warn!(
@@ -503,21 +514,32 @@ pub async fn serve_limited(
         listener,
         router.into_make_service_with_connect_info::<ConnMeta>(),
     )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .with_graceful_shutdown(stop)
     .await?;
     Ok(())
 }
 
 /// Serves `router` like [`serve`], with `health` ready from now on and
-/// draining as soon as `shutdown` begins, so load balancers stop sending
-/// traffic while what is in flight finishes.
+/// draining as soon as `shutdown` begins: the port stays open until
+/// `drained` resolves (awaited only after `shutdown`), answering
+/// `/health/ready` with 503 so load balancers stop sending traffic while
+/// what is in flight finishes; then it stops accepting.
 pub async fn serve_with_health(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     health: std::sync::Arc<crate::admin::Health>,
+    drained: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve_with_health_limited(listener, router, shutdown, health, ServeLimits::default()).await
+    serve_with_health_limited(
+        listener,
+        router,
+        shutdown,
+        health,
+        ServeLimits::default(),
+        drained,
+    )
+    .await
 }
 
 /// [`serve_with_health`] with these limits.
@@ -527,17 +549,15 @@ pub async fn serve_with_health_limited(
     shutdown: CancellationToken,
     health: std::sync::Arc<crate::admin::Health>,
     limits: ServeLimits,
+    drained: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     health.set_started();
-    let draining = {
-        let (shutdown, health) = (shutdown.clone(), health.clone());
-        async move {
-            shutdown.cancelled().await;
-            health.set_draining();
-        }
+    let stop = async move {
+        shutdown.cancelled().await;
+        health.set_draining();
+        drained.await;
     };
-    let (served, ()) = tokio::join!(serve_limited(listener, router, shutdown, limits), draining);
-    served
+    serve_until(listener, router, limits, stop).await
 }
 
 #[cfg(test)]
@@ -660,6 +680,48 @@ mod tests {
             .unwrap()
             .unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn while_draining_ready_answers_503_and_the_port_closes_after() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let health = crate::admin::Health::new("n", Vec::new());
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve_with_health(
+            listener,
+            crate::admin::router(health.clone()),
+            stop.clone(),
+            health,
+            async move {
+                let _ = drained_rx.await;
+            },
+        ));
+        assert!(get(addr, "/health/ready").await.starts_with("HTTP/1.1 200"));
+        stop.cancel();
+        // Draining: the port stays open and says so.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = get(addr, "/health/ready").await;
+            if ready.starts_with("HTTP/1.1 503") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{ready}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !served.is_finished(),
+            "stopped serving before the drain ended"
+        );
+        // Drained: it stops accepting and returns.
+        drained_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("serving ended once drained")
+            .unwrap()
+            .unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "the port closed");
     }
 
     #[tokio::test]
