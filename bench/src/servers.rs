@@ -94,6 +94,7 @@ fn quckchat_env(cmd: &mut Command, port: u16, env: &ServerEnv) {
     cmd.env("PORT", port.to_string())
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("JWT_SECRET", env.jwt_secret)
+        .env("GRPC_AUTH_TOKEN", crate::setup::grpc_token())
         .env("SOCKET_RATE_LIMIT_PER_SEC", "100000")
         // The load generator opens thousands of sockets per loopback address.
         .env("MAX_CONNECTIONS_PER_IP", "0")

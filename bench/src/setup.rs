@@ -8,18 +8,27 @@ use anyhow::Context;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::UpsertConversationRequest;
+use quckchat_runtime::grpc::{client_with_timeouts, GrpcToken};
 
 use crate::layout::Layout;
 
+/// The gRPC credential of the servers under test: `GRPC_AUTH_TOKEN` from the
+/// environment, else the one the bench gives the servers it spawns.
+pub fn grpc_token() -> String {
+    std::env::var("GRPC_AUTH_TOKEN").unwrap_or_else(|_| "quckchat-bench-grpc-token".into())
+}
+
 /// Upserts every conversation of `layout` at `grpc_addr`.
 pub async fn memberships(grpc_addr: &str, layout: &Layout) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(grpc_addr.to_owned())
-        .with_context(|| format!("gRPC address {grpc_addr:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {grpc_addr}"))?;
+    let token =
+        GrpcToken::new(&grpc_token()).map_err(|e| anyhow::anyhow!("GRPC_AUTH_TOKEN {e}"))?;
+    let channel = client_with_timeouts(
+        grpc_addr,
+        &token,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .map_err(|e| anyhow::anyhow!("gRPC address {e}"))?;
     let client = ChatServiceClient::new(channel);
     stream::iter(layout.conversations.iter())
         .map(|conversation| {
