@@ -8,6 +8,7 @@
 #   scripts/fuzz.sh 600        # a longer run
 #   scripts/fuzz.sh 60 jwt     # some targets only
 # Needs cargo-fuzz (installed from crates.io if missing) and a C++ compiler.
+# Builds into QC_FUZZ_TARGET_DIR (default ~/.cache/quckchat/fuzz-target).
 # The toolchain is stable: RUSTC_BOOTSTRAP=1 lets it take cargo-fuzz's -Z
 # flags (sanitizer, coverage instrumentation). See docs/security.md#fuzzing.
 set -euo pipefail
@@ -27,6 +28,9 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
+# Outside the clone, so CI's fresh clones reuse the instrumented build of
+# the same machine (a cold build takes many minutes; a warm one seconds).
+export CARGO_TARGET_DIR=${QC_FUZZ_TARGET_DIR:-$HOME/.cache/quckchat/fuzz-target}
 
 if (($# > 0)); then
   targets=("$@")

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The project's one test command:
-#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> build -> cargo test -> e2e
-# Usage: scripts/test.sh [--no-lint] [--no-e2e]   (skips are for local iteration only)
+#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> build -> cargo test -> e2e -> fuzz
+# Usage: scripts/test.sh [--no-lint] [--no-e2e] [--no-fuzz]   (skips are for local iteration only)
+# The fuzz step runs every target 20 s (scripts/fuzz.sh; longer: scripts/fuzz.sh 600).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-lint=1 e2e=1
+lint=1 e2e=1 fuzz=1
 for arg in "$@"; do
   case $arg in
     --no-lint) lint=0 ;;
     --no-e2e) e2e=0 ;;
-    -h | --help) sed -n '2,4p' "$0"; exit 0 ;;
+    --no-fuzz) fuzz=0 ;;
+    -h | --help) sed -n '2,5p' "$0"; exit 0 ;;
     *) echo "test.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -50,4 +52,10 @@ if ((e2e)); then
   cd "$ROOT/e2e"
   npm ci --no-audit --no-fund
   QUCKCHAT_BIN_DIR="$ROOT/target/debug" npm test
+fi
+
+if ((fuzz)); then
+  step "fuzz (scripts/fuzz.sh 20: every target 20 s)"
+  cd "$ROOT"
+  scripts/fuzz.sh 20
 fi
