@@ -365,21 +365,31 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn announcements_queued_at_shutdown_are_sent_before_the_worker_ends() {
+    /// A presence service on memory state and an in-process bus (prefix
+    /// `qc`), with a 1 s grace and this node TTL.
+    fn memory_service(
+        memberships: Arc<dyn Memberships>,
+        node_ttl_secs: u64,
+    ) -> (Arc<PresenceService>, Arc<dyn Bus>, Subjects) {
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
         let subjects = Subjects::new("qc");
         let timing = PresenceTiming {
             grace: Duration::from_secs(1),
-            node_ttl: Duration::from_secs(30),
+            node_ttl: Duration::from_secs(node_ttl_secs),
         };
         let service = Arc::new(PresenceService::new(
             Arc::new(MemoryState::new()),
             bus.clone(),
             subjects.clone(),
-            Arc::new(SlowConversations),
+            memberships,
             timing,
         ));
+        (service, bus, subjects)
+    }
+
+    #[tokio::test]
+    async fn announcements_queued_at_shutdown_are_sent_before_the_worker_ends() {
+        let (service, bus, subjects) = memory_service(Arc::new(SlowConversations), 30);
         let mut topic = bus
             .subscribe(&subjects.topic("chat:c1"), None)
             .await
@@ -430,19 +440,7 @@ mod tests {
     /// device with a second socket. Every socket joined to the conversation
     /// gets each diff: deliveries are this times the sockets.
     async fn diffs_for_sockets_of_one_user(n: usize) -> usize {
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
-        let subjects = Subjects::new("qc");
-        let timing = PresenceTiming {
-            grace: Duration::from_secs(1),
-            node_ttl: Duration::from_secs(30),
-        };
-        let service = Arc::new(PresenceService::new(
-            Arc::new(MemoryState::new()),
-            bus.clone(),
-            subjects.clone(),
-            Arc::new(OneConversation),
-            timing,
-        ));
+        let (service, bus, subjects) = memory_service(Arc::new(OneConversation), 30);
         let mut topic = bus
             .subscribe(&subjects.topic("chat:c1"), None)
             .await
@@ -486,19 +484,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unknown_gateway_is_asked_for_its_sockets() {
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
-        let subjects = Subjects::new("qc");
-        let timing = PresenceTiming {
-            grace: Duration::from_secs(1),
-            node_ttl: Duration::from_secs(3),
-        };
-        let service = Arc::new(PresenceService::new(
-            Arc::new(MemoryState::new()),
-            bus.clone(),
-            subjects.clone(),
-            Arc::new(NoConversations),
-            timing,
-        ));
+        let (service, bus, subjects) = memory_service(Arc::new(NoConversations), 3);
         let mut asks = bus
             .subscribe(&subjects.gateway_resync("gw@1"), None)
             .await

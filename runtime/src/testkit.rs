@@ -34,13 +34,6 @@ pub struct Decoded {
     pub followups: Vec<(String, Value)>,
 }
 
-impl Decoded {
-    /// The refusal's `reason`, or `None` for a success.
-    pub fn reason(&self) -> Option<&str> {
-        (!self.ok).then(|| self.response["reason"].as_str().unwrap_or_default())
-    }
-}
-
 /// Decodes a reply; panics (this is a test) on anything that is not JSON.
 pub fn decode(reply: &CommandReply) -> Decoded {
     Decoded {
