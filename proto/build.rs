@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quckchat/bus/v1/bus.proto",
         "quckchat/chat/v1/chat.proto",
         "quckchat/presence/v1/presence.proto",
+        "quckchat/signaling/v1/signaling.proto",
     ];
     tonic_prost_build::configure().compile_protos(&protos, &["."])?;
     for p in protos {

@@ -33,6 +33,10 @@ pub enum Command {
     Fanout(RunArgs),
     /// Conversations of --group-min..=--group-max members; all send, --rate in total.
     Chat(RunArgs),
+    /// Call signaling on webrtc:lobby: connection 2k calls 2k+1 (initiate,
+    /// answer, offer/answer, --ice-candidates each, end); --rate call setups
+    /// per second in total.
+    Calls(RunArgs),
     /// Regenerate RESULTS.md from the JSON results of earlier runs.
     Report(ReportArgs),
 }
@@ -52,6 +56,23 @@ impl Target {
         match self {
             Target::Quckchat => Dialect::Phoenix,
             Target::Socketio => Dialect::SocketIo,
+        }
+    }
+}
+
+/// `callType` of `call:initiate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CallType {
+    Audio,
+    Video,
+}
+
+impl CallType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallType::Audio => "audio",
+            CallType::Video => "video",
         }
     }
 }
@@ -123,6 +144,12 @@ pub struct RunArgs {
         default_value = "mongodb://127.0.0.1:27018/bench_{run}?directConnection=true"
     )]
     pub mongodb_url: String,
+    /// calls: ICE candidates each party sends per call.
+    #[arg(long, default_value_t = 3)]
+    pub ice_candidates: u32,
+    /// calls: the `callType` of every call.
+    #[arg(long, value_enum, default_value_t = CallType::Audio)]
+    pub call_type: CallType,
     /// Conversations already exist: skip the gRPC membership setup.
     #[arg(long)]
     pub no_setup: bool,

@@ -9,7 +9,7 @@
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-/// The three workloads of the bench.
+/// The workloads of the bench.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
@@ -19,6 +19,8 @@ pub enum Scenario {
     Fanout,
     /// Many conversations of 2–10 members; every connection sends.
     Chat,
+    /// Pairs of users on `webrtc:lobby`: connection 2k calls 2k+1.
+    Calls,
 }
 
 impl Scenario {
@@ -27,7 +29,14 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Fanout => "fanout",
             Scenario::Chat => "chat",
+            Scenario::Calls => "calls",
         }
+    }
+
+    /// Whether the connections join conversations that must exist first
+    /// (memberships created over gRPC before connecting).
+    pub fn needs_memberships(self) -> bool {
+        self != Scenario::Calls
     }
 }
 
@@ -45,6 +54,9 @@ impl Conversation {
     }
 }
 
+/// The call-signaling channel every `calls` connection joins.
+pub const CALLS_TOPIC: &str = "webrtc:lobby";
+
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub scenario: Scenario,
@@ -56,7 +68,9 @@ pub struct Layout {
 
 impl Layout {
     /// `idle` groups connections into conversations of `group_max`; `fanout`
-    /// puts all of them in one; `chat` cycles sizes `group_min..=group_max`.
+    /// puts all of them in one; `chat` cycles sizes `group_min..=group_max`;
+    /// `calls` pairs them (each pair a caller and a callee, no conversation
+    /// is created).
     pub fn new(
         scenario: Scenario,
         run_id: &str,
@@ -74,6 +88,7 @@ impl Layout {
                 Scenario::Idle => group_max,
                 Scenario::Fanout => connections,
                 Scenario::Chat => group_min + k % (group_max - group_min + 1),
+                Scenario::Calls => 2,
             };
             let size = want.min(connections - placed);
             sizes.push(size);
@@ -111,6 +126,14 @@ impl Layout {
         format!("{}-u{connection}", self.run_id)
     }
 
+    /// The topic connection `i` joins.
+    pub fn topic(&self, connection: usize) -> String {
+        match self.scenario {
+            Scenario::Calls => CALLS_TOPIC.to_owned(),
+            _ => self.conversation_of(connection).topic(),
+        }
+    }
+
     pub fn conversation_of(&self, connection: usize) -> &Conversation {
         &self.conversations[self.conversation_of[connection] as usize]
     }
@@ -126,6 +149,8 @@ impl Layout {
             Scenario::Idle => false,
             Scenario::Fanout => connection == 0,
             Scenario::Chat => true,
+            // The caller of each pair: the pacer hands it the calls to start.
+            Scenario::Calls => connection % 2 == 0 && connection + 1 < self.conversation_of.len(),
         }
     }
 
@@ -162,5 +187,17 @@ mod tests {
         assert_eq!(layout.conversations[0].size, 50);
         assert_eq!(layout.senders(), 1);
         assert!(layout.is_sender(0) && !layout.is_sender(1));
+    }
+
+    #[test]
+    fn calls_pair_callers_with_callees_on_the_lobby() {
+        let layout = Layout::new(Scenario::Calls, "r", 10, 2, 10);
+        assert_eq!(layout.conversations.len(), 5);
+        assert!(layout.conversations.iter().all(|c| c.size == 2));
+        assert_eq!(layout.senders(), 5);
+        assert!(layout.is_sender(4) && !layout.is_sender(5));
+        assert_eq!(layout.topic(7), "webrtc:lobby");
+        assert!(!Scenario::Calls.needs_memberships());
+        assert!(Scenario::Chat.needs_memberships());
     }
 }

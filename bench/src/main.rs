@@ -1,6 +1,6 @@
 //! `bench`: the QuckChat load generator.
 //!
-//! `cargo run --release -p bench -- <idle|fanout|chat> [options]` runs one
+//! `cargo run --release -p bench -- <idle|fanout|chat|calls> [options]` runs one
 //! scenario end to end and prints a table (stderr) and a JSON summary
 //! (stdout); `bench report <json…>` turns a session's summaries into
 //! `bench/RESULTS.md`.
@@ -15,6 +15,7 @@
 //! - [`layout`]: which connection is which user, in which conversation;
 //! - [`worker`]: a load-generating process (`--worker`), re-executed from
 //!   this binary so no process needs more than its 20,000 open files;
+//!   `worker::calls` drives the `calls` scenario's caller/callee pairs;
 //! - [`dialect`]: Phoenix Channels and Socket.IO framing;
 //! - [`stats`]: counters and HDR histograms, merged across workers;
 //! - [`procfs`]: RSS and CPU of the server from `/proc`;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         Some(Command::Idle(args)) => run(Scenario::Idle, &args),
         Some(Command::Fanout(args)) => run(Scenario::Fanout, &args),
         Some(Command::Chat(args)) => run(Scenario::Chat, &args),
+        Some(Command::Calls(args)) => run(Scenario::Calls, &args),
         Some(Command::Report(args)) => report::write(&args),
         None => Ok(()),
     };

@@ -22,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::time::timeout;
 
-use crate::cli::{RunArgs, Target};
+use crate::cli::{CallType, RunArgs, Target};
 use crate::layout::{Layout, Scenario};
 use crate::procfs::{self, Machine};
 use crate::servers::{self, ServerEnv, SpawnKind};
@@ -65,6 +65,51 @@ pub struct Summary {
     pub drops: i64,
     pub latency_ms: Percentiles,
     pub ack_latency_ms: Percentiles,
+    /// The `calls` scenario's figures; absent for the other scenarios and in
+    /// summaries written before it.
+    #[serde(default)]
+    pub calls: Option<CallFigures>,
+}
+
+/// Call signaling (`calls`): pairs calling, setups, and the latencies of
+/// each step. For this scenario the generic figures count pushes (sends,
+/// acks) and call events received (deliveries, `latency_ms`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CallFigures {
+    /// Caller/callee pairs that joined.
+    pub pairs: u64,
+    pub call_type: CallType,
+    /// ICE candidates each party sent per call.
+    pub ice_candidates: u32,
+    /// Calls the pacer offered (`--rate` × `--duration`), and those skipped
+    /// because the pair's queue was full.
+    pub due: u64,
+    pub skipped: u64,
+    /// `call:initiate` sent.
+    pub started: u64,
+    /// The caller got `call:answered`.
+    pub setups: u64,
+    /// Every step done and both parties got `call:ended`.
+    pub completed: u64,
+    /// Error reply, unexpected `call:ended` or stall (see `error_reasons`).
+    pub failed: u64,
+    /// Over the send window (`--duration`).
+    pub setups_per_sec: f64,
+    pub completed_per_sec: f64,
+    /// `call:initiate` sent → `call:incoming` at the callee.
+    pub ring_ms: Percentiles,
+    /// `call:answer` sent → `call:answered` at the caller.
+    pub answered_ms: Percentiles,
+    /// `call:initiate` sent → `call:answered` at the caller.
+    pub setup_ms: Percentiles,
+    /// `webrtc:offer` / `webrtc:answer` / `webrtc:ice-candidate` pushed →
+    /// received by the other party.
+    pub relay_ms: Percentiles,
+    /// `call:end` sent → `call:ended` at each party.
+    pub ended_ms: Percentiles,
+    /// Call due (pacer) → `call:initiate` sent: waiting for the pair's
+    /// previous call.
+    pub start_lag_ms: Percentiles,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -205,6 +250,18 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         _ => Target::Quckchat,
     });
 
+    if scenario == Scenario::Calls {
+        if target != Target::Quckchat {
+            bail!("calls: only QuckChat (Phoenix Channels, webrtc:lobby) has call signaling");
+        }
+        if args.connections < 2 || args.connections % 2 != 0 {
+            bail!(
+                "calls: --connections {} must be even (caller 2k calls 2k+1)",
+                args.connections
+            );
+        }
+    }
+
     // The server: spawned for this run, or the one at --url.
     let distributed = args.spawn == Some(SpawnKind::Distributed);
     let gateways = if distributed {
@@ -263,7 +320,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         args.group_max,
     );
     let setup_started = Instant::now();
-    if target == Target::Quckchat && !args.no_setup {
+    if target == Target::Quckchat && scenario.needs_memberships() && !args.no_setup {
         eprintln!(
             "bench: creating {} conversations at {grpc}",
             layout.conversations.len()
@@ -277,8 +334,12 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     // The first `ws_processes` sampled processes are the WebSocket servers.
     let ws_processes = servers_ws.len().min(pids.len());
 
-    // Workers, each with a slice of the connections.
-    let per_worker = args.per_worker.max(1);
+    // Workers, each with a slice of the connections (calls: whole pairs).
+    let per_worker = if scenario == Scenario::Calls {
+        (args.per_worker / 2 * 2).max(2)
+    } else {
+        args.per_worker.max(1)
+    };
     let workers_n = args.connections.div_ceil(per_worker).max(1);
     let mut workers = Vec::with_capacity(workers_n);
     for w in 0..workers_n {
@@ -300,6 +361,8 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             payload_bytes: args.payload_bytes,
             sources: args.sources,
             connect_concurrency: args.connect_concurrency,
+            ice_candidates: args.ice_candidates,
+            call_type: args.call_type,
         };
         workers.push(Worker::start(&plan).await?);
     }
@@ -418,6 +481,28 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             totals.error_reasons.keys().take(3).collect::<Vec<_>>()
         );
     }
+    let calls = (scenario == Scenario::Calls).then(|| {
+        let c = &totals.calls;
+        CallFigures {
+            pairs: counts.connected / 2,
+            call_type: args.call_type,
+            ice_candidates: args.ice_candidates,
+            due: counts.sends,
+            skipped: counts.send_skipped,
+            started: c.counts.started,
+            setups: c.counts.setups,
+            completed: c.counts.completed,
+            failed: c.counts.failed,
+            setups_per_sec: c.counts.setups as f64 / send_secs,
+            completed_per_sec: c.counts.completed as f64 / send_secs,
+            ring_ms: Percentiles::of(&c.ring),
+            answered_ms: Percentiles::of(&c.answered),
+            setup_ms: Percentiles::of(&c.setup),
+            relay_ms: Percentiles::of(&c.relay),
+            ended_ms: Percentiles::of(&c.ended),
+            start_lag_ms: Percentiles::of(&c.start_lag),
+        }
+    });
     Ok(Summary {
         case: args
             .case
@@ -455,6 +540,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         ack_latency_ms: Percentiles::of(&totals.ack_latency),
         error_reasons: totals.error_reasons,
         counts,
+        calls,
     })
 }
 

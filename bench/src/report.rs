@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use anyhow::Context;
 
 use crate::cli::{ReportArgs, Target};
-use crate::orchestrate::{target_name, Summary};
+use crate::orchestrate::{target_name, CallFigures, Percentiles, Summary};
 
 fn kib(bytes: f64) -> String {
     format!("{:.2} KiB", bytes / 1024.0)
@@ -156,9 +156,78 @@ pub fn print_table(s: &Summary) {
             },
         ),
     ];
+    let mut rows = rows;
+    if let Some(calls) = &s.calls {
+        // Sends and deliveries are pushes and call events here.
+        for (k, v) in rows.iter_mut() {
+            match *k {
+                "sends" => {
+                    *k = "pushes";
+                    *v = format!(
+                        "{} ok ({}/s), {} error replies",
+                        c.acks_ok,
+                        rate(s.acked_per_sec),
+                        c.acks_error
+                    );
+                }
+                "deliveries" => *k = "call events",
+                "latency end-to-end" => *k = "event latency",
+                "latency send→ack" => *k = "push→reply",
+                _ => {}
+            }
+        }
+        // Before "errors": what the calls scenario measures itself.
+        let at = rows.len().saturating_sub(1);
+        rows.splice(at..at, call_rows(calls));
+    }
     for (k, v) in rows {
         eprintln!("{k:>20}  {v}");
     }
+}
+
+fn percentiles(p: &Percentiles) -> String {
+    if p.count == 0 {
+        return "-".into();
+    }
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({})",
+        p.p50, p.p99, p.p999, p.max, p.count
+    )
+}
+
+/// The table rows of the `calls` scenario.
+fn call_rows(c: &CallFigures) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "calls",
+            format!(
+                "{} pairs, {} with {} ICE candidates each way: {} due, {} skipped, {} started",
+                c.pairs,
+                c.call_type.as_str(),
+                c.ice_candidates,
+                c.due,
+                c.skipped,
+                c.started
+            ),
+        ),
+        (
+            "call setups",
+            format!(
+                "{} ({}/s), completed {} ({}/s), failed {}",
+                c.setups,
+                rate(c.setups_per_sec),
+                c.completed,
+                rate(c.completed_per_sec),
+                c.failed
+            ),
+        ),
+        ("ring", percentiles(&c.ring_ms)),
+        ("answer→answered", percentiles(&c.answered_ms)),
+        ("initiate→answered", percentiles(&c.setup_ms)),
+        ("relay", percentiles(&c.relay_ms)),
+        ("end→ended", percentiles(&c.ended_ms)),
+        ("call start lag", percentiles(&c.start_lag_ms)),
+    ]
 }
 
 /// One target of the issue, checked against the case that measures it.
@@ -218,6 +287,22 @@ const GOALS: &[Goal] = &[
         hit: |v| v < 5.0,
     },
     Goal {
+        text: "≥ 1,000 call setups/s all-in-one",
+        case: "calls",
+        distributed: false,
+        measure: |s| s.calls.as_ref().map(|c| c.setups_per_sec),
+        unit: "setups/s",
+        hit: |v| v >= 1_000.0,
+    },
+    Goal {
+        text: "p99 ring latency < 20 ms (same run)",
+        case: "calls",
+        distributed: false,
+        measure: |s| s.calls.as_ref().map(|c| c.ring_ms.p99),
+        unit: "ms",
+        hit: |v| v < 20.0,
+    },
+    Goal {
         text: "persisted chat ≥ 25k messages/s all-in-one",
         case: "chat-max",
         distributed: false,
@@ -258,6 +343,60 @@ fn find_distributed<'a>(results: &'a [Summary], case: &str) -> Option<&'a Summar
     results
         .iter()
         .find(|s| s.case == case && s.spawn == Some(crate::servers::SpawnKind::Distributed))
+}
+
+/// The `calls` cases, if any: setups and the latency of each step.
+fn render_calls(md: &mut String, results: &[Summary]) {
+    let calls: Vec<(&Summary, &CallFigures)> = results
+        .iter()
+        .filter_map(|s| s.calls.as_ref().map(|c| (s, c)))
+        .collect();
+    if calls.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## Call signaling\n");
+    let _ = writeln!(
+        md,
+        "| case | server | pairs | calls due | setups/s | completed/s | failed | ring p50 ms | ring p99 ms | answer→answered p99 ms | relay p50 ms | relay p99 ms | setup p99 ms | start lag p99 ms |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (s, c) in calls {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            s.case,
+            target_name(s.target),
+            c.pairs,
+            c.due,
+            rate(c.setups_per_sec),
+            rate(c.completed_per_sec),
+            c.failed,
+            c.ring_ms.p50,
+            c.ring_ms.p99,
+            c.answered_ms.p99,
+            c.relay_ms.p50,
+            c.relay_ms.p99,
+            c.setup_ms.p99,
+            c.start_lag_ms.p99,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nConnection 2k calls 2k+1 on `webrtc:lobby`, one call at a time per pair: initiate → \
+         the callee answers on `call:incoming` → the caller sends an offer and the callee an \
+         answer, each with N ICE candidates → the caller ends it once both have every relay → \
+         both get `call:ended`. Calls are offered open-loop at `--rate` (round-robin over the \
+         pairs); a call due while its pair is busy waits (start lag) or, beyond 4 waiting, is \
+         skipped. setups/s = calls whose caller got `call:answered`, ÷ the send window. Ring = \
+         `call:initiate` sent → `call:incoming` at the callee; answer→answered at the caller; \
+         relay = offer/answer/candidate pushed → received by the other party; setup = initiate \
+         sent → `call:answered`. In the figures table, a calls case's sends ok/s are push \
+         replies and its deliveries are call events received. Error reasons are in the run's \
+         JSON (`error_reasons`).\n"
+    );
 }
 
 fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> String {
@@ -335,6 +474,8 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
          received by the end of the drain. Errors = connect/join failures + error replies + \
          sockets closed during the run.\n"
     );
+
+    render_calls(&mut md, results);
 
     let _ = writeln!(md, "## QuckChat ÷ Socket.IO (same session, same client)\n");
     let _ = writeln!(
@@ -430,7 +571,8 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
          broadcasts without persisting, so each send is stored once and delivered M times \
          (sender included). `chat` runs conversations of {{group-min..=group-max}} members where \
          every connection sends; `p2p` is `chat` with 2-member conversations at a moderate rate; \
-         `chat-max` offers more than the server can take, so its sends-ok/s is the throughput."
+         `chat-max` offers more than the server can take, so its sends-ok/s is the throughput; \
+         `calls` is call signaling between pairs of users (see above)."
     );
 
     if let Some(m) = results.first().map(|s| &s.machine) {

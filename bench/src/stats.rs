@@ -44,6 +44,86 @@ pub struct Stats {
     error_reasons: Mutex<BTreeMap<String, u64>>,
     delivery_latency: Mutex<Option<Histogram<u64>>>,
     ack_latency: Mutex<Option<Histogram<u64>>>,
+    /// The `calls` scenario's own figures (empty otherwise).
+    pub calls: CallStats,
+}
+
+/// What the `calls` scenario counts and times, on top of [`Stats`]' generic
+/// counts (there: pushes and their replies, and every call event received as
+/// a delivery).
+#[derive(Default)]
+pub struct CallStats {
+    /// `call:initiate` pushes sent.
+    pub started: AtomicU64,
+    /// Calls set up: the caller got `call:answered`.
+    pub setups: AtomicU64,
+    /// Calls that went through every step and both parties got `call:ended`.
+    pub completed: AtomicU64,
+    /// Calls given up: an error reply, an unexpected `call:ended`, a stall.
+    pub failed: AtomicU64,
+    /// `webrtc:offer` / `webrtc:answer` / `webrtc:ice-candidate` received.
+    pub relays: AtomicU64,
+    /// `call:initiate` sent → `call:incoming` at the callee.
+    ring: Mutex<Option<Histogram<u64>>>,
+    /// `call:answer` sent → `call:answered` at the caller.
+    answered: Mutex<Option<Histogram<u64>>>,
+    /// `call:initiate` sent → `call:answered` at the caller.
+    setup: Mutex<Option<Histogram<u64>>>,
+    /// A relay pushed → relayed to the other party.
+    relay: Mutex<Option<Histogram<u64>>>,
+    /// `call:end` sent → `call:ended` at each party.
+    ended: Mutex<Option<Histogram<u64>>>,
+    /// When the call was due (pacer) → `call:initiate` sent: client queueing.
+    start_lag: Mutex<Option<Histogram<u64>>>,
+}
+
+/// One of the [`CallStats`] latencies.
+#[derive(Clone, Copy, Debug)]
+pub enum CallLatency {
+    Ring,
+    Answered,
+    Setup,
+    Relay,
+    Ended,
+    StartLag,
+}
+
+impl CallStats {
+    pub fn record(&self, which: CallLatency, micros: u64) {
+        let slot = match which {
+            CallLatency::Ring => &self.ring,
+            CallLatency::Answered => &self.answered,
+            CallLatency::Setup => &self.setup,
+            CallLatency::Relay => &self.relay,
+            CallLatency::Ended => &self.ended,
+            CallLatency::StartLag => &self.start_lag,
+        };
+        record(slot, micros);
+    }
+
+    fn report(&self) -> anyhow::Result<CallReport> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Ok(CallReport {
+            counts: CallCounts {
+                started: get(&self.started),
+                setups: get(&self.setups),
+                completed: get(&self.completed),
+                failed: get(&self.failed),
+                relays: get(&self.relays),
+            },
+            ring: hist(&self.ring)?,
+            answered: hist(&self.answered)?,
+            setup: hist(&self.setup)?,
+            relay: hist(&self.relay)?,
+            ended: hist(&self.ended)?,
+            start_lag: hist(&self.start_lag)?,
+        })
+    }
+}
+
+fn hist(slot: &Mutex<Option<Histogram<u64>>>) -> anyhow::Result<String> {
+    let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+    encode(guard.as_ref().unwrap_or(&histogram()))
 }
 
 fn bump(counter: &AtomicU64) {
@@ -81,10 +161,6 @@ impl Stats {
 
     pub fn report(&self) -> anyhow::Result<WorkerReport> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let hist = |slot: &Mutex<Option<Histogram<u64>>>| {
-            let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-            encode(guard.as_ref().unwrap_or(&histogram()))
-        };
         Ok(WorkerReport {
             counts: Counts {
                 connected: get(&self.connected),
@@ -105,6 +181,7 @@ impl Stats {
                 .clone(),
             delivery_latency: hist(&self.delivery_latency)?,
             ack_latency: hist(&self.ack_latency)?,
+            calls: Some(self.calls.report()?),
         })
     }
 }
@@ -147,6 +224,78 @@ pub struct WorkerReport {
     /// base64 of the V2-serialized histogram, microseconds.
     pub delivery_latency: String,
     pub ack_latency: String,
+    #[serde(default)]
+    pub calls: Option<CallReport>,
+}
+
+/// Call counts, added across workers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CallCounts {
+    pub started: u64,
+    pub setups: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub relays: u64,
+}
+
+impl CallCounts {
+    fn add(&mut self, o: &CallCounts) {
+        self.started += o.started;
+        self.setups += o.setups;
+        self.completed += o.completed;
+        self.failed += o.failed;
+        self.relays += o.relays;
+    }
+}
+
+/// A worker's [`CallStats`], histograms encoded like the others.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CallReport {
+    pub counts: CallCounts,
+    pub ring: String,
+    pub answered: String,
+    pub setup: String,
+    pub relay: String,
+    pub ended: String,
+    pub start_lag: String,
+}
+
+/// Every worker's call figures added together.
+pub struct CallTotals {
+    pub counts: CallCounts,
+    pub ring: Histogram<u64>,
+    pub answered: Histogram<u64>,
+    pub setup: Histogram<u64>,
+    pub relay: Histogram<u64>,
+    pub ended: Histogram<u64>,
+    pub start_lag: Histogram<u64>,
+}
+
+impl Default for CallTotals {
+    fn default() -> Self {
+        CallTotals {
+            counts: CallCounts::default(),
+            ring: histogram(),
+            answered: histogram(),
+            setup: histogram(),
+            relay: histogram(),
+            ended: histogram(),
+            start_lag: histogram(),
+        }
+    }
+}
+
+impl CallTotals {
+    fn add(&mut self, r: &CallReport) -> anyhow::Result<()> {
+        self.counts.add(&r.counts);
+        self.ring.add(decode(&r.ring)?)?;
+        self.answered.add(decode(&r.answered)?)?;
+        self.setup.add(decode(&r.setup)?)?;
+        self.relay.add(decode(&r.relay)?)?;
+        self.ended.add(decode(&r.ended)?)?;
+        self.start_lag.add(decode(&r.start_lag)?)?;
+        Ok(())
+    }
 }
 
 /// Every worker's report added together.
@@ -155,6 +304,7 @@ pub struct Totals {
     pub error_reasons: BTreeMap<String, u64>,
     pub delivery_latency: Histogram<u64>,
     pub ack_latency: Histogram<u64>,
+    pub calls: CallTotals,
 }
 
 impl Totals {
@@ -164,6 +314,7 @@ impl Totals {
             error_reasons: BTreeMap::new(),
             delivery_latency: histogram(),
             ack_latency: histogram(),
+            calls: CallTotals::default(),
         };
         for r in reports {
             totals.counts.add(&r.counts);
@@ -172,6 +323,9 @@ impl Totals {
             }
             totals.delivery_latency.add(decode(&r.delivery_latency)?)?;
             totals.ack_latency.add(decode(&r.ack_latency)?)?;
+            if let Some(calls) = &r.calls {
+                totals.calls.add(calls)?;
+            }
         }
         Ok(totals)
     }
@@ -214,5 +368,29 @@ mod tests {
         assert_eq!(totals.delivery_latency.len(), 3);
         assert_eq!(totals.ack_latency.len(), 1);
         assert_eq!(totals.error_reasons["rate_limited"], 2);
+        assert_eq!(totals.calls.counts.started, 0);
+    }
+
+    #[test]
+    fn call_figures_merge_and_old_reports_still_parse() {
+        let a = Stats::default();
+        a.bump(|s| &s.calls.started);
+        a.bump(|s| &s.calls.setups);
+        a.calls.record(CallLatency::Ring, 1500);
+        let b = Stats::default();
+        b.bump(|s| &s.calls.started);
+        b.calls.record(CallLatency::Ring, 2500);
+        b.calls.record(CallLatency::Relay, 700);
+        let totals = Totals::merge(&[a.report().unwrap(), b.report().unwrap()]).unwrap();
+        assert_eq!(totals.calls.counts.started, 2);
+        assert_eq!(totals.calls.counts.setups, 1);
+        assert_eq!(totals.calls.ring.len(), 2);
+        assert_eq!(totals.calls.relay.len(), 1);
+        // A report without `calls` (written before the scenario) merges.
+        let mut old = serde_json::to_value(Stats::default().report().unwrap()).unwrap();
+        old.as_object_mut().unwrap().remove("calls");
+        let old: WorkerReport = serde_json::from_value(old).unwrap();
+        assert!(old.calls.is_none());
+        assert!(Totals::merge(&[old]).is_ok());
     }
 }

@@ -14,6 +14,11 @@
 //! was *due*, to a sender connection; a connection that has fallen behind by
 //! a full queue skips it (counted). Latency therefore includes client-side
 //! queueing, never hides it.
+//!
+//! The `calls` scenario ([`calls`]) opens its connections by pairs, one task
+//! per pair driving both sockets; the pacer hands due calls to the pairs.
+
+mod calls;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
@@ -32,6 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::CallType;
 use crate::dialect::{content, Dialect, Incoming};
 use crate::layout::{Layout, Scenario};
 use crate::stats::Stats;
@@ -59,6 +65,16 @@ pub struct Plan {
     pub payload_bytes: usize,
     pub sources: u8,
     pub connect_concurrency: usize,
+    /// calls: ICE candidates per party per call.
+    #[serde(default)]
+    pub ice_candidates: u32,
+    /// calls: `callType` of every call.
+    #[serde(default = "audio")]
+    pub call_type: CallType,
+}
+
+fn audio() -> CallType {
+    CallType::Audio
 }
 
 /// Queue of due sends per sender connection.
@@ -122,51 +138,11 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
 
     // Connect and join everything, a bounded number at a time.
     let opened = Instant::now();
-    let gate = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
-    let mut joins = Vec::with_capacity(plan.end - plan.start);
-    for i in plan.start..plan.end {
-        let (plan, layout, stats, stop, gate) = (
-            plan.clone(),
-            layout.clone(),
-            stats.clone(),
-            stop.clone(),
-            gate.clone(),
-        );
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let permit = gate.acquire_owned().await;
-            let opened = match connect(&plan, &layout, i).await {
-                Ok(ws) => join(ws, &plan, &layout, i)
-                    .await
-                    .map_err(|e| (&stats.join_errors, format!("join: {}", e.root_cause()))),
-                Err(e) => Err((
-                    &stats.connect_errors,
-                    format!("connect: {}", e.root_cause()),
-                )),
-            };
-            drop(permit);
-            let conn = match opened {
-                Ok(conn) => conn,
-                Err((counter, reason)) => {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    stats.error(&reason);
-                    let _ = ready_tx.send(None);
-                    return;
-                }
-            };
-            let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
-            stats.bump(|s| &s.connected);
-            let _ = ready_tx.send(layout.is_sender(i).then_some(send_tx));
-            conn.serve(&plan, &stats, send_rx, stop).await;
-        });
-        joins.push(ready_rx);
-    }
-    let mut senders = Vec::new();
-    for rx in joins {
-        if let Ok(Some(tx)) = rx.await {
-            senders.push(tx);
-        }
-    }
+    let senders = if plan.scenario == Scenario::Calls {
+        calls::open(&plan, &layout, &stats, &stop).await
+    } else {
+        open(&plan, &layout, &stats, &stop).await
+    };
     say(&serde_json::json!({"ready": {
         "connected": stats.connected.load(std::sync::atomic::Ordering::Relaxed),
         "connect_secs": opened.elapsed().as_secs_f64(),
@@ -195,6 +171,70 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     stop.cancel();
     say(&serde_json::to_value(stats.report()?)?);
     Ok(())
+}
+
+/// Opens and joins every connection of the worker, each then served by its
+/// own task; returns the send queues of the sender connections.
+async fn open(
+    plan: &Arc<Plan>,
+    layout: &Arc<Layout>,
+    stats: &Arc<Stats>,
+    stop: &CancellationToken,
+) -> Vec<mpsc::Sender<u64>> {
+    let gate = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
+    let mut joins = Vec::with_capacity(plan.end - plan.start);
+    for i in plan.start..plan.end {
+        let (plan, layout, stats, stop, gate) = (
+            plan.clone(),
+            layout.clone(),
+            stats.clone(),
+            stop.clone(),
+            gate.clone(),
+        );
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let opened = open_one(&plan, &layout, &stats, i).await;
+            drop(permit);
+            let Some(conn) = opened else {
+                let _ = ready_tx.send(None);
+                return;
+            };
+            let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
+            stats.bump(|s| &s.connected);
+            let _ = ready_tx.send(layout.is_sender(i).then_some(send_tx));
+            conn.serve(&plan, &stats, send_rx, stop).await;
+        });
+        joins.push(ready_rx);
+    }
+    let mut senders = Vec::new();
+    for rx in joins {
+        if let Ok(Some(tx)) = rx.await {
+            senders.push(tx);
+        }
+    }
+    senders
+}
+
+/// Connects and joins connection `i`; a failure is counted and recorded.
+async fn open_one(plan: &Plan, layout: &Layout, stats: &Stats, i: usize) -> Option<Connection> {
+    let opened = match connect(plan, layout, i).await {
+        Ok(ws) => join(ws, plan, layout, i)
+            .await
+            .map_err(|e| (&stats.join_errors, format!("join: {}", e.root_cause()))),
+        Err(e) => Err((
+            &stats.connect_errors,
+            format!("connect: {}", e.root_cause()),
+        )),
+    };
+    match opened {
+        Ok(conn) => Some(conn),
+        Err((counter, reason)) => {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.error(&reason);
+            None
+        }
+    }
 }
 
 pub fn now_ns() -> u64 {
@@ -291,7 +331,7 @@ async fn connect(plan: &Plan, layout: &Layout, i: usize) -> anyhow::Result<Ws> {
 /// Socket.IO namespace connect if needed, then joins the connection's topic.
 async fn join(mut ws: Ws, plan: &Plan, layout: &Layout, i: usize) -> anyhow::Result<Connection> {
     let conversation = layout.conversation_of(i);
-    let topic = conversation.topic();
+    let topic = layout.topic(i);
     let dialect = plan.dialect;
     if dialect.needs_namespace_connect() {
         ws.send(Message::text(dialect.namespace_connect())).await?;

@@ -716,7 +716,10 @@ where
         let topic = match &*d.item {
             Item::Broadcast(b) => b.topic.clone(),
             // Meant for another connection of this user.
-            Item::Direct(ev) if !ev.conn_id.is_empty() && ev.conn_id != self.peer.conn_id => {
+            Item::Direct(ev)
+                if (!ev.conn_id.is_empty() && ev.conn_id != self.peer.conn_id)
+                    || ev.except_conn_id == self.peer.conn_id =>
+            {
                 return Ok(());
             }
             Item::Direct(ev) => ev.topic.clone(),

@@ -12,7 +12,7 @@ use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::ListConversationsRequest;
 use quckchat_runtime::bus::{Bus, BusError, Subjects};
 use quckchat_runtime::grpc::CallError;
-use quckchat_runtime::presence::{entries, meta};
+use quckchat_runtime::presence::{entries, meta, OFFLINE_NOTICE};
 use quckchat_runtime::routes;
 use quckchat_runtime::time::{iso, now_ms};
 use serde_json::{json, Value};
@@ -296,6 +296,7 @@ impl PresenceService {
             }
             if left.user_went_offline {
                 metrics::counter!("quckchat_presence_offline_total").increment(1);
+                self.notice_offline(&left.user_id).await;
                 let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
                 events.push((
                     "user:offline",
@@ -305,6 +306,20 @@ impl PresenceService {
             if !events.is_empty() {
                 self.announce(left.user_id, events).await;
             }
+        }
+    }
+
+    /// Tells other services (signaling) that `user_id` has no device left.
+    async fn notice_offline(&self, user_id: &str) {
+        let subject = self
+            .subjects
+            .service_event(routes::PRESENCE, OFFLINE_NOTICE);
+        if let Err(err) = self
+            .bus
+            .publish(&subject, None, Vec::new(), Bytes::from(user_id.to_owned()))
+            .await
+        {
+            tracing::warn!(%err, "offline notice not published");
         }
     }
 

@@ -3,6 +3,7 @@
 //! - [`bus`]: envelopes between the gateway and the services on the bus.
 //! - [`chat`]: the chat service's gRPC API.
 //! - [`presence`]: the presence service's gRPC API.
+//! - [`signaling`]: the signaling service's gRPC API.
 
 #![allow(clippy::all, clippy::pedantic)]
 
@@ -23,6 +24,13 @@ pub mod chat {
 pub mod presence {
     pub mod v1 {
         tonic::include_proto!("quckchat.presence.v1");
+    }
+    pub use v1::*;
+}
+
+pub mod signaling {
+    pub mod v1 {
+        tonic::include_proto!("quckchat.signaling.v1");
     }
     pub use v1::*;
 }

@@ -23,6 +23,12 @@ use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
 use quckchat_runtime::config::{ConfigError, ConfigReader, DATA_DIR};
 use quckchat_runtime::grpc::GrpcToken;
 use quckchat_runtime::server;
+use quckchat_signaling::chat::GrpcConversations;
+use quckchat_signaling::config::SignalingSettings;
+use quckchat_signaling::grpc::SignalingGrpc;
+use quckchat_signaling::log::{CallLog, EmbeddedCallLog};
+use quckchat_signaling::service::SignalingService;
+use quckchat_signaling::state::MemoryCallState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub struct ServeConfig {
     pub gateway: GatewayConfig,
     pub presence: PresenceTiming,
+    pub signaling: SignalingSettings,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     /// `GRPC_AUTH_TOKEN`: what gRPC callers must present. Unset: a random
@@ -44,6 +51,7 @@ impl ServeConfig {
         Ok(Self {
             gateway: GatewayConfig::read(r, Some(DEV_JWT_SECRET))?,
             presence: PresenceTiming::read(r)?,
+            signaling: SignalingSettings::read(r)?,
             data_dir: PathBuf::from(r.string(DATA_DIR, "./data")),
             grpc_token: GrpcToken::read_optional(r)?,
         })
@@ -130,17 +138,40 @@ pub async fn run(
     )
     .await?;
 
+    let call_log: Arc<dyn CallLog> = Arc::new(
+        EmbeddedCallLog::open(&config.data_dir).map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
+    );
+    let signaling = Arc::new(
+        SignalingService::new(
+            Arc::new(MemoryCallState::new()),
+            call_log.clone(),
+            bus.clone(),
+            subjects.clone(),
+            config.signaling.ice.clone(),
+            config.signaling.timing,
+        )
+        .with_chat(Arc::new(
+            GrpcConversations::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?,
+        )),
+    );
+    let signaling_worker = signaling
+        .clone()
+        .start(services_stop.clone(), drain)
+        .await?;
+
     let health = Health::new(
         config.gateway.server.node_name.clone(),
         vec![
             Arc::new(BusHealth(bus.clone())),
             admin::health_check("store", store, |s| s.ping()),
+            admin::health_check("call log", call_log, |l| l.ping()),
         ],
     );
     let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
     let grpc = quckchat_runtime::grpc::authenticated(
         tonic::service::Routes::new(ChatGrpc::server(chat))
-            .add_service(PresenceGrpc::server(presence_state)),
+            .add_service(PresenceGrpc::server(presence_state))
+            .add_service(SignalingGrpc::server(signaling)),
         &grpc_token,
     );
     let router = gateway
@@ -164,6 +195,7 @@ pub async fn run(
     services_stop.cancel();
     chat_consumer.await?;
     presence_worker.await?;
+    signaling_worker.await?;
     tracing::info!("quckchat stopped");
     Ok(())
 }

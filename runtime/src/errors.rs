@@ -61,6 +61,12 @@ pub enum ClientError {
     /// The message was deleted; it can no longer change.
     #[error("message deleted")]
     MessageDeleted,
+    /// Another device of the callee answered the call first.
+    #[error("answered_elsewhere")]
+    AnsweredElsewhere,
+    /// The call ended before this reached it.
+    #[error("call_ended")]
+    CallEnded,
     /// The channel was left or replaced before the reply came.
     #[error("closed")]
     Closed,
@@ -109,6 +115,8 @@ impl ClientError {
             Self::InvalidFrame(_) => "invalid_frame",
             Self::BinaryPayload => "binary_payload",
             Self::MessageDeleted => "message_deleted",
+            Self::AnsweredElsewhere => "answered_elsewhere",
+            Self::CallEnded => "call_ended",
             Self::Closed => "closed",
             Self::Internal => "internal",
         }
@@ -140,7 +148,9 @@ impl ClientError {
             | Self::InvalidFrame(_)
             | Self::BinaryPayload => Code::InvalidArgument,
             Self::PayloadTooLarge { .. } | Self::TooManyChannels => Code::ResourceExhausted,
-            Self::MessageDeleted => Code::FailedPrecondition,
+            Self::MessageDeleted | Self::AnsweredElsewhere | Self::CallEnded => {
+                Code::FailedPrecondition
+            }
             Self::Closed => Code::Cancelled,
             Self::Internal => Code::Internal,
         }
@@ -195,6 +205,8 @@ mod tests {
                 "binary payloads are not supported",
             ),
             (ClientError::MessageDeleted, "message deleted"),
+            (ClientError::AnsweredElsewhere, "answered_elsewhere"),
+            (ClientError::CallEnded, "call_ended"),
             (ClientError::Closed, "closed"),
             (ClientError::Internal, "internal error"),
         ];

@@ -4,6 +4,11 @@
 
 use serde_json::{json, Value};
 
+/// The presence service's notice (`<prefix>.svc.presence.offline`, payload:
+/// the user id) when a user's last device is gone (after the grace window,
+/// or once their gateway is found dead). Signaling ends that user's call.
+pub const OFFLINE_NOTICE: &str = "offline";
+
 /// One device's meta: `{phx_ref, deviceId, onlineAt}`.
 pub fn meta(device_id: &str, phx_ref: &str, online_at_ms: i64) -> Value {
     let online_at = chrono::DateTime::from_timestamp_millis(online_at_ms).unwrap_or_default();

@@ -41,6 +41,10 @@ impl Publisher {
         &self.subjects
     }
 
+    pub fn bus(&self) -> Arc<dyn Bus> {
+        self.bus.clone()
+    }
+
     async fn send(&self, subject: &str, payload: Vec<u8>) -> Result<(), BusError> {
         self.bus
             .publish(subject, None, self.headers.clone(), Bytes::from(payload))
@@ -76,7 +80,7 @@ impl Publisher {
     ) -> Result<(), BusError> {
         self.send(
             &self.subjects.user(user_id),
-            push(topic, event, payload, ""),
+            push(topic, event, payload, "", ""),
         )
         .await
     }
@@ -93,7 +97,24 @@ impl Publisher {
     ) -> Result<(), BusError> {
         self.send(
             &self.subjects.user(user_id),
-            push(topic, event, payload, conn_id),
+            push(topic, event, payload, conn_id, ""),
+        )
+        .await
+    }
+
+    /// `event` on `topic` to every connection of `user_id` that joined it
+    /// but `except_conn` (the user's other devices).
+    pub async fn to_user_except(
+        &self,
+        user_id: &str,
+        except_conn: &str,
+        topic: &str,
+        event: &str,
+        payload: &Value,
+    ) -> Result<(), BusError> {
+        self.send(
+            &self.subjects.user(user_id),
+            push(topic, event, payload, "", except_conn),
         )
         .await
     }
@@ -112,6 +133,7 @@ impl Publisher {
                 reason: reason.to_owned(),
             })),
             conn_id: String::new(),
+            except_conn_id: String::new(),
         };
         self.send(&self.subjects.user(user_id), close.encode_to_vec())
             .await
@@ -130,7 +152,7 @@ impl Publisher {
     }
 }
 
-fn push(topic: &str, event: &str, payload: &Value, conn_id: &str) -> Vec<u8> {
+fn push(topic: &str, event: &str, payload: &Value, conn_id: &str, except_conn: &str) -> Vec<u8> {
     DirectEvent {
         topic: topic.to_owned(),
         kind: Some(direct_event::Kind::Push(ChannelEvent {
@@ -138,6 +160,7 @@ fn push(topic: &str, event: &str, payload: &Value, conn_id: &str) -> Vec<u8> {
             payload: payload.to_string().into_bytes(),
         })),
         conn_id: conn_id.to_owned(),
+        except_conn_id: except_conn.to_owned(),
     }
     .encode_to_vec()
 }
