@@ -840,6 +840,18 @@ async fn a_connection_event_reaches_only_that_connection_of_the_user() {
         "every:device",
         "the phone got the laptop's event"
     );
+    // The user's other devices: not the laptop.
+    publisher
+        .to_user_except("alice", "laptop-conn", "chat:c1", "not:laptop", &json!({}))
+        .await
+        .unwrap();
+    publisher
+        .to_user("alice", "chat:c1", "after", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(phone.recv().await[3], "not:laptop");
+    assert_eq!(phone.recv().await[3], "after");
+    assert_eq!(laptop.recv().await[3], "after", "the laptop got not:laptop");
 }
 
 #[tokio::test]

@@ -493,3 +493,369 @@ impl Calls {
         Ok(ended)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::state::MemoryCallState;
+
+    const RING: i64 = 45_000;
+    const GRACE: i64 = 20_000;
+
+    fn calls() -> Calls {
+        Calls::new(
+            Arc::new(MemoryCallState::new()),
+            CallTiming {
+                ring_timeout: Duration::from_millis(RING as u64),
+                disconnect_grace: Duration::from_millis(GRACE as u64),
+            },
+        )
+    }
+
+    fn dev<'a>(user: &'a str, conn: &'a str) -> Device<'a> {
+        Device {
+            user_id: user,
+            device_id: conn,
+            conn_id: conn,
+        }
+    }
+
+    async fn ring(c: &Calls, caller: &str, callee: &str, now: i64) -> Call {
+        match c
+            .initiate(
+                dev(caller, &format!("{caller}1")),
+                callee,
+                CallType::Audio,
+                None,
+                now,
+            )
+            .await
+            .unwrap()
+        {
+            Initiated::Ringing(call) => call,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn connected(c: &Calls) -> Call {
+        let call = ring(c, "a", "b", 0).await;
+        c.answer(&call.id, dev("b", "b1"), 1_000)
+            .await
+            .unwrap()
+            .call
+    }
+
+    #[tokio::test]
+    async fn initiate_rings_and_makes_both_busy() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        assert_eq!(call.stage, CallStage::Ringing);
+        assert_eq!(
+            (call.caller_conn.as_str(), call.callee_conn.as_str()),
+            ("a1", "")
+        );
+        for (caller, callee) in [("c", "b"), ("c", "a"), ("a", "c"), ("b", "c")] {
+            let err = c
+                .initiate(dev(caller, "x"), callee, CallType::Video, None, 10)
+                .await
+                .unwrap_err();
+            assert_eq!(err, CallsError::Busy, "{caller} → {callee}");
+        }
+        // Calling the same callee again from another device of the caller.
+        let err = c
+            .initiate(dev("a", "a2"), "b", CallType::Audio, None, 10)
+            .await
+            .unwrap_err();
+        assert_eq!(err, CallsError::Busy);
+    }
+
+    #[tokio::test]
+    async fn glare_merges_into_the_first_call() {
+        let c = calls();
+        let first = ring(&c, "a", "b", 0).await;
+        let merged = c
+            .initiate(dev("b", "b9"), "a", CallType::Video, None, 500)
+            .await
+            .unwrap();
+        let Initiated::Merged(call) = merged else {
+            panic!("{merged:?}")
+        };
+        assert_eq!(call.id, first.id);
+        assert_eq!(call.stage, CallStage::Connected);
+        assert_eq!(call.callee_conn, "b9");
+        assert_eq!(call.call_type, CallType::Audio, "the first call's type");
+        assert_eq!(call.answered_at_ms, Some(500));
+        // The ring timer is gone: nothing fires.
+        assert!(c.fire_due(RING * 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn first_answer_wins_and_retries_are_idempotent() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        let first = c.answer(&call.id, dev("b", "b1"), 100).await.unwrap();
+        assert!(first.fresh);
+        assert_eq!(first.call.stage, CallStage::Connected);
+        let again = c.answer(&call.id, dev("b", "b1"), 200).await.unwrap();
+        assert!(!again.fresh);
+        assert_eq!(again.call.answered_at_ms, Some(100));
+        assert_eq!(
+            c.answer(&call.id, dev("b", "b2"), 300).await.unwrap_err(),
+            CallsError::AnsweredElsewhere
+        );
+        assert_eq!(
+            c.answer(&call.id, dev("a", "a1"), 300).await.unwrap_err(),
+            CallsError::Forbidden
+        );
+        assert_eq!(
+            c.answer(&call.id, dev("z", "z1"), 300).await.unwrap_err(),
+            CallsError::Forbidden
+        );
+        assert_eq!(
+            c.answer("000000000000000000000000", dev("b", "b1"), 300)
+                .await
+                .unwrap_err(),
+            CallsError::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_answers_from_two_devices_have_one_winner() {
+        let c = Arc::new(calls());
+        for round in 0..20 {
+            let call = ring(&c, "a", "b", round).await;
+            let tasks: Vec<_> = ["b1", "b2", "b3"]
+                .into_iter()
+                .map(|conn| {
+                    let (c, id) = (c.clone(), call.id.clone());
+                    tokio::spawn(async move { c.answer(&id, dev("b", conn), 1).await })
+                })
+                .collect();
+            let mut winners = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(a) => winners += usize::from(a.fresh),
+                    Err(e) => assert_eq!(e, CallsError::AnsweredElsewhere),
+                }
+            }
+            assert_eq!(winners, 1);
+            c.end(&call.id, Ender::User("a"), 2).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn reject_ends_a_ringing_call_for_every_device() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        assert_eq!(
+            c.reject(&call.id, dev("a", "a1"), 1).await.unwrap_err(),
+            CallsError::Forbidden,
+            "the caller cancels with call:end"
+        );
+        let ended = c
+            .reject(&call.id, dev("b", "b2"), 10)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::Rejected));
+        assert_eq!(ended.ended_by.as_deref(), Some("b"));
+        assert_eq!(ended.duration_ms(), None);
+        // Rejecting again, from another device: already over, nothing to tell.
+        assert_eq!(c.reject(&call.id, dev("b", "b1"), 20).await.unwrap(), None);
+        assert_eq!(c.active_call("a").await.unwrap(), None);
+        assert_eq!(c.active_call("b").await.unwrap(), None);
+        assert_eq!(
+            c.answer(&call.id, dev("b", "b1"), 30).await.unwrap_err(),
+            CallsError::Ended
+        );
+    }
+
+    #[tokio::test]
+    async fn reject_after_the_answer() {
+        let c = calls();
+        let call = connected(&c).await;
+        assert_eq!(
+            c.reject(&call.id, dev("b", "b2"), 2_000).await.unwrap_err(),
+            CallsError::AnsweredElsewhere
+        );
+        let ended = c
+            .reject(&call.id, dev("b", "b1"), 3_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::Hangup));
+        assert_eq!(ended.duration_ms(), Some(2_000));
+    }
+
+    #[tokio::test]
+    async fn end_cancels_rejects_or_hangs_up() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        let ended = c.end(&call.id, Ender::User("a"), 5).await.unwrap().unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::Cancelled));
+        assert_eq!(c.end(&call.id, Ender::User("a"), 6).await.unwrap(), None);
+
+        let call = ring(&c, "a", "b", 10).await;
+        let ended = c
+            .end(&call.id, Ender::User("b"), 15)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::Rejected));
+
+        let call = connected(&c).await;
+        assert_eq!(
+            c.end(&call.id, Ender::User("z"), 2_000).await.unwrap_err(),
+            CallsError::Forbidden
+        );
+        let ended = c
+            .end(&call.id, Ender::User("b"), 61_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::Hangup));
+        assert_eq!(ended.ended_by.as_deref(), Some("b"));
+        assert_eq!(ended.duration_ms(), Some(60_000));
+
+        let call = connected(&c).await;
+        let ended = c
+            .end(&call.id, Ender::System(EndReason::Failed), 2_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ended.end_reason, ended.ended_by),
+            (Some(EndReason::Failed), None)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_call_ends_no_answer_at_the_timeout() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        assert!(c.fire_due(RING - 1).await.unwrap().is_empty());
+        let ended = c.fire_due(RING).await.unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, call.id);
+        assert_eq!(ended[0].end_reason, Some(EndReason::NoAnswer));
+        assert_eq!(ended[0].ended_by, None);
+        assert!(c.fire_due(RING * 2).await.unwrap().is_empty(), "once");
+        assert_eq!(c.active_call("b").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn relays_go_only_between_the_two_devices() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        // Ringing: the caller's device reaches every device of the callee.
+        let (_, to) = c.relay_target(&call.id, dev("a", "a1")).await.unwrap();
+        assert_eq!(to, RelayTo::User("b".into()));
+        for d in [dev("b", "b1"), dev("a", "a2"), dev("z", "z1")] {
+            assert_eq!(
+                c.relay_target(&call.id, d).await.unwrap_err(),
+                CallsError::Forbidden,
+                "{d:?}"
+            );
+        }
+        c.answer(&call.id, dev("b", "b1"), 10).await.unwrap();
+        let (_, to) = c.relay_target(&call.id, dev("a", "a1")).await.unwrap();
+        assert_eq!(
+            to,
+            RelayTo::Connection {
+                user_id: "b".into(),
+                conn_id: "b1".into()
+            }
+        );
+        let (_, to) = c.relay_target(&call.id, dev("b", "b1")).await.unwrap();
+        assert_eq!(
+            to,
+            RelayTo::Connection {
+                user_id: "a".into(),
+                conn_id: "a1".into()
+            }
+        );
+        assert_eq!(
+            c.relay_target(&call.id, dev("b", "b2")).await.unwrap_err(),
+            CallsError::Forbidden
+        );
+        c.end(&call.id, Ender::User("a"), 20).await.unwrap();
+        assert_eq!(
+            c.relay_target(&call.id, dev("a", "a1")).await.unwrap_err(),
+            CallsError::Ended
+        );
+    }
+
+    #[tokio::test]
+    async fn a_device_that_comes_back_within_the_grace_resumes() {
+        let c = calls();
+        let call = connected(&c).await;
+        // Another device of b leaving changes nothing.
+        assert!(!c.left(dev("b", "b2"), 2_000).await.unwrap());
+        assert!(c.left(dev("b", "b1"), 2_000).await.unwrap());
+        let (_, to) = c.relay_target(&call.id, dev("a", "a1")).await.unwrap();
+        assert_eq!(to, RelayTo::Away);
+        // Not yet: the grace runs.
+        assert!(c.fire_due(2_000 + GRACE - 1).await.unwrap().is_empty());
+        // a's other device joining does not take a's side (a1 is there).
+        let seen = c.joined(dev("a", "a2")).await.unwrap().unwrap();
+        assert!(!seen.on_this_device);
+        // b's new socket takes the call over.
+        let back = c.joined(dev("b", "b7")).await.unwrap().unwrap();
+        assert!(back.on_this_device);
+        assert_eq!(back.call.callee_conn, "b7");
+        assert!(c.fire_due(2_000 + GRACE * 5).await.unwrap().is_empty());
+        let (_, to) = c.relay_target(&call.id, dev("a", "a1")).await.unwrap();
+        assert_eq!(
+            to,
+            RelayTo::Connection {
+                user_id: "b".into(),
+                conn_id: "b7".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_device_gone_past_the_grace_ends_the_call_disconnected() {
+        let c = calls();
+        let call = connected(&c).await;
+        assert!(c.left(dev("a", "a1"), 5_000).await.unwrap());
+        let ended = c.fire_due(5_000 + GRACE).await.unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, call.id);
+        assert_eq!(ended[0].end_reason, Some(EndReason::Disconnected));
+        assert_eq!(ended[0].ended_by.as_deref(), Some("a"));
+        assert_eq!(ended[0].duration_ms(), Some(4_000 + GRACE as u64));
+        assert!(c.joined(dev("a", "a3")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_caller_gone_while_ringing_ends_it_and_a_callee_socket_does_not_count() {
+        let c = calls();
+        let call = ring(&c, "a", "b", 0).await;
+        // The callee's sockets are not bound while it rings.
+        assert!(!c.left(dev("b", "b1"), 10).await.unwrap());
+        let seen = c.joined(dev("b", "b3")).await.unwrap().unwrap();
+        assert!(!seen.on_this_device, "ringing: no callee device yet");
+        assert_eq!(seen.call.stage, CallStage::Ringing);
+        assert!(c.left(dev("a", "a1"), 100).await.unwrap());
+        let ended = c.fire_due(100 + GRACE).await.unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, call.id);
+        assert_eq!(ended[0].end_reason, Some(EndReason::Disconnected));
+    }
+
+    #[tokio::test]
+    async fn presence_offline_ends_the_call_at_the_next_sweep() {
+        let c = calls();
+        let call = connected(&c).await;
+        assert!(!c.offline("nobody", 3_000).await.unwrap());
+        assert!(c.offline("b", 3_000).await.unwrap());
+        let ended = c.fire_due(3_000).await.unwrap();
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, call.id);
+        assert_eq!(ended[0].end_reason, Some(EndReason::Disconnected));
+        assert_eq!(ended[0].ended_by.as_deref(), Some("b"));
+    }
+}

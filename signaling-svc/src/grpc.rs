@@ -29,6 +29,12 @@ impl SignalingGrpc {
     pub fn server(service: Arc<SignalingService>) -> SignalingServiceServer<Self> {
         SignalingServiceServer::new(Self { service })
     }
+
+    /// The API without a server, for tests.
+    #[cfg(test)]
+    pub(crate) fn new_for_tests(service: Arc<SignalingService>) -> Self {
+        Self { service }
+    }
 }
 
 pub fn call_message(c: &Call) -> CallMessage {

@@ -564,3 +564,7 @@ impl Service for SignalingService {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
