@@ -58,35 +58,33 @@ struct Fixture {
 /// A published user event: (user, event, payload, only conn, except conn).
 type Sent = (String, String, Value, String, String);
 
-fn fixture_with(timing: CallTiming) -> impl std::future::Future<Output = Fixture> {
-    async move {
-        let dir = tempfile::tempdir().unwrap();
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
-        let subjects = Subjects::new("qc");
-        let all = bus.subscribe("qc.>", None).await.unwrap();
-        let chat = Arc::new(FakeChat::default());
-        let service = SignalingService::new(
-            Arc::new(MemoryCallState::new()),
-            Arc::new(EmbeddedCallLog::open(dir.path()).unwrap()),
-            bus,
-            subjects,
-            IceConfig {
-                stun_urls: vec!["stun:stun.example.org:3478".into()],
-                turn_urls: vec!["turn:turn.example.org:3478".into()],
-                turn_auth: Some(TurnAuth::Rest {
-                    secret: "s3cret".into(),
-                    lifetime: Duration::from_secs(600),
-                }),
-            },
-            timing,
-        )
-        .with_chat(chat.clone());
-        Fixture {
-            service: Arc::new(service),
-            chat,
-            all,
-            _dir: dir,
-        }
+async fn fixture_with(timing: CallTiming) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    let subjects = Subjects::new("qc");
+    let all = bus.subscribe("qc.>", None).await.unwrap();
+    let chat = Arc::new(FakeChat::default());
+    let service = SignalingService::new(
+        Arc::new(MemoryCallState::new()),
+        Arc::new(EmbeddedCallLog::open(dir.path()).unwrap()),
+        bus,
+        subjects,
+        IceConfig {
+            stun_urls: vec!["stun:stun.example.org:3478".into()],
+            turn_urls: vec!["turn:turn.example.org:3478".into()],
+            turn_auth: Some(TurnAuth::Rest {
+                secret: "s3cret".into(),
+                lifetime: Duration::from_secs(600),
+            }),
+        },
+        timing,
+    )
+    .with_chat(chat.clone());
+    Fixture {
+        service: Arc::new(service),
+        chat,
+        all,
+        _dir: dir,
     }
 }
 
