@@ -40,7 +40,8 @@ if ((lint)); then
   cargo clippy --workspace --all-targets -- -D warnings
 fi
 
-# Debug build on purpose: cargo test and the e2e suite reuse these artifacts.
+# Debug build on purpose: cargo test and the e2e suite reuse these artifacts. --workspace --bins
+# builds every binary the e2e harness starts: quckchat, gateway, chat-svc, presence-svc, signaling-svc.
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
 

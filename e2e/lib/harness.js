@@ -1,5 +1,5 @@
-// Starts a QuckChat server set (all-in-one, or N gateways + chat-svc + presence-svc over
-// NATS/MongoDB/Redis) on free ports, waits until it is ready, hands out URLs and client
+// Starts a QuckChat server set (all-in-one, or N gateways + chat-svc + presence-svc +
+// signaling-svc over NATS/MongoDB/Redis) on free ports, waits until it is ready, hands out URLs and client
 // helpers, and tears everything down again: processes get SIGTERM and must exit with code 0
 // within the drain window (SHUTDOWN_DRAIN_SECS + E2E_STOP_TIMEOUT_MS), else they are
 // SIGKILLed and the stop fails; temp dirs, the set's MongoDB database and its Redis keys are
@@ -178,6 +178,18 @@ export function uncleanExit(exit){
   return null
 }
 
+/**
+ * Call settings every set gets (all-in-one and signaling-svc; the other processes ignore them):
+ * short ring and disconnect windows keep the call tests fast; TURN uses coturn REST credentials
+ * with the set's own `TURN_SECRET` (ServerSet.turnSecret). A test file may override any of them.
+ */
+export const CALL_DEFAULTS = {
+  CALL_RING_TIMEOUT_SECS: "3",
+  CALL_DISCONNECT_GRACE_SECS: "3",
+  TURN_SERVER_URL: "turn:turn.example.test:3478",
+  TURN_CREDENTIAL_TTL_SECS: "600",
+}
+
 /** Polls GET url until 200; fails early if the process exits, and after `timeoutMs`. */
 async function waitReady(proc, url, timeoutMs = READY_TIMEOUT_MS){
   const deadline = Date.now() + timeoutMs
@@ -251,7 +263,8 @@ function baseEnv(){
   const env = {...process.env}
   // the all-in-one server must not pick up a developer's distributed settings by accident
   for(const key of ["NATS_URL", "NATS_SUBJECT_PREFIX", "MONGODB_URL", "REDIS_URL", "REDIS_KEY_PREFIX", "PORT", "DATA_DIR",
-    "NODE_NAME", "CHAT_GRPC_URL", "PRESENCE_GRPC_URL"]){ delete env[key] }
+    "NODE_NAME", "CHAT_GRPC_URL", "PRESENCE_GRPC_URL", "STUN_SERVER_URL", "TURN_SERVER_URL", "TURN_USERNAME", "TURN_CREDENTIAL",
+    "TURN_SECRET", "TURN_CREDENTIAL_TTL_SECS", "CALL_RING_TIMEOUT_SECS", "CALL_DISCONNECT_GRACE_SECS"]){ delete env[key] }
   env.RUST_LOG = process.env.E2E_RUST_LOG ?? process.env.RUST_LOG ?? "info"
   return env
 }
@@ -278,6 +291,10 @@ export class ServerSet {
     this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
     /** GRPC_AUTH_TOKEN of every process and of the CLI (gRPC refuses calls without it) */
     this.grpcToken = `e2e-grpc-${randomBytes(16).toString("hex")}`
+    /** TURN_SECRET of the set (coturn REST credentials); a test's env may replace it */
+    this.turnSecret = `e2e-turn-${randomBytes(16).toString("hex")}`
+    /** the call settings the set runs with (CALL_DEFAULTS and the test's overrides) */
+    this.callEnv = null
     this.procs = []
     /** the socket-facing processes (the all-in-one server, or each gateway): {name, nodeName, proc, port} */
     this.gateways = []
@@ -288,6 +305,8 @@ export class ServerSet {
     this.port = null
     /** port of the process serving the conversation gRPC API */
     this.grpcPort = null
+    /** distributed: port of signaling-svc (admin HTTP + gRPC) */
+    this.signalingPort = null
     this.cliEnv = null
     /** distributed: Redis URL and key prefix of this set (its keys are deleted at stop) */
     this.redisUrl = null
@@ -321,7 +340,8 @@ export class ServerSet {
   }
 
   /**
-   * Environment: `extraEnv` goes to every process. Tests default NODE_HEARTBEAT_SECS to 1;
+   * Environment: `extraEnv` goes to every process. Tests default NODE_HEARTBEAT_SECS to 1 and
+   * the call settings to CALL_DEFAULTS (+ TURN_SECRET = turnSecret);
    * PRESENCE_GRACE_SECS / PRESENCE_NODE_TTL_SECS keep the servers' defaults unless given.
    */
   async start(extraEnv = {}){
@@ -335,8 +355,13 @@ export class ServerSet {
       GRPC_AUTH_TOKEN: this.grpcToken,
       DATA_DIR: this.dataDir,
       NODE_HEARTBEAT_SECS: "1",
+      ...CALL_DEFAULTS,
+      TURN_SECRET: this.turnSecret,
       ...extraEnv,
     }
+    this.turnSecret = common.TURN_SECRET
+    this.callEnv = Object.fromEntries([...Object.keys(CALL_DEFAULTS), "TURN_SECRET", "STUN_SERVER_URL"]
+      .filter((k) => common[k] !== undefined).map((k) => [k, common[k]]))
     this.cliEnv = {...baseEnv(), JWT_SECRET: this.jwtSecret, GRPC_AUTH_TOKEN: this.grpcToken}
     if(common.SHUTDOWN_DRAIN_SECS !== undefined){ this.drainSecs = Number(common.SHUTDOWN_DRAIN_SECS) }
 
@@ -357,6 +382,7 @@ export class ServerSet {
       const gatewayBin = requireBin("gateway")
       const chatBin = requireBin("chat-svc")
       const presenceBin = requireBin("presence-svc")
+      const signalingBin = requireBin("signaling-svc")
       const suffix = randomId("e2e_", 5)
       const dist = {
         ...common,
@@ -380,16 +406,30 @@ export class ServerSet {
       ])
       this.procs.push(chat, presence)
       this.grpcPort = chat.port
-      const gateways = await Promise.all(Array.from({length: this.gatewayCount}, async (_, i) => {
+      // signaling-svc and the gateways start side by side; a failure stops whatever did start
+      const startGateway = async (i) => {
         const name = this.gatewayCount === 1 ? "gateway" : `gateway${i}`
         const nodeName = `${suffix}-gw${i}`
         const gw = await startOnFreePort(name, gatewayBin, [], (p) => ({...dist, NODE_NAME: nodeName, PORT: String(p)}))
         return {name, nodeName, ...gw}
-      }))
-      for(const gw of gateways){
-        this.procs.push({name: gw.name, proc: gw.proc, port: gw.port})
-        this.gateways.push(gw)
       }
+      const startSignaling = async () => {
+        // live calls under `<suffix>:signaling:*` (deleted with the set's keys); the call log in the set's database
+        const {proc, port} = await startOnFreePort("signaling-svc", signalingBin, [], (p) => ({
+          ...dist, PORT: String(p), REDIS_URL: this.redisUrl, REDIS_KEY_PREFIX: `${this.redisPrefix}:signaling`,
+          MONGODB_URL: this.mongoUrl, CHAT_GRPC_URL: `http://127.0.0.1:${chat.port}`,
+        }))
+        return {name: "signaling-svc", proc, port}
+      }
+      const results = await Promise.allSettled([startSignaling(), ...Array.from({length: this.gatewayCount}, (_, i) => startGateway(i))])
+      const failed = results.find((r) => r.status === "rejected")
+      const [signaling, ...gateways] = results.map((r) => r.status === "fulfilled" ? r.value : null)
+      // the services behind the gateways are stopped after them (stop() goes in reverse)
+      if(signaling){ this.procs.push(signaling) }
+      for(const gw of gateways.filter(Boolean)){ this.procs.push({name: gw.name, proc: gw.proc, port: gw.port}) }
+      if(failed){ throw failed.reason }
+      this.signalingPort = signaling.port
+      for(const gw of gateways){ this.gateways.push(gw) }
       this.port = gateways[0].port
       return this
     }
@@ -584,7 +624,7 @@ export function useServerSet(mode, {env = {}, gateways = 1} = {}){
   afterEach(async () => { await set?.closeClients() }, {timeout: 10_000})
   // every process may use its whole drain window (stop() fails the suite if one needs more)
   const drainMs = Number(env.SHUTDOWN_DRAIN_SECS ?? process.env.SHUTDOWN_DRAIN_SECS ?? 10) * 1000
-  const processes = mode === "distributed" ? gateways + 2 : 1
+  const processes = mode === "distributed" ? gateways + 3 : 1
   after(async () => { await set?.stop() }, {timeout: processes * (drainMs + STOP_TIMEOUT_MS + 2000) + 30_000})
   return new Proxy({}, {
     get(_target, prop){

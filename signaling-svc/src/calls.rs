@@ -11,7 +11,9 @@
 //! callee's once it answered); relays go only to it. When that socket
 //! leaves `webrtc:lobby` the binding is cleared and a `Gone` timer starts;
 //! a socket of the same user joining within the grace takes the call over
-//! (resume), otherwise the call ends `disconnected`.
+//! (resume), otherwise the call ends `disconnected`. A socket of the same
+//! device (same `deviceId`) takes it over at once, even before its old
+//! socket is noticed gone; the old socket's later leave changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -383,8 +385,18 @@ impl Calls {
                 return Ok(None);
             };
             let bound = c.conn_of(side);
-            let takes_over =
-                bound.is_empty() && (side == Side::Caller || c.stage == CallStage::Connected);
+            let bound_device = match side {
+                Side::Caller => &c.caller_device,
+                Side::Callee => &c.callee_device,
+            };
+            let has_device = side == Side::Caller || c.stage == CallStage::Connected;
+            // Its device gone, or the same device back on a new socket before
+            // its old one was noticed closed (mobile networks).
+            let takes_over = has_device
+                && (bound.is_empty()
+                    || (bound != device.conn_id
+                        && !device.device_id.is_empty()
+                        && *bound_device == device.device_id));
             if !takes_over {
                 let on_this_device = bound == device.conn_id;
                 return Ok(Some(Rejoined {
@@ -813,6 +825,35 @@ mod tests {
                 user_id: "b".into(),
                 conn_id: "b7".into()
             }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_same_device_on_a_new_socket_takes_over_before_the_old_one_closes() {
+        let c = calls();
+        let call = connected(&c).await;
+        // b1's device ("b1", see `dev`) reconnects as socket b1-new.
+        let back = c
+            .joined(Device {
+                user_id: "b",
+                device_id: "b1",
+                conn_id: "b1-new",
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back.on_this_device);
+        assert_eq!(back.call.callee_conn, "b1-new");
+        // The old socket closing later does not start the grace.
+        assert!(!c.left(dev("b", "b1"), 5_000).await.unwrap());
+        assert!(c.fire_due(5_000 + GRACE * 2).await.unwrap().is_empty());
+        assert!(c.active_call("b").await.unwrap().is_some());
+        // Another device of b does not take over a bound call.
+        let other = c.joined(dev("b", "b2")).await.unwrap().unwrap();
+        assert!(!other.on_this_device);
+        assert_eq!(
+            c.call(&call.id).await.unwrap().unwrap().callee_conn,
+            "b1-new"
         );
     }
 
