@@ -454,6 +454,27 @@ for(const mode of modes){
       ])
     })
 
+    it("a call naming a conversation: both must be members (not_found / forbidden); when it ends the conversation gets its system message", {timeout: 60_000}, async () => {
+      const [a, b, c] = [ids.user("a"), ids.user("b"), ids.user("c")]
+      const conv = ids.conv()
+      await srv.putConversation(conv, [a, b])
+      const A = await device(a, "a1")
+      const B = await device(b, "phone")
+      const chatA = A.socket.channel(`chat:${conv}`)
+      const messages = listen(chatA, "message:new")
+      assertOk(await join(chatA), `A joining chat:${conv}`)
+      assertError(await A.push("call:initiate", {calleeId: b, conversationId: ids.conv()}), {reason: "not_found"}, "an unknown conversation")
+      assertError(await A.push("call:initiate", {calleeId: c, conversationId: conv}), {reason: "forbidden"}, "a callee outside the conversation")
+      const callId = await initiate(A, b, {conversationId: conv})
+      await incoming(B, callId, a, {conversationId: conv})
+      assert.deepEqual(assertOk(await B.push("call:reject", {callId}), "call:reject"), {callId})
+      const message = await messages.next({where: (m) => m.message?.clientMessageId === `call-${callId}`})
+      assert.equal(message.message.type, "system", JSON.stringify(message))
+      assert.equal(message.message.senderId, a, JSON.stringify(message))
+      assert.equal(message.message.content, "Declined voice call", JSON.stringify(message))
+      assert.deepEqual(message.message.metadata, {call: {callId, callType: "audio", callerId: a, calleeId: b, reason: "rejected", durationMs: null}})
+    })
+
     it("refused payloads: missing calleeId / callId, unknown callId, an SDP over 64 KiB, calling oneself, an unknown callType", async () => {
       const [a, b] = [ids.user("a"), ids.user("b")]
       const A = await device(a, "a1")
