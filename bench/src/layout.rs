@@ -150,7 +150,9 @@ impl Layout {
             Scenario::Fanout => connection == 0,
             Scenario::Chat => true,
             // The caller of each pair: the pacer hands it the calls to start.
-            Scenario::Calls => connection % 2 == 0 && connection + 1 < self.conversation_of.len(),
+            Scenario::Calls => {
+                connection.is_multiple_of(2) && connection + 1 < self.conversation_of.len()
+            }
         }
     }
 

@@ -254,7 +254,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         if target != Target::Quckchat {
             bail!("calls: only QuckChat (Phoenix Channels, webrtc:lobby) has call signaling");
         }
-        if args.connections < 2 || args.connections % 2 != 0 {
+        if args.connections < 2 || !args.connections.is_multiple_of(2) {
             bail!(
                 "calls: --connections {} must be even (caller 2k calls 2k+1)",
                 args.connections
@@ -523,7 +523,12 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             payload_bytes: args.payload_bytes,
             workers: workers_n,
             sources: args.sources,
-            conversations: layout.conversations.len(),
+            // calls: pairs, but no conversation is created.
+            conversations: if scenario.needs_memberships() {
+                layout.conversations.len()
+            } else {
+                0
+            },
             gateways: servers_ws.len(),
         },
         setup_secs,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use quckchat_proto::presence::presence_service_client::PresenceServiceClient;
 use quckchat_proto::presence::GetPresenceRequest;
-use quckchat_runtime::grpc::{AuthChannel, CallError, GrpcToken};
+use quckchat_runtime::grpc::{CallError, GrpcToken, Replicas};
 use quckchat_runtime::presence::{entries, meta};
 use quckchat_runtime::routes;
 use serde_json::Value;
@@ -22,21 +22,16 @@ pub trait PresenceLookup: Send + Sync {
 }
 
 pub struct GrpcPresence {
-    client: PresenceServiceClient<AuthChannel>,
+    presence: Replicas,
 }
 
 impl GrpcPresence {
-    /// Connects lazily to the presence service (or the all-in-one server),
-    /// presenting `token` (`GRPC_AUTH_TOKEN`).
-    pub fn new(url: &str, token: &GrpcToken) -> Result<Self, String> {
-        let channel = quckchat_runtime::grpc::client_with_timeouts(
-            url,
-            token,
-            PRESENCE_TIMEOUT,
-            PRESENCE_TIMEOUT,
-        )?;
+    /// Connects lazily to the presence service's replicas (comma-separated
+    /// `urls`, or the all-in-one server), presenting `token`
+    /// (`GRPC_AUTH_TOKEN`).
+    pub fn new(urls: &str, token: &GrpcToken) -> Result<Self, String> {
         Ok(Self {
-            client: PresenceServiceClient::new(channel),
+            presence: Replicas::new(urls, token, PRESENCE_TIMEOUT, PRESENCE_TIMEOUT)?,
         })
     }
 }
@@ -45,10 +40,16 @@ impl GrpcPresence {
 impl PresenceLookup for GrpcPresence {
     async fn presence_state(&self, user_ids: &[String]) -> Result<Value, CallError> {
         let users = self
-            .client
-            .clone()
-            .get_presence(GetPresenceRequest {
-                user_ids: user_ids.to_vec(),
+            .presence
+            .call(|channel| {
+                let request = GetPresenceRequest {
+                    user_ids: user_ids.to_vec(),
+                };
+                async move {
+                    PresenceServiceClient::new(channel)
+                        .get_presence(request)
+                        .await
+                }
             })
             .await
             .map_err(|s| CallError::new(routes::PRESENCE, &s))?

@@ -52,7 +52,11 @@ impl PresenceConfig {
             bus: BusConfig::read(r)?,
             redis_url: r.url(REDIS_URL, "redis://localhost:6379", &["redis", "rediss"])?,
             redis_key_prefix: r.string(REDIS_KEY_PREFIX, "qc"),
-            chat_grpc_url: r.url(CHAT_GRPC_URL, "http://127.0.0.1:4001", &["http", "https"])?,
+            chat_grpc_url: r.url_list(
+                CHAT_GRPC_URL,
+                "http://127.0.0.1:4001",
+                &["http", "https"],
+            )?,
             timing: PresenceTiming::read(r)?,
             grpc_token: GrpcToken::read_required(r)?,
         })

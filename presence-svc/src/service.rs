@@ -36,17 +36,16 @@ pub trait Memberships: Send + Sync {
 
 /// Memberships over chat-svc's gRPC API, cached.
 pub struct ChatMemberships {
-    client: ChatServiceClient<quckchat_runtime::grpc::AuthChannel>,
+    chat: quckchat_runtime::grpc::Replicas,
     cache: moka::future::Cache<String, Arc<Vec<String>>>,
 }
 
 impl ChatMemberships {
-    /// Connects lazily to `url` (chat-svc, or the all-in-one server itself),
-    /// presenting `token` (`GRPC_AUTH_TOKEN`).
-    pub fn new(url: &str, token: &quckchat_runtime::grpc::GrpcToken) -> Result<Self, String> {
-        let channel = quckchat_runtime::grpc::client(url, token)?;
+    /// Connects lazily to `urls` (chat-svc's replicas, comma-separated, or
+    /// the all-in-one server itself), presenting `token` (`GRPC_AUTH_TOKEN`).
+    pub fn new(urls: &str, token: &quckchat_runtime::grpc::GrpcToken) -> Result<Self, String> {
         Ok(Self {
-            client: ChatServiceClient::new(channel),
+            chat: quckchat_runtime::grpc::Replicas::with_defaults(urls, token)?,
             cache: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(MEMBERSHIP_TTL)
@@ -62,10 +61,16 @@ impl Memberships for ChatMemberships {
             return Ok(hit);
         }
         let ids = self
-            .client
-            .clone()
-            .list_conversations(ListConversationsRequest {
-                user_id: user_id.to_owned(),
+            .chat
+            .call(|channel| {
+                let request = ListConversationsRequest {
+                    user_id: user_id.to_owned(),
+                };
+                async move {
+                    ChatServiceClient::new(channel)
+                        .list_conversations(request)
+                        .await
+                }
             })
             .await
             .map_err(|s| CallError::new(routes::CHAT, &s))?

@@ -191,6 +191,36 @@ impl<'a> ConfigReader<'a> {
         Ok(value)
     }
 
+    /// Comma-separated URLs, each starting with one of `schemes` (the
+    /// replicas of a service, [`crate::grpc::Replicas`]).
+    pub fn url_list(
+        &mut self,
+        key: &'static str,
+        default: &str,
+        schemes: &[&str],
+    ) -> Result<String, ConfigError> {
+        let value = self.raw(key).unwrap_or_else(|| default.to_owned());
+        let urls: Vec<&str> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(ConfigError::new(key, "must name at least one URL"));
+        }
+        for url in &urls {
+            if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{url:?} must start with {}", schemes.join("://, ") + "://"),
+                ));
+            }
+        }
+        let masked: Vec<String> = urls.iter().map(|u| mask_url_password(u)).collect();
+        self.used.push((key, masked.join(",")));
+        Ok(urls.join(","))
+    }
+
     /// What was read, as `KEY=value` pairs, secrets masked.
     pub fn summary(&self) -> String {
         self.used
@@ -355,5 +385,35 @@ mod tests {
             s.contains("JWT_SECRET=******") && s.contains("nats://u:******@h:4222"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn url_lists_check_each_address() {
+        let env: HashMap<&str, &str> =
+            HashMap::from([("CHAT_GRPC_URL", " http://a:4001 ,https://u:pw@b:4001,")]);
+        let mut r = ConfigReader::new(&env);
+        let urls = r
+            .url_list("CHAT_GRPC_URL", "http://x:1", &["http", "https"])
+            .unwrap();
+        assert_eq!(urls, "http://a:4001,https://u:pw@b:4001");
+        assert!(
+            r.summary().contains("https://u:******@b:4001"),
+            "{}",
+            r.summary()
+        );
+        let empty = HashMap::<&str, &str>::new();
+        let mut r = ConfigReader::new(&empty);
+        assert_eq!(
+            r.url_list("CHAT_GRPC_URL", "http://x:1", &["http"])
+                .unwrap(),
+            "http://x:1"
+        );
+        for bad in ["http://a:1,ftp://b", ",", "a:1"] {
+            let env: HashMap<&str, &str> = HashMap::from([("CHAT_GRPC_URL", bad)]);
+            let err = ConfigReader::new(&env)
+                .url_list("CHAT_GRPC_URL", "http://x:1", &["http"])
+                .unwrap_err();
+            assert_eq!(err.key, "CHAT_GRPC_URL", "{bad}");
+        }
     }
 }

@@ -201,6 +201,105 @@ pub fn client_with_timeouts(
     Ok(InterceptedService::new(channel, token.bearer()))
 }
 
+/// The replicas of another service, by address: `CHAT_GRPC_URL=http://a:4001,http://b:4001`.
+/// A call goes to the replica that answered last; when it cannot be reached
+/// or does not answer in time, the same call goes to the next one, so losing
+/// one replica costs a caller one failed attempt, not its calls. (tonic's own
+/// balanced channel keeps picking an endpoint it cannot connect to; a single
+/// load-balanced address, such as a Kubernetes Service, works here too.)
+///
+/// Only calls that are safe to repeat belong here: reads, and writes that
+/// are idempotent (chat's `PostMessage` with a `client_message_id`).
+#[derive(Clone)]
+pub struct Replicas {
+    channels: Arc<[(String, AuthChannel)]>,
+    /// Index of the replica that answered last.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.channels.iter().map(|(url, _)| url))
+            .finish()
+    }
+}
+
+impl Replicas {
+    /// Lazily connecting channels to each of the comma-separated `urls`,
+    /// presenting `token`. Fails only on a malformed or empty list.
+    pub fn new(
+        urls: &str,
+        token: &GrpcToken,
+        connect: Duration,
+        request: Duration,
+    ) -> Result<Self, String> {
+        let channels = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|url| {
+                Ok((
+                    url.to_owned(),
+                    client_with_timeouts(url, token, connect, request)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if channels.is_empty() {
+            return Err("no address".into());
+        }
+        Ok(Self {
+            channels: channels.into(),
+            preferred: Arc::default(),
+        })
+    }
+
+    /// With the default timeouts ([`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`]).
+    pub fn with_defaults(urls: &str, token: &GrpcToken) -> Result<Self, String> {
+        Self::new(urls, token, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+    }
+
+    /// Runs `call` on a channel to one replica, then on the next ones while
+    /// the failure says another replica may do better.
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(AuthChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.channels.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in 0..n {
+            let at = (start + i) % n;
+            let (url, channel) = &self.channels[at];
+            match call(channel.clone()).await {
+                Ok(v) => {
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(status) if another_replica_may_answer(&status) => {
+                    tracing::debug!(%url, code = ?status.code(), "replica did not answer: trying the next");
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no replica answered")))
+    }
+}
+
+/// The replica could not be reached, dropped the connection, or did not
+/// answer in time — not a refusal of the request itself.
+fn another_replica_may_answer(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => true,
+        // Transport failures some versions report as UNKNOWN.
+        tonic::Code::Unknown => status.message().contains("transport error"),
+        _ => false,
+    }
+}
+
 /// A failed call to another service: which service, and what it answered.
 /// Logs show all of it; a client sees only [`CallError::client_error`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

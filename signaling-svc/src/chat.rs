@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::{GetConversationRequest, PostMessageRequest};
-use quckchat_runtime::grpc::{AuthChannel, CallError, GrpcToken};
+use quckchat_runtime::grpc::{CallError, GrpcToken, Replicas};
 use quckchat_runtime::routes;
 use serde_json::json;
 
@@ -47,15 +47,14 @@ pub fn call_message_text(call: &Call) -> String {
 }
 
 pub struct GrpcConversations {
-    client: ChatServiceClient<AuthChannel>,
+    chat: Replicas,
 }
 
 impl GrpcConversations {
-    pub fn new(url: &str, token: &GrpcToken) -> Result<Self, String> {
-        let channel =
-            quckchat_runtime::grpc::client_with_timeouts(url, token, CHAT_TIMEOUT, CHAT_TIMEOUT)?;
+    /// `urls`: chat-svc's replicas, comma-separated.
+    pub fn new(urls: &str, token: &GrpcToken) -> Result<Self, String> {
         Ok(Self {
-            client: ChatServiceClient::new(channel),
+            chat: Replicas::new(urls, token, CHAT_TIMEOUT, CHAT_TIMEOUT)?,
         })
     }
 }
@@ -64,10 +63,16 @@ impl GrpcConversations {
 impl Conversations for GrpcConversations {
     async fn members(&self, conversation_id: &str) -> Result<Option<Vec<String>>, CallError> {
         match self
-            .client
-            .clone()
-            .get_conversation(GetConversationRequest {
-                conversation_id: conversation_id.to_owned(),
+            .chat
+            .call(|channel| {
+                let request = GetConversationRequest {
+                    conversation_id: conversation_id.to_owned(),
+                };
+                async move {
+                    ChatServiceClient::new(channel)
+                        .get_conversation(request)
+                        .await
+                }
             })
             .await
         {
@@ -91,16 +96,20 @@ impl Conversations for GrpcConversations {
                 "durationMs": call.duration_ms(),
             }
         });
-        self.client
-            .clone()
-            .post_message(PostMessageRequest {
-                conversation_id: conversation_id.clone(),
-                sender_id: call.caller_id.clone(),
-                r#type: "system".into(),
-                content: call_message_text(call),
-                client_message_id: format!("call-{}", call.id),
-                reply_to: String::new(),
-                metadata_json: metadata.to_string(),
+        let request = PostMessageRequest {
+            conversation_id: conversation_id.clone(),
+            sender_id: call.caller_id.clone(),
+            r#type: "system".into(),
+            content: call_message_text(call),
+            // Idempotent: a retry on another replica posts nothing twice.
+            client_message_id: format!("call-{}", call.id),
+            reply_to: String::new(),
+            metadata_json: metadata.to_string(),
+        };
+        self.chat
+            .call(|channel| {
+                let request = request.clone();
+                async move { ChatServiceClient::new(channel).post_message(request).await }
             })
             .await
             .map(|_| ())

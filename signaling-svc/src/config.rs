@@ -91,8 +91,8 @@ pub struct SignalingConfig {
     pub redis_url: String,
     pub redis_key_prefix: String,
     pub mongodb_url: String,
-    /// chat-svc: conversation members (calls that name a conversation) and
-    /// the call's message in it.
+    /// chat-svc's replicas (comma-separated): conversation members (calls
+    /// that name a conversation) and the call's message in it.
     pub chat_grpc_url: String,
     pub settings: SignalingSettings,
     /// `GRPC_AUTH_TOKEN` (required).
@@ -111,7 +111,11 @@ impl SignalingConfig {
                 "mongodb://localhost:27017/quckchat",
                 &["mongodb", "mongodb+srv"],
             )?,
-            chat_grpc_url: r.url(CHAT_GRPC_URL, "http://127.0.0.1:4001", &["http", "https"])?,
+            chat_grpc_url: r.url_list(
+                CHAT_GRPC_URL,
+                "http://127.0.0.1:4001",
+                &["http", "https"],
+            )?,
             settings: SignalingSettings::read(r)?,
             grpc_token: GrpcToken::read_required(r)?,
         })

@@ -27,7 +27,6 @@
 //! and the pair moves on.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -518,7 +517,7 @@ impl Pair {
                 }
                 // A failed call may never have reached the callee: the
                 // caller's `call:ended` closes it.
-                if (call.caller_ended && call.callee_ended) || (call.failed && call.caller_ended) {
+                if call.caller_ended && (call.callee_ended || call.failed) {
                     self.finish(stats);
                 }
                 Ok(())

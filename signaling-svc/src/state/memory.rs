@@ -1,6 +1,6 @@
 //! Call state in this process's memory (all-in-one).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -16,6 +16,8 @@ struct Inner {
     users: HashMap<String, String>,
     /// `Timer::member` → (due ms, call id, timer).
     timers: HashMap<String, (i64, String, Timer)>,
+    /// Ended calls in the order they are to be forgotten.
+    forget: VecDeque<(Instant, String)>,
 }
 
 struct Stored {
@@ -25,10 +27,20 @@ struct Stored {
 }
 
 impl Inner {
+    /// Forgets the ended calls past their retention: O(1) per call, from
+    /// the front of the queue (every call gets the same retention).
     fn prune(&mut self) {
         let now = Instant::now();
-        self.calls
-            .retain(|_, s| s.forget_at.is_none_or(|at| at > now));
+        while let Some((at, _)) = self.forget.front() {
+            if *at > now {
+                break;
+            }
+            if let Some((at, id)) = self.forget.pop_front() {
+                if self.calls.get(&id).and_then(|s| s.forget_at) == Some(at) {
+                    self.calls.remove(&id);
+                }
+            }
+        }
     }
 
     fn live(&self, call_id: &str) -> bool {
@@ -47,14 +59,37 @@ impl Inner {
 }
 
 /// [`CallState`] behind one lock: every commit is atomic by construction.
-#[derive(Default)]
 pub struct MemoryCallState {
     inner: Mutex<Inner>,
+    retention: std::time::Duration,
+}
+
+impl Default for MemoryCallState {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryCallState {
     pub fn new() -> Self {
-        Self::default()
+        Self::with_retention(ENDED_RETENTION)
+    }
+
+    /// Ended calls kept for `retention` instead of [`ENDED_RETENTION`].
+    pub fn with_retention(retention: std::time::Duration) -> Self {
+        Self {
+            inner: Mutex::default(),
+            retention,
+        }
+    }
+
+    /// Calls held, live or ended (tests).
+    pub fn len(&self) -> usize {
+        self.lock().calls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -113,6 +148,10 @@ impl CallState for MemoryCallState {
                 .timers
                 .insert(timer.member(id), (*due, id.clone(), *timer));
         }
+        let forget_at = ended.then(|| Instant::now() + self.retention);
+        if let Some(at) = forget_at {
+            inner.forget.push_back((at, id.clone()));
+        }
         inner.calls.insert(
             id.clone(),
             Stored {
@@ -120,7 +159,7 @@ impl CallState for MemoryCallState {
                     call: commit.call.clone(),
                     version: version.unwrap_or(0) + 1,
                 },
-                forget_at: ended.then(|| Instant::now() + ENDED_RETENTION),
+                forget_at,
             },
         );
         Ok(true)
@@ -159,6 +198,51 @@ impl CallState for MemoryCallState {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    #[tokio::test]
+    async fn ended_calls_are_forgotten_after_the_retention_live_ones_never() {
+        use crate::call::{Call, CallStage, CallType};
+        use crate::state::{CallState, Commit};
+        let state = super::MemoryCallState::with_retention(std::time::Duration::from_millis(50));
+        let mut ids = Vec::new();
+        for n in 0..100 {
+            let call = Call::ringing(
+                format!("c{n}"),
+                &format!("a{n}"),
+                "d",
+                "k",
+                &format!("b{n}"),
+                CallType::Audio,
+                None,
+                0,
+            );
+            let mut commit = Commit::of(
+                &crate::state::Versioned {
+                    call: call.clone(),
+                    version: 0,
+                },
+                call.clone(),
+            );
+            commit.expect = None;
+            assert!(state.commit(&commit).await.unwrap());
+            if n % 2 == 0 {
+                let v = state.load(&call.id).await.unwrap().unwrap();
+                let mut ended = call.clone();
+                ended.stage = CallStage::Ended;
+                assert!(state.commit(&Commit::of(&v, ended)).await.unwrap());
+            }
+            ids.push(call.id);
+        }
+        assert_eq!(state.len(), 100);
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+        assert_eq!(state.load("c1").await.unwrap().unwrap().call.id, "c1");
+        assert_eq!(
+            state.len(),
+            50,
+            "the 50 ended calls are gone, the live ones stay"
+        );
+        assert!(state.load("c0").await.unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn memory_call_state_conformance() {
