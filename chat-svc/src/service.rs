@@ -126,6 +126,9 @@ pub struct ChatService {
 /// Stripes of [`ChatService::send_turns`].
 const SEND_TURNS: usize = 1024;
 
+/// Most messages one gap fill returns ([`ChatService::missed`]).
+pub const MAX_MISSED: usize = 200;
+
 impl ChatService {
     pub fn new(store: Arc<dyn ChatStore>, bus: Arc<dyn Bus>, subjects: Subjects) -> Self {
         let members = moka::future::Cache::builder()
@@ -366,12 +369,44 @@ impl ChatService {
         let appended = appending.await?;
         let body = json!({ "message": appended.message });
         turn.wait().await;
-        if appended.created {
-            self.broadcast(&conversation_id, "message:new", &body, None)
-                .await;
+        // A retried send (deduplicated: `created` false) is published again:
+        // its first broadcast may be what got lost. Clients dedupe by id.
+        let topic = format!("chat:{conversation_id}");
+        if let Err(err) = self
+            .publisher
+            .to_topic_sequenced(&topic, "message:new", &body, None, appended.message.seq)
+            .await
+        {
+            tracing::warn!(%err, %topic, "message:new not published");
         }
         drop(turn);
         Ok((appended.message, body))
+    }
+
+    /// The `message:new` events of `conversation_id` with seq strictly
+    /// between `after_seq` and `before_seq` (a gateway missed them), in seq
+    /// order, at most [`MAX_MISSED`] (the newest of the range).
+    pub async fn missed(
+        &self,
+        conversation_id: &str,
+        after_seq: u64,
+        before_seq: u64,
+    ) -> Result<Vec<(u64, Value)>, ChatError> {
+        let span = before_seq.saturating_sub(after_seq).saturating_sub(1);
+        let limit = usize::try_from(span).unwrap_or(MAX_MISSED).min(MAX_MISSED);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let page = self
+            .store
+            .history(conversation_id, Some(before_seq), limit)
+            .await?;
+        Ok(page
+            .messages
+            .into_iter()
+            .filter(|m| m.seq > after_seq)
+            .map(|m| (m.seq, json!({ "message": m })))
+            .collect())
     }
 
     async fn change(

@@ -733,3 +733,37 @@ async fn unknown_event_names_do_not_become_metric_labels() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_retried_send_is_published_again_with_its_seq_and_gaps_can_be_read() {
+    let mut f = fixture().await;
+    let mut raw = f
+        .bus
+        .subscribe(&Subjects::new("qc").topic("chat:c1"), None)
+        .await
+        .unwrap();
+    let send = json!({"type": "text", "content": "hi", "clientMessageId": "retry-1"});
+    let first = f.ok("alice", "message:send", send.clone()).await;
+    let again = f.ok("alice", "message:send", send).await;
+    assert_eq!(first, again, "one message");
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(2), raw.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let ev = TopicEvent::decode(msg.payload.as_ref()).unwrap();
+        assert_eq!((ev.event.as_str(), ev.seq), ("message:new", 1));
+    }
+    f.broadcast().await;
+    f.broadcast().await;
+    for n in 2..=6 {
+        f.send("bob", &format!("m{n}")).await;
+    }
+    // What a gateway that saw seq 2 and then 6 missed.
+    let missed = f.service.missed("c1", 2, 6).await.unwrap();
+    let seqs: Vec<u64> = missed.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, [3, 4, 5]);
+    assert_eq!(missed[0].1["message"]["content"], "m3");
+    assert!(f.service.missed("c1", 5, 6).await.unwrap().is_empty());
+    assert!(f.service.missed("c1", 6, 2).await.unwrap().is_empty());
+}

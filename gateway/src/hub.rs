@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use axum::extract::ws::Utf8Bytes;
 use prost::Message as _;
-use quckchat_proto::bus::{DirectEvent, TopicEvent};
-use quckchat_runtime::bus::{Bus, BusError, BusMessage, Subscription};
+use quckchat_proto::bus::{DirectEvent, MissedEvents, MissedRequest, TopicEvent};
+use quckchat_runtime::bus::{Bus, BusError, BusMessage, Subjects, Subscription};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -108,9 +108,14 @@ pub fn json_payload(bytes: &[u8]) -> Option<Box<RawValue>> {
 
 pub struct Hub {
     bus: Arc<dyn Bus>,
+    /// Where missed sequenced events are asked for.
+    names: Subjects,
     subjects: Mutex<HashMap<String, Arc<Entry>>>,
     next_sub_id: AtomicU64,
 }
+
+/// How long a topic's deliveries wait for the events it missed.
+pub const GAP_FILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Entry {
     subject: String,
@@ -146,9 +151,10 @@ impl Drop for AbortOnDrop {
 }
 
 impl Hub {
-    pub fn new(bus: Arc<dyn Bus>) -> Self {
+    pub fn new(bus: Arc<dyn Bus>, names: Subjects) -> Self {
         Self {
             bus,
+            names,
             subjects: Mutex::new(HashMap::new()),
             next_sub_id: AtomicU64::new(1),
         }
@@ -224,7 +230,16 @@ impl Hub {
             .forwarder
             .get_or_try_init(|| async {
                 let sub = self.bus.subscribe(&entry.subject, None).await?;
-                Ok::<_, BusError>(AbortOnDrop::spawn(forward(Arc::downgrade(entry), sub)))
+                let gaps = GapFill {
+                    bus: self.bus.clone(),
+                    names: self.names.clone(),
+                    last_seq: 0,
+                };
+                Ok::<_, BusError>(AbortOnDrop::spawn(forward(
+                    Arc::downgrade(entry),
+                    sub,
+                    gaps,
+                )))
             })
             .await;
         match ready {
@@ -260,13 +275,18 @@ impl Hub {
 }
 
 /// Moves one subject's messages from the bus to its local subscribers.
-async fn forward(entry: Weak<Entry>, mut sub: Subscription) {
+async fn forward(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapFill) {
     while let Some(msg) = sub.next().await {
         let Some(entry) = entry.upgrade() else {
             return;
         };
         match decode(entry.kind, &msg) {
-            Some((item, exclude_user)) => fan_out(&entry, Arc::new(item), exclude_user.as_deref()),
+            Some((item, exclude_user, seq)) => {
+                if let Item::Broadcast(b) = &item {
+                    gaps.before(&entry, &b.topic, seq).await;
+                }
+                fan_out(&entry, Arc::new(item), exclude_user.as_deref());
+            }
             None => {
                 metrics::counter!("quckchat_gateway_bad_events_total").increment(1);
                 tracing::warn!(subject = %msg.subject, "undecodable event dropped");
@@ -284,7 +304,92 @@ async fn forward(entry: Weak<Entry>, mut sub: Subscription) {
     }
 }
 
-fn decode(kind: SubjectKind, msg: &BusMessage) -> Option<(Item, Option<String>)> {
+/// Gap-free delivery of a topic's sequenced events (chat's `message:new`):
+/// the bus delivers at most once, so an event can be lost between a service
+/// and this node while every socket stays open. Seeing seq N after N-k-1,
+/// this node asks the topic's service for the k missing events and delivers
+/// them, in order, before N. Events at or below the last seq seen (a retried
+/// send published again, or a fill that overtook its broadcast) are
+/// delivered as they come: clients dedupe by id.
+///
+/// The first sequenced event of a subscription sets where it starts: a loss
+/// just before it is recovered by the client's own `lastSeq` rejoin.
+struct GapFill {
+    bus: Arc<dyn Bus>,
+    names: Subjects,
+    last_seq: u64,
+}
+
+impl GapFill {
+    async fn before(&mut self, entry: &Entry, topic: &str, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        let last = self.last_seq;
+        self.last_seq = last.max(seq);
+        if last == 0 || seq <= last + 1 {
+            return;
+        }
+        let result = match self.fetch(topic, last, seq).await {
+            Ok(missed) => {
+                for (event, payload) in missed {
+                    fan_out(
+                        entry,
+                        Arc::new(Item::Broadcast(Broadcast::new(
+                            topic.to_owned(),
+                            event,
+                            payload,
+                        ))),
+                        None,
+                    );
+                }
+                "filled"
+            }
+            Err(err) => {
+                tracing::warn!(%topic, after = last, before = seq, %err, "missed events not fetched");
+                "failed"
+            }
+        };
+        metrics::counter!("quckchat_gateway_gap_fills_total", "result" => result).increment(1);
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        after_seq: u64,
+        before_seq: u64,
+    ) -> Result<Vec<(String, Box<RawValue>)>, String> {
+        let service = quckchat_runtime::routes::route(topic)
+            .map_err(|e| e.to_string())?
+            .service;
+        let request = MissedRequest {
+            topic: topic.to_owned(),
+            after_seq,
+            before_seq,
+        };
+        let reply = self
+            .bus
+            .request(
+                &self.names.service_event(service, "missed"),
+                Vec::new(),
+                request.encode_to_vec().into(),
+                GAP_FILL_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = MissedEvents::decode(reply.payload.as_ref()).map_err(|e| e.to_string())?;
+        Ok(events
+            .events
+            .into_iter()
+            .filter(|e| e.seq > after_seq && e.seq < before_seq)
+            .filter_map(|e| Some((e.event, json_payload(&e.payload)?)))
+            .collect())
+    }
+}
+
+/// An event off the bus: the item, the user it skips, its seq (0 when not
+/// sequenced).
+fn decode(kind: SubjectKind, msg: &BusMessage) -> Option<(Item, Option<String>, u64)> {
     match kind {
         SubjectKind::Topic => {
             let ev = TopicEvent::decode(msg.payload.as_ref()).ok()?;
@@ -293,11 +398,13 @@ fn decode(kind: SubjectKind, msg: &BusMessage) -> Option<(Item, Option<String>)>
             Some((
                 Item::Broadcast(Broadcast::new(ev.topic, ev.event, payload)),
                 exclude,
+                ev.seq,
             ))
         }
         SubjectKind::Direct => Some((
             Item::Direct(DirectEvent::decode(msg.payload.as_ref()).ok()?),
             None,
+            0,
         )),
     }
 }

@@ -85,7 +85,7 @@ impl Gateway {
         let subjects = Subjects::new(config.bus.subject_prefix.clone());
         let verifier = JwtVerifier::hs256(&config.jwt_secret);
         let shared = Arc::new(Shared {
-            hub: hub::Hub::new(bus.clone()),
+            hub: hub::Hub::new(bus.clone(), subjects.clone()),
             admission: admission::Admission::new(config.admission.clone()),
             bus,
             subjects,

@@ -170,6 +170,7 @@ async fn fixture_with(config: GatewayConfig) -> Fixture {
                             event: "shouted".into(),
                             payload: cmd.payload.clone(),
                             exclude_user_id: String::new(),
+                            seq: 0,
                         };
                         bus.publish(
                             &subjects.topic(&cmd.topic),
@@ -607,6 +608,7 @@ async fn broadcast(f: &Fixture, topic: &str, event: &str, payload: Value) {
         event: event.into(),
         payload: payload.to_string().into_bytes(),
         exclude_user_id: String::new(),
+        seq: 0,
     };
     f.bus
         .publish(
@@ -1055,4 +1057,109 @@ async fn socket_malformed_limit_sets_the_strikes_before_1008() {
     }
     let (_, code) = c.frames_until_close(PROMPTLY).await;
     assert_eq!(code, 1008, "the third unusable frame is over a limit of 2");
+}
+
+/// Publishes chat's `message:new` with its seq, as chat-svc does.
+async fn broadcast_seq(f: &Fixture, topic: &str, seq: u64) {
+    let ev = TopicEvent {
+        topic: topic.into(),
+        event: "message:new".into(),
+        payload: json!({"message": {"seq": seq}}).to_string().into_bytes(),
+        exclude_user_id: String::new(),
+        seq,
+    };
+    f.bus
+        .publish(
+            &Subjects::new("qc").topic(topic),
+            None,
+            Vec::new(),
+            ev.encode_to_vec().into(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_lost_broadcast_is_fetched_before_the_next_one_is_delivered() {
+    use quckchat_proto::bus::{MissedEvents, MissedRequest, SequencedEvent};
+    let f = fixture(SocketConfig::default()).await;
+    // chat's answer to gateways that missed message:new events.
+    let mut asked = f
+        .bus
+        .subscribe(
+            &Subjects::new("qc").service_event("chat", "missed"),
+            Some("chat"),
+        )
+        .await
+        .unwrap();
+    let bus = f.bus.clone();
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = asked.next().await {
+            let req = MissedRequest::decode(msg.payload.as_ref()).unwrap();
+            seen.lock()
+                .unwrap()
+                .push((req.topic.clone(), req.after_seq, req.before_seq));
+            let events = (req.after_seq + 1..req.before_seq)
+                .map(|seq| SequencedEvent {
+                    seq,
+                    event: "message:new".into(),
+                    payload: json!({"message": {"seq": seq, "filled": true}})
+                        .to_string()
+                        .into_bytes(),
+                })
+                .collect();
+            let reply = MissedEvents { events }.encode_to_vec();
+            quckchat_runtime::bus::respond(bus.as_ref(), &msg, reply.into())
+                .await
+                .unwrap();
+        }
+    });
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    for seq in [1, 2, 5, 5, 6] {
+        broadcast_seq(&f, "chat:c1", seq).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..7 {
+        let frame = c.recv_within(PROMPTLY).await;
+        assert_eq!(frame[3], "message:new", "{frame}");
+        got.push((
+            frame[4]["message"]["seq"].as_u64().unwrap(),
+            frame[4]["message"]["filled"] == true,
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            (1, false),
+            (2, false),
+            (3, true),
+            (4, true),
+            (5, false),
+            // A retried send published again: delivered, clients dedupe by id.
+            (5, false),
+            (6, false),
+        ]
+    );
+    assert_eq!(*requests.lock().unwrap(), [("chat:c1".to_owned(), 2, 5)]);
+}
+
+#[tokio::test]
+async fn a_gap_nobody_can_fill_delays_the_next_event_at_most_the_fill_timeout() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    broadcast_seq(&f, "chat:c1", 1).await;
+    assert_eq!(c.recv_within(PROMPTLY).await[4]["message"]["seq"], 1);
+    let started = std::time::Instant::now();
+    // Nobody answers on the missed subject.
+    broadcast_seq(&f, "chat:c1", 3).await;
+    assert_eq!(c.recv_within(PROMPTLY).await[4]["message"]["seq"], 3);
+    assert!(
+        started.elapsed() < crate::hub::GAP_FILL_TIMEOUT + Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -346,6 +346,7 @@ impl PresenceService {
                     event: (*event).to_owned(),
                     payload: payload.to_string().into_bytes(),
                     exclude_user_id: String::new(),
+                    seq: 0,
                 };
                 if let Err(err) = self
                     .bus
