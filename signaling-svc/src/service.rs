@@ -396,7 +396,9 @@ impl SignalingService {
         }
         if call.answered_at_ms.is_none() {
             self.hand_to_push_ended(call, reason);
-            if call.end_reason.is_some_and(EndReason::is_missed) {
+            // Never picked up, and not declined: a missed call for the callee
+            // (no answer, the caller gave up, or the caller's device vanished).
+            if call.end_reason != Some(EndReason::Rejected) {
                 self.hand_to_push(call_push::Kind::Missed, call);
             }
         }

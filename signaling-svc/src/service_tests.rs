@@ -677,3 +677,42 @@ async fn grpc_reads_ends_and_lists_calls() {
     assert_eq!(got, [ids[0].clone()]);
     assert_eq!(rest.next_page_token, "");
 }
+
+#[tokio::test]
+async fn a_declined_call_is_not_a_missed_one_a_vanished_caller_is() {
+    let mut f = fixture_with(CallTiming {
+        ring_timeout: Duration::from_secs(45),
+        disconnect_grace: Duration::from_millis(50),
+    })
+    .await;
+    let kinds = |pushes: &[CallPush]| {
+        let mut k: Vec<(i32, String)> = pushes
+            .iter()
+            .map(|p| (p.kind, p.end_reason.clone()))
+            .collect();
+        k.sort();
+        k
+    };
+    let id = f.ring(None).await;
+    f.ok("b", "kb", "call:reject", json!({"callId": id})).await;
+    assert_eq!(
+        kinds(&f.pushes().await),
+        [
+            (call_push::Kind::Incoming as i32, String::new()),
+            (call_push::Kind::Ended as i32, "rejected".into()),
+        ]
+    );
+    // The caller's device leaves while it rings and never comes back.
+    f.ring(None).await;
+    f.ok("a", "ka", "phx_leave", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.service.sweep().await;
+    assert_eq!(
+        kinds(&f.pushes().await),
+        [
+            (call_push::Kind::Incoming as i32, String::new()),
+            (call_push::Kind::Missed as i32, "disconnected".into()),
+            (call_push::Kind::Ended as i32, "disconnected".into()),
+        ]
+    );
+}
