@@ -29,6 +29,7 @@ pub async fn run_all(store: Arc<dyn ChatStore>) {
     concurrent_appends_get_distinct_gap_free_seqs(store.clone()).await;
     concurrent_retries_store_one_message(store.clone()).await;
     appends_get_seqs_in_call_order(store.clone()).await;
+    concurrent_changes_to_one_message_are_all_kept(store.clone()).await;
     store.ping().await.expect("ping");
 }
 
@@ -612,4 +613,55 @@ pub async fn concurrent_retries_store_one_message(store: Arc<dyn ChatStore>) {
         .await
         .unwrap();
     assert_eq!(next.message.seq, 2, "no gap after a lost race");
+}
+
+/// Reactions from many users to one message at once: none is lost, and each
+/// change takes a version of its own, above the message's.
+pub async fn concurrent_changes_to_one_message_are_all_kept(store: Arc<dyn ChatStore>) {
+    let users: Vec<String> = (0..12).map(|u| format!("u{u:02}")).collect();
+    let (c, ids) = {
+        let members: Vec<&str> = users.iter().map(String::as_str).collect();
+        conversation_with(store.as_ref(), &members, 1).await
+    };
+    let before = store
+        .message(&c, &MessageRef::Id(ids[0].clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    let tasks: Vec<_> = users
+        .iter()
+        .map(|u| {
+            let (store, c, id, u) = (store.clone(), c.clone(), ids[0].clone(), u.clone());
+            tokio::spawn(async move {
+                let change = MessageChange::AddReaction {
+                    by: u,
+                    emoji: "👍".into(),
+                };
+                store.update_message(&c, &id, &change).await.unwrap()
+            })
+        })
+        .collect();
+    let mut versions = HashSet::new();
+    for t in tasks {
+        let updated = t.await.unwrap();
+        assert!(updated.changed);
+        assert!(updated.message.version > before.version);
+        versions.insert(updated.message.version);
+    }
+    assert_eq!(versions.len(), users.len(), "one version per change");
+    let stored = store
+        .message(&c, &MessageRef::Id(ids[0].clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut reacted = stored.reactions["👍"].clone();
+    reacted.sort();
+    assert_eq!(reacted, users, "no reaction lost");
+    let replay = store.changes_since(&c, 1, 10).await.unwrap();
+    assert_eq!(
+        replay.changed.len(),
+        1,
+        "a client that saw it gets the change"
+    );
+    assert_eq!(replay.changed[0].reactions, stored.reactions);
 }

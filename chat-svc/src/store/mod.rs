@@ -11,8 +11,8 @@
 //! - a send with a `clientMessageId` already used by the same sender in the
 //!   same conversation returns the original message and stores nothing new;
 //! - every change to a conversation (a message, an edit, a delete, a
-//!   reaction) takes the next value of the conversation's `version`; a
-//!   message remembers the version that created it and the one that last
+//!   reaction) takes a new, higher value of the conversation's `version`
+//!   (increasing, though values may be skipped); a message remembers the version that created it and the one that last
 //!   changed it, so a reconnecting client is sent exactly what changed since
 //!   the last message it saw ([`ChatStore::changes_since`]);
 //! - read state only moves forward.

@@ -4,8 +4,9 @@
 //! - `conversations` — the backend's own: `{_id, participants: [userId]}`.
 //!   `_id` and participants may be strings or ObjectIds; we read both and
 //!   write strings for conversations we create. We create no index on it.
-//! - `conversation_seqs` — `{_id: conversationId, seq, version}`: the last
-//!   `seq` given and the conversation's change counter.
+//! - `conversation_seqs` — `{_id: conversationId, seq, version}`: the
+//!   conversation's change counter (`version`) and a hint of its last `seq`
+//!   (at most the true one: it may lag behind, never run ahead).
 //! - `messages` — `{_id: ObjectId, conversationId, seq, senderId, type,
 //!   content, clientMessageId?, replyTo, metadata, reactions: {emoji: [userId]},
 //!   createdAt, editedAt, deletedAt, createdVersion, version}`; unique
@@ -15,20 +16,49 @@
 //! - `read_states` — `{conversationId, userId, readUpTo, readAt}`, unique
 //!   `(conversationId, userId)`.
 //!
-//! Every write that takes a `seq` or a `version` runs in a transaction with
-//! the counter, so a failed write leaves no gap; the driver retries
-//! transactions that lose a write conflict to a concurrent replica.
+//! No write uses a multi-document transaction. A replica killed inside one
+//! would leave the counter document locked until the server expires the
+//! transaction (`transactionLifetimeLimitSeconds`, 60 s by default), stalling
+//! every send to that conversation on every replica. Here every write is a
+//! single-document operation, so a crash at any instant leaves no lock
+//! behind, only what it already wrote:
+//! - An append takes a `version` with one atomic `$inc` of the counter (a
+//!   crash after it skips a version: versions increase, with gaps), then
+//!   inserts the message at `seq` = the counter's hint + 1. The unique
+//!   `(conversationId, seq)` index decides races: on a duplicate key the
+//!   append re-reads the true last seq (the newest message, by index) and
+//!   tries the next one; on a duplicate clientMessageId it returns the
+//!   message stored first. A message is inserted at `n + 1` only once `n` is
+//!   stored, so `seq` starts at 1 and has no gap. Once inserted, `$max`
+//!   moves the hint forward; a crash before that leaves it lagging, which
+//!   only costs the next writer a retry. `last_seq` is read from `messages`,
+//!   never from the hint.
+//! - A change (edit, delete, reaction) reads the message, takes a version
+//!   and writes the message only if its `version` is still the one read
+//!   (optimistic concurrency: a concurrent change of the same message makes
+//!   it start over, so none is lost). Replay ([`ChatStore::changes_since`])
+//!   needs every change written after a message was stored to have a higher
+//!   version than that message's; a version taken before a concurrent append
+//!   but written after it would not, so a change that sees the counter moved
+//!   on past its version while it wrote takes a fresh one and stamps the
+//!   message again. A crash between those two writes can leave the change
+//!   unreplayed to a client that saw the concurrent message (it was never
+//!   broadcast either); it loses nothing stored.
+//!
+//! Within a replica, appends to one conversation still run one after another
+//! ([`Turns`]), so its broadcasts go out in seq order and its own appends
+//! never race each other for a seq.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
-use mongodb::{ClientSession, Collection, Database, IndexModel};
+use mongodb::{Collection, Database, IndexModel};
 
 use crate::turns::Turns;
 
@@ -39,31 +69,66 @@ use super::{
 
 #[derive(Clone)]
 pub struct MongoStore {
-    client: mongodb::Client,
     db: Database,
     /// Appends to one conversation run one after another, in call order:
-    /// the `seq` order callers rely on (and no transaction conflicts on the
-    /// conversation's counter within a replica).
+    /// the `seq` order callers rely on (and no seq races within a replica).
     appends: Arc<Turns>,
+    /// Where tests stop operations midway ([`MongoStore::pause_at`]).
+    #[cfg(any(test, feature = "testsuite"))]
+    failpoints: Arc<std::sync::Mutex<Vec<Failpoint>>>,
 }
 
 /// Stripes of [`MongoStore::appends`].
 const APPEND_STRIPES: usize = 256;
 
+/// Most inserts one append tries: each one lost means another replica
+/// stored a message at that seq meanwhile.
+const MAX_SEQ_TRIES: usize = 64;
+
+/// Most times one change starts over: each time means a concurrent change of
+/// the same message was written meanwhile.
+const MAX_CHANGE_TRIES: usize = 64;
+
+/// A point inside a write where a test can stop it ([`MongoStore::pause_at`]).
+#[cfg(any(test, feature = "testsuite"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// An append took its version, before inserting.
+    AppendVersionTaken,
+    /// An append inserted its message, before moving the seq hint.
+    AppendInserted,
+    /// A change took its version, before writing the message.
+    ChangeVersionTaken,
+    /// A change wrote the message, before checking the counter.
+    ChangeWritten,
+}
+
+/// An operation stopped at a [`Step`]. Dropped without [`Paused::resume`],
+/// the operation never goes on: it was abandoned midway, like by a crash.
+#[cfg(any(test, feature = "testsuite"))]
+pub struct Paused {
+    /// Resolves when an operation reached the step and stopped there.
+    pub reached: tokio::sync::oneshot::Receiver<()>,
+    resume: tokio::sync::oneshot::Sender<()>,
+}
+
+#[cfg(any(test, feature = "testsuite"))]
+impl Paused {
+    /// Lets the stopped operation go on.
+    pub fn resume(self) {
+        let _ = self.resume.send(());
+    }
+}
+
+#[cfg(any(test, feature = "testsuite"))]
+struct Failpoint {
+    step: Step,
+    reached: tokio::sync::oneshot::Sender<()>,
+    resume: tokio::sync::oneshot::Receiver<()>,
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-/// A store error raised inside a transaction callback.
-fn abort(e: StoreError) -> mongodb::error::Error {
-    mongodb::error::Error::custom(e)
-}
-
-fn from_driver(e: mongodb::error::Error) -> StoreError {
-    match e.get_custom::<StoreError>() {
-        Some(se) => se.clone(),
-        None => unavailable(e),
-    }
 }
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
@@ -228,8 +293,9 @@ impl MongoStore {
         let client = mongodb::Client::with_options(options).map_err(unavailable)?;
         let store = Self {
             db: client.database(&database),
-            client,
             appends: Arc::new(Turns::new(APPEND_STRIPES)),
+            #[cfg(any(test, feature = "testsuite"))]
+            failpoints: Arc::default(),
         };
         store.ping().await?;
         store.create_indexes().await?;
@@ -320,13 +386,54 @@ impl MongoStore {
         Ok(docs.iter().filter_map(doc_to_message).collect())
     }
 
+    /// Stops the next operation that reaches `step` there, until resumed
+    /// (never, when the [`Paused`] is dropped: a crash at that instant).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn pause_at(&self, step: Step) -> Paused {
+        let (reached_tx, reached) = tokio::sync::oneshot::channel();
+        let (resume, resume_rx) = tokio::sync::oneshot::channel();
+        self.failpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Failpoint {
+                step,
+                reached: reached_tx,
+                resume: resume_rx,
+            });
+        Paused { reached, resume }
+    }
+
+    /// Where a [`Step`] is: stops here when a test armed it.
+    #[cfg(any(test, feature = "testsuite"))]
+    async fn step(&self, step: Step) {
+        let armed = {
+            let mut failpoints = self
+                .failpoints
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = failpoints.iter().position(|f| f.step == step);
+            at.map(|i| failpoints.remove(i))
+        };
+        if let Some(failpoint) = armed {
+            let _ = failpoint.reached.send(());
+            if failpoint.resume.await.is_err() {
+                // Abandoned: nothing after this point ever runs.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// `seq` of the conversation's newest message, 0 when it has none: the
+    /// true last seq, read by the `(conversationId, seq)` index.
     async fn last_seq(&self, id: &str) -> Result<u64, StoreError> {
-        let d = self
-            .seqs()
-            .find_one(doc! { "_id": id })
+        let newest = self
+            .messages()
+            .find_one(doc! { "conversationId": id })
+            .sort(doc! { "seq": -1 })
+            .projection(doc! { "_id": 0, "seq": 1 })
             .await
             .map_err(unavailable)?;
-        Ok(d.and_then(|d| bson_u64(d.get("seq"))).unwrap_or(0))
+        Ok(newest.and_then(|d| bson_u64(d.get("seq"))).unwrap_or(0))
     }
 
     fn to_conversation(&self, d: &Document, id: String, last_seq: u64) -> Conversation {
@@ -337,30 +444,40 @@ impl MongoStore {
         }
     }
 
-    /// Takes the next version (and next seq when `new_message`) in `session`.
-    async fn bump(
-        &self,
-        session: &mut ClientSession,
-        conversation_id: &str,
-        new_message: bool,
-    ) -> mongodb::error::Result<(u64, u64)> {
-        let inc = if new_message {
-            doc! { "seq": 1_i64, "version": 1_i64 }
-        } else {
-            doc! { "version": 1_i64 }
-        };
-        let counter = self
-            .seqs()
-            .find_one_and_update(doc! { "_id": conversation_id }, doc! { "$inc": inc })
-            .upsert(true)
-            .return_document(ReturnDocument::After)
-            .session(session)
-            .await?
-            .ok_or_else(|| abort(unavailable("sequence counter missing after upsert")))?;
-        Ok((
-            bson_u64(counter.get("seq")).unwrap_or(0),
-            bson_u64(counter.get("version")).unwrap_or(0),
-        ))
+    /// Takes the conversation's next `version` with one atomic `$inc` (no
+    /// transaction, nothing held afterwards). Returns it with the counter's
+    /// seq hint, which is at most the true last seq.
+    async fn take_version(&self, conversation_id: &str) -> Result<(u64, u64), StoreError> {
+        for _ in 0..3 {
+            let counter = self
+                .seqs()
+                .find_one_and_update(
+                    doc! { "_id": conversation_id },
+                    doc! { "$inc": { "version": 1_i64 } },
+                )
+                .return_document(ReturnDocument::After)
+                .await
+                .map_err(unavailable)?;
+            if let Some(counter) = counter {
+                return Ok((
+                    bson_u64(counter.get("version")).unwrap_or(0),
+                    bson_u64(counter.get("seq")).unwrap_or(0),
+                ));
+            }
+            // The conversation's first write: create its counter, unless
+            // another replica just did (an insert, not an upsert, so that
+            // racing creators never both take the first version).
+            match self
+                .seqs()
+                .insert_one(doc! { "_id": conversation_id, "seq": 0_i64, "version": 0_i64 })
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable("version counter missing after creating it"))
     }
 
     async fn find_by_client_id(&self, new: &NewMessage) -> Result<Option<Message>, StoreError> {
@@ -379,54 +496,157 @@ impl MongoStore {
         Ok(found.as_ref().and_then(doc_to_message))
     }
 
+    async fn conversation_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conversations()
+            .find_one(id_filter(id))
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(unavailable)?
+            .is_some())
+    }
+
     /// [`ChatStore::append_message`] once it is this append's turn.
     async fn append_now(&self, new: NewMessage) -> Result<Appended, StoreError> {
-        if let Some(message) = self.find_by_client_id(&new).await? {
+        let (earlier, exists) = futures::try_join!(
+            self.find_by_client_id(&new),
+            self.conversation_exists(&new.conversation_id)
+        )?;
+        if let Some(message) = earlier {
             return Ok(Appended {
                 message,
                 created: false,
             });
         }
-        if self
-            .conversations()
-            .find_one(id_filter(&new.conversation_id))
-            .await
-            .map_err(unavailable)?
-            .is_none()
-        {
+        if !exists {
             return Err(StoreError::ConversationNotFound);
         }
-        let mut session = self.client.start_session().await.map_err(unavailable)?;
-        let result = session
-            .start_transaction()
-            .and_run((self.clone(), new.clone()), |session, (store, new)| {
-                async move {
-                    let (seq, version) = store.bump(session, &new.conversation_id, true).await?;
-                    let message = materialize(new.clone(), seq, version);
-                    let d = message_to_doc(&message).map_err(abort)?;
-                    store.messages().insert_one(d).session(session).await?;
-                    Ok(message)
+        let (version, hint) = self.take_version(&new.conversation_id).await?;
+        #[cfg(any(test, feature = "testsuite"))]
+        self.step(Step::AppendVersionTaken).await;
+        let mut seq = hint + 1;
+        let mut tries = 0;
+        let message = loop {
+            let message = materialize(new.clone(), seq, version);
+            let inserted = self.messages().insert_one(message_to_doc(&message)?).await;
+            match inserted {
+                Ok(_) => break message,
+                Err(e) if is_duplicate_key(&e) => {
+                    // A retry of the same send stored first (here or on
+                    // another replica)…
+                    if let Some(message) = self.find_by_client_id(&new).await? {
+                        return Ok(Appended {
+                            message,
+                            created: false,
+                        });
+                    }
+                    // …or another message took this seq: try after the
+                    // newest one.
+                    tries += 1;
+                    if tries >= MAX_SEQ_TRIES {
+                        return Err(unavailable(format!("no free seq after {tries} tries: {e}")));
+                    }
+                    seq = self.last_seq(&new.conversation_id).await? + 1;
                 }
-                .boxed()
-            })
-            .await;
-        match result {
-            Ok(message) => Ok(Appended {
-                message,
-                created: true,
-            }),
-            Err(e) if is_duplicate_key(&e) => {
-                // A concurrent retry of the same send committed first.
-                match self.find_by_client_id(&new).await? {
-                    Some(message) => Ok(Appended {
-                        message,
-                        created: false,
-                    }),
-                    None => Err(unavailable(e)),
-                }
+                Err(e) => return Err(unavailable(e)),
             }
-            Err(e) => Err(from_driver(e)),
+        };
+        #[cfg(any(test, feature = "testsuite"))]
+        self.step(Step::AppendInserted).await;
+        // The message is stored: a failure here only leaves the hint behind.
+        if let Err(err) = self
+            .seqs()
+            .update_one(
+                doc! { "_id": &new.conversation_id },
+                doc! { "$max": { "seq": to_i64(message.seq) } },
+            )
+            .upsert(true)
+            .await
+        {
+            tracing::warn!(%err, conversation_id = %new.conversation_id, "seq hint not advanced");
         }
+        Ok(Appended {
+            message,
+            created: true,
+        })
+    }
+
+    /// One try of [`ChatStore::update_message`]; `None` when a concurrent
+    /// change of the message was written first (start over).
+    async fn try_update(
+        &self,
+        conversation_id: &str,
+        filter: &Document,
+        change: &MessageChange,
+    ) -> Result<Option<Updated>, StoreError> {
+        let found = self
+            .messages()
+            .find_one(filter.clone())
+            .await
+            .map_err(unavailable)?
+            .ok_or(StoreError::MessageNotFound)?;
+        let mut m = doc_to_message(&found).ok_or(StoreError::MessageNotFound)?;
+        if !change.apply(&mut m, now_millis())? {
+            return Ok(Some(Updated {
+                message: m,
+                changed: false,
+            }));
+        }
+        // The version read (null when the field is missing): the write
+        // applies only if nobody changed the message since.
+        let read_version = found.get("version").cloned().unwrap_or(Bson::Null);
+        let (version, _) = self.take_version(conversation_id).await?;
+        #[cfg(any(test, feature = "testsuite"))]
+        self.step(Step::ChangeVersionTaken).await;
+        let set = doc! {
+            "content": &m.content,
+            "metadata": metadata_bson(&m)?,
+            "reactions": reactions_bson(&m)?,
+            "editedAt": bson_time(m.edited_at),
+            "deletedAt": bson_time(m.deleted_at),
+            "version": to_i64(version),
+        };
+        let mut unchanged = filter.clone();
+        unchanged.insert("version", read_version);
+        let written = self
+            .messages()
+            .update_one(unchanged, doc! { "$set": set })
+            .await
+            .map_err(unavailable)?;
+        if written.matched_count == 0 {
+            return Ok(None);
+        }
+        m.version = version;
+        #[cfg(any(test, feature = "testsuite"))]
+        self.step(Step::ChangeWritten).await;
+        // Replay sends a client that saw message N the changes with a
+        // version above N's: a version taken before a concurrent append but
+        // written after it would be skipped. When the counter moved on while
+        // this change wrote, stamp the message with a version taken now.
+        let counter = self
+            .seqs()
+            .find_one(doc! { "_id": conversation_id })
+            .projection(doc! { "version": 1 })
+            .await
+            .map_err(unavailable)?;
+        if counter.and_then(|c| bson_u64(c.get("version"))) > Some(version) {
+            let (later, _) = self.take_version(conversation_id).await?;
+            let mut ours = filter.clone();
+            ours.insert("version", to_i64(version));
+            let stamped = self
+                .messages()
+                .update_one(ours, doc! { "$set": { "version": to_i64(later) } })
+                .await
+                .map_err(unavailable)?;
+            // Unmatched: a later change has already stamped a later version.
+            if stamped.matched_count > 0 {
+                m.version = later;
+            }
+        }
+        Ok(Some(Updated {
+            message: m,
+            changed: true,
+        }))
     }
 }
 
@@ -543,59 +763,14 @@ impl ChatStore for MongoStore {
     ) -> Result<Updated, StoreError> {
         let filter = message_filter(conversation_id, &MessageRef::Id(message_id.to_owned()))
             .ok_or(StoreError::MessageNotFound)?;
-        let mut session = self.client.start_session().await.map_err(unavailable)?;
-        let context = (
-            self.clone(),
-            filter,
-            change.clone(),
-            conversation_id.to_owned(),
-        );
-        session
-            .start_transaction()
-            .and_run(
-                context,
-                |session, (store, filter, change, conversation_id)| {
-                    async move {
-                        let found = store
-                            .messages()
-                            .find_one(filter.clone())
-                            .session(&mut *session)
-                            .await?;
-                        let mut m = found
-                            .as_ref()
-                            .and_then(doc_to_message)
-                            .ok_or_else(|| abort(StoreError::MessageNotFound))?;
-                        if !change.apply(&mut m, now_millis()).map_err(abort)? {
-                            return Ok(Updated {
-                                message: m,
-                                changed: false,
-                            });
-                        }
-                        let (_, version) = store.bump(session, conversation_id, false).await?;
-                        m.version = version;
-                        let set = doc! {
-                            "content": &m.content,
-                            "metadata": metadata_bson(&m).map_err(abort)?,
-                            "reactions": reactions_bson(&m).map_err(abort)?,
-                            "editedAt": bson_time(m.edited_at),
-                            "deletedAt": bson_time(m.deleted_at),
-                            "version": to_i64(version),
-                        };
-                        store
-                            .messages()
-                            .update_one(filter.clone(), doc! { "$set": set })
-                            .session(&mut *session)
-                            .await?;
-                        Ok(Updated {
-                            message: m,
-                            changed: true,
-                        })
-                    }
-                    .boxed()
-                },
-            )
-            .await
-            .map_err(from_driver)
+        for _ in 0..MAX_CHANGE_TRIES {
+            if let Some(updated) = self.try_update(conversation_id, &filter, change).await? {
+                return Ok(updated);
+            }
+        }
+        Err(unavailable(format!(
+            "message changed concurrently {MAX_CHANGE_TRIES} times in a row"
+        )))
     }
 
     async fn history(
@@ -753,6 +928,11 @@ impl ChatStore for MongoStore {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::HashSet;
+
+    use futures::FutureExt;
+
+    use super::super::conformance::text;
     use super::*;
     use quckchat_runtime::testkit::with_database;
 
@@ -792,6 +972,258 @@ pub(crate) mod tests {
         // Index creation is idempotent.
         store.create_indexes().await.unwrap();
         store.db.drop().await.unwrap();
+    }
+
+    /// One more replica on `url`: a store with a client of its own.
+    async fn replica(url: &str) -> MongoStore {
+        MongoStore::connect(url)
+            .await
+            .expect("connect to TEST_MONGODB_URL")
+    }
+
+    fn react(by: &str, emoji: &str) -> MessageChange {
+        MessageChange::AddReaction {
+            by: by.into(),
+            emoji: emoji.into(),
+        }
+    }
+
+    /// Checks the conversation holds seqs 1..=n, each once, and reports it.
+    async fn assert_gap_free(store: &MongoStore, c: &str) -> u64 {
+        let page = store.history(c, None, 1000).await.unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        let n = seqs.len() as u64;
+        assert_eq!(
+            seqs,
+            (1..=n).collect::<Vec<_>>(),
+            "seq 1..n, no gap, no duplicate"
+        );
+        assert_eq!(store.conversation(c).await.unwrap().unwrap().last_seq, n);
+        n
+    }
+
+    /// A replica killed at any step of a send or a change (the step's future
+    /// stopped there for good, its connection still open — a transaction
+    /// would still hold its locks) holds up no other replica: the next send
+    /// and change on another replica go through at once, seq stays gap-free
+    /// and a retry of the lost send stores it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_killed_at_any_step_blocks_no_other_replica() {
+        let url = quckchat_runtime::testkit::mongodb_url();
+        let other = replica(&url).await;
+        // A lock left behind stalls for the transaction lifetime (60 s);
+        // unloaded, these take 0.1-0.7 s, but the test server is shared and
+        // slows down under load.
+        let limit = std::time::Duration::from_secs(10);
+        for step in [
+            Step::AppendVersionTaken,
+            Step::AppendInserted,
+            Step::ChangeVersionTaken,
+            Step::ChangeWritten,
+        ] {
+            let killed = replica(&url).await;
+            let c = format!("c-{step:?}");
+            other
+                .upsert_conversation(&c, &["a".into(), "b".into()])
+                .await
+                .unwrap();
+            let mut first = None;
+            for i in 0..2 {
+                let m = killed
+                    .append_message(text(&c, "a", &format!("m{i}"), None))
+                    .await
+                    .unwrap();
+                first.get_or_insert(m.message.id);
+            }
+            let first = first.unwrap();
+            let paused = killed.pause_at(step);
+            let lost_send = text(&c, "a", "lost", Some("k-lost"));
+            let abandoned = match step {
+                Step::AppendVersionTaken | Step::AppendInserted => {
+                    tokio::spawn(killed.append_message(lost_send.clone()).map(|_| ()))
+                }
+                Step::ChangeVersionTaken | Step::ChangeWritten => {
+                    let (killed, c, first) = (killed.clone(), c.clone(), first.clone());
+                    tokio::spawn(async move {
+                        let _ = killed.update_message(&c, &first, &react("a", "👍")).await;
+                    })
+                }
+            };
+            let Paused { reached, resume } = paused;
+            tokio::time::timeout(std::time::Duration::from_secs(10), reached)
+                .await
+                .expect("the operation reached the step")
+                .unwrap();
+            drop(resume); // killed: it never goes on
+
+            let started = std::time::Instant::now();
+            let next =
+                tokio::time::timeout(limit, other.append_message(text(&c, "b", "after", None)))
+                    .await
+                    .unwrap_or_else(|_| panic!("{step:?}: a send waited on the killed replica"))
+                    .unwrap();
+            let send_took = started.elapsed();
+            let stored_before_kill = step == Step::AppendInserted;
+            assert!(next.created);
+            assert_eq!(
+                next.message.seq,
+                if stored_before_kill { 4 } else { 3 },
+                "{step:?}: the next gap-free seq"
+            );
+            let started = std::time::Instant::now();
+            let changed =
+                tokio::time::timeout(limit, other.update_message(&c, &first, &react("b", "👍")))
+                    .await
+                    .unwrap_or_else(|_| panic!("{step:?}: a change waited on the killed replica"))
+                    .unwrap();
+            let change_took = started.elapsed();
+            assert!(changed.changed);
+            let reacted = &changed.message.reactions["👍"];
+            if step == Step::ChangeWritten {
+                assert_eq!(reacted, &["a", "b"], "the killed change was written: kept");
+            } else {
+                assert_eq!(reacted, &["b"]);
+            }
+            // The client retries its lost send on the surviving replica.
+            let retry = tokio::time::timeout(limit, other.append_message(lost_send))
+                .await
+                .unwrap_or_else(|_| panic!("{step:?}: a retry waited on the killed replica"))
+                .unwrap();
+            assert_eq!(retry.created, !stored_before_kill, "{step:?}: stored once");
+            let n = assert_gap_free(&other, &c).await;
+            assert_eq!(n, 4);
+            eprintln!(
+                "{step:?}: the other replica's send took {send_took:?}, its change {change_took:?}"
+            );
+            abandoned.abort();
+        }
+        other.db.drop().await.unwrap();
+    }
+
+    /// Concurrent reactions to one message from two replicas: all kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reactions_from_two_replicas_are_all_kept() {
+        let url = quckchat_runtime::testkit::mongodb_url();
+        let replicas = [replica(&url).await, replica(&url).await];
+        let users: Vec<String> = (0..16).map(|u| format!("u{u:02}")).collect();
+        replicas[0].upsert_conversation("c1", &users).await.unwrap();
+        let m = replicas[0]
+            .append_message(text("c1", "u00", "hi", None))
+            .await
+            .unwrap()
+            .message;
+        let tasks: Vec<_> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let (store, id, u) = (replicas[i % 2].clone(), m.id.clone(), u.clone());
+                tokio::spawn(async move {
+                    let emoji = if i % 4 == 0 { "🎉" } else { "👍" };
+                    let r = store
+                        .update_message("c1", &id, &react(&u, emoji))
+                        .await
+                        .unwrap();
+                    assert!(r.changed);
+                    r.message.version
+                })
+            })
+            .collect();
+        let mut versions = HashSet::new();
+        for t in tasks {
+            versions.insert(t.await.unwrap());
+        }
+        assert_eq!(
+            versions.len(),
+            users.len(),
+            "each change has a version of its own"
+        );
+        let stored = replicas[1]
+            .message("c1", &MessageRef::Id(m.id.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut reacted: Vec<String> = stored.reactions.values().flatten().cloned().collect();
+        reacted.sort();
+        assert_eq!(reacted, users, "no reaction lost: {:?}", stored.reactions);
+        assert_eq!(stored.reactions["🎉"].len(), 4);
+        assert!(stored.version > m.version);
+        replicas[0].db.drop().await.unwrap();
+    }
+
+    /// The first sends to new conversations, from two replicas at once: both
+    /// stored, with distinct seqs and versions (the counter is created once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_sends_from_two_replicas_both_succeed() {
+        let url = quckchat_runtime::testkit::mongodb_url();
+        let (a, b) = (replica(&url).await, replica(&url).await);
+        for i in 0..20 {
+            let c = format!("c{i}");
+            a.upsert_conversation(&c, &["a".into()]).await.unwrap();
+            let sends = [&a, &b].map(|s| tokio::spawn(s.append_message(text(&c, "a", "x", None))));
+            let mut got = Vec::new();
+            for send in sends {
+                let m = send.await.unwrap().unwrap().message;
+                got.push((m.seq, m.created_version));
+            }
+            got.sort();
+            assert_eq!((got[0].0, got[1].0), (1, 2), "{c}: {got:?}");
+            assert_ne!(got[0].1, got[1].1, "{c}: one version each: {got:?}");
+        }
+        a.db.drop().await.unwrap();
+    }
+
+    /// A change that took its version before another replica's send but
+    /// wrote after that send was stored is still replayed to a client that
+    /// saw the send.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_written_after_a_concurrent_send_is_replayed() {
+        let url = quckchat_runtime::testkit::mongodb_url();
+        for step in [Step::ChangeVersionTaken, Step::ChangeWritten] {
+            let (a, b) = (replica(&url).await, replica(&url).await);
+            let c = format!("c-{step:?}");
+            a.upsert_conversation(&c, &["a".into()]).await.unwrap();
+            let m1 = a
+                .append_message(text(&c, "a", "m1", None))
+                .await
+                .unwrap()
+                .message;
+            let paused = a.pause_at(step);
+            let edit = {
+                let (a, c, id) = (a.clone(), c.clone(), m1.id.clone());
+                tokio::spawn(async move {
+                    let edit = MessageChange::Edit {
+                        by: "a".into(),
+                        content: "m1'".into(),
+                    };
+                    a.update_message(&c, &id, &edit).await.unwrap()
+                })
+            };
+            let Paused { reached, resume } = paused;
+            reached.await.unwrap();
+            let mut send = tokio::spawn(b.append_message(text(&c, "a", "m2", None)));
+            // The send completes meanwhile, unless the change holds it up.
+            let sent_first = tokio::time::timeout(std::time::Duration::from_secs(5), &mut send)
+                .await
+                .ok();
+            let _ = resume.send(());
+            edit.await.unwrap();
+            let stored_before_the_edit = sent_first.is_some();
+            let m2 = match sent_first {
+                Some(sent) => sent,
+                None => send.await,
+            }
+            .unwrap()
+            .unwrap()
+            .message;
+            if stored_before_the_edit {
+                // A client saw m2, then went away before the edit's broadcast.
+                let replay = b.changes_since(&c, m2.seq, 10).await.unwrap();
+                let changed: Vec<&str> =
+                    replay.changed.iter().map(|m| m.content.as_str()).collect();
+                assert_eq!(changed, vec!["m1'"], "{step:?}: the edit is replayed");
+            }
+            a.db.drop().await.unwrap();
+        }
     }
 
     #[test]
