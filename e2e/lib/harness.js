@@ -110,9 +110,11 @@ export function runCli(file, args, {env, timeoutMs = CLI_TIMEOUT_MS} = {}){
   })
 }
 
-class ManagedProcess {
+export class ManagedProcess {
   constructor(name, file, args, env){
     this.name = name
+    /** how it was started (ServerSet.restart starts it again with the same) */
+    this.spec = {file, args, env}
     this.output = ""
     this.exit = null
     this.child = spawn(file, args, {env, stdio: ["ignore", "pipe", "pipe"]})
@@ -283,11 +285,19 @@ export class ServerSet {
    * @param {string} mode - "allinone" | "distributed"
    * @param {object} [opts]
    * @param {number} [opts.gateways] - gateways of a distributed set (default 1; all-in-one has one)
+   * @param {number} [opts.chatReplicas] - chat-svc replicas of a distributed set (default 1); replica 0 is
+   *   "chat-svc" (the one presence-svc, signaling-svc and the CLI talk gRPC to), the others "chat-svc1", ...
+   * @param {string} [opts.natsUrl] - NATS of a distributed set (default NATS_URL, else nats://127.0.0.1:4222)
+   * @param {string} [opts.redisUrl] - Redis of a distributed set (default REDIS_URL, else redis://127.0.0.1:6379)
    */
-  constructor(mode, {gateways = 1} = {}){
+  constructor(mode, {gateways = 1, chatReplicas = 1, natsUrl, redisUrl} = {}){
     this.mode = mode
     this.gatewayCount = mode === "distributed" ? gateways : 1
     if(!(Number.isInteger(this.gatewayCount) && this.gatewayCount >= 1)){ throw new Error(`gateways: ${gateways}`) }
+    this.chatReplicaCount = mode === "distributed" ? chatReplicas : 1
+    if(!(Number.isInteger(this.chatReplicaCount) && this.chatReplicaCount >= 1)){ throw new Error(`chatReplicas: ${chatReplicas}`) }
+    this.natsUrlOpt = natsUrl
+    this.redisUrlOpt = redisUrl
     this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
     /** GRPC_AUTH_TOKEN of every process and of the CLI (gRPC refuses calls without it) */
     this.grpcToken = `e2e-grpc-${randomBytes(16).toString("hex")}`
@@ -386,12 +396,13 @@ export class ServerSet {
       const suffix = randomId("e2e_", 5)
       const dist = {
         ...common,
-        NATS_URL: process.env.NATS_URL ?? "nats://127.0.0.1:4222",
+        NATS_URL: this.natsUrlOpt ?? process.env.NATS_URL ?? "nats://127.0.0.1:4222",
         NATS_SUBJECT_PREFIX: suffix,
       }
       this.mongoUrl = mongoUrlWithDb(mongoBase, suffix)
       this.natsPrefix = suffix
-      this.redisUrl = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
+      this.natsUrl = dist.NATS_URL
+      this.redisUrl = this.redisUrlOpt ?? process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
       this.redisPrefix = suffix
       // chat-svc and presence-svc call each other over gRPC: both ports are chosen first
       const [chat, presence] = await startGroupOnFreePorts([
@@ -406,6 +417,14 @@ export class ServerSet {
       ])
       this.procs.push(chat, presence)
       this.grpcPort = chat.port
+      // further chat-svc replicas share the bus queue group, the database and presence-svc
+      for(let i = 1; i < this.chatReplicaCount; i++){
+        const name = `chat-svc${i}`
+        const {proc, port} = await startOnFreePort(name, chatBin, [], (p) => ({
+          ...dist, PORT: String(p), MONGODB_URL: this.mongoUrl, PRESENCE_GRPC_URL: `http://127.0.0.1:${presence.port}`,
+        }))
+        this.procs.push({name, proc, port})
+      }
       // signaling-svc and the gateways start side by side; a failure stops whatever did start
       const startGateway = async (i) => {
         const name = this.gatewayCount === 1 ? "gateway" : `gateway${i}`
@@ -435,6 +454,42 @@ export class ServerSet {
     }
 
     throw new Error(`unknown mode ${this.mode}`)
+  }
+
+  /** The process entry {name, proc, port} named `name` (e.g. "chat-svc1", "presence-svc", "gateway2"). */
+  process(name){
+    const p = this.procs.find((q) => q.name === name)
+    if(!p){ throw new Error(`no process ${name} in this set (it has ${this.procs.map((q) => q.name).join(", ")})`) }
+    return p
+  }
+
+  /**
+   * Sends `signal` to process `name` and waits (bounded by `timeoutMs`) until it is gone.
+   * Resolves with the time the signal was sent (Date.now()). SIGTERM uses the drain bound.
+   */
+  async signal(name, signal = "SIGKILL", timeoutMs = signal === "SIGKILL" ? 5000 : this.stopBoundMs){
+    const p = this.process(name)
+    if(p.proc.exit){ throw new Error(`${name} already ${p.proc.describeExit()}`) }
+    const at = Date.now()
+    if(signal === "SIGTERM"){ p.proc.terminate() } else { p.proc.child.kill(signal) }
+    await withTimeout(p.proc.exited, timeoutMs, `${name} to exit after ${signal}`)
+    return at
+  }
+
+  /**
+   * Starts process `name` again (after it exited) with the same binary, environment and port,
+   * and waits until /health/ready answers. Resolves with the time it became ready.
+   */
+  async restart(name){
+    const p = this.process(name)
+    if(!p.proc.exit){ throw new Error(`restart ${name}: it is still running`) }
+    const {file, args, env} = p.proc.spec
+    const proc = new ManagedProcess(name, file, args, env)
+    p.proc = proc
+    const gw = this.gateways.find((g) => g.name === name)
+    if(gw){ gw.proc = proc }
+    await waitReady(proc, `http://127.0.0.1:${p.port}/health/ready`)
+    return Date.now()
   }
 
   /**
@@ -598,8 +653,8 @@ async function deleteRedisKeys(url, pattern){
 }
 
 /** Starts a server set for `mode`; on failure everything started so far is stopped. */
-export async function startServerSet(mode, {env = {}, gateways = 1} = {}){
-  const set = new ServerSet(mode, {gateways})
+export async function startServerSet(mode, {env = {}, gateways = 1, ...opts} = {}){
+  const set = new ServerSet(mode, {gateways, ...opts})
   try {
     return await set.start(env)
   } catch (err){
@@ -613,18 +668,18 @@ export async function startServerSet(mode, {env = {}, gateways = 1} = {}){
  * before its tests and stopped after them; clients are closed after each test. Returns a
  * proxy to the set (usable inside tests once it started).
  */
-export function useServerSet(mode, {env = {}, gateways = 1} = {}){
+export function useServerSet(mode, {env = {}, gateways = 1, ...opts} = {}){
   let set = null
   const missing = missingPrerequisite(mode)
   if(missing){
     // every test of the suite fails with the reason (counted as failures, not as cancellations)
     return new Proxy({}, {get(){ throw new Error(missing) }})
   }
-  before(async () => { set = await startServerSet(mode, {env, gateways}) }, {timeout: READY_TIMEOUT_MS * 2 + 20_000})
+  before(async () => { set = await startServerSet(mode, {env, gateways, ...opts}) }, {timeout: READY_TIMEOUT_MS * 2 + 20_000})
   afterEach(async () => { await set?.closeClients() }, {timeout: 10_000})
   // every process may use its whole drain window (stop() fails the suite if one needs more)
   const drainMs = Number(env.SHUTDOWN_DRAIN_SECS ?? process.env.SHUTDOWN_DRAIN_SECS ?? 10) * 1000
-  const processes = mode === "distributed" ? gateways + 3 : 1
+  const processes = mode === "distributed" ? gateways + 2 + (opts.chatReplicas ?? 1) : 1
   after(async () => { await set?.stop() }, {timeout: processes * (drainMs + STOP_TIMEOUT_MS + 2000) + 30_000})
   return new Proxy({}, {
     get(_target, prop){

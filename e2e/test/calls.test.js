@@ -468,7 +468,7 @@ for(const mode of modes){
       const callId = await initiate(A, b, {conversationId: conv})
       await incoming(B, callId, a, {conversationId: conv})
       assert.deepEqual(assertOk(await B.push("call:reject", {callId}), "call:reject"), {callId})
-      const message = await messages.next({where: (m) => m.message?.clientMessageId === `call-${callId}`})
+      const message = await messages.next({timeoutMs: 15_000, where: (m) => m.message?.clientMessageId === `call-${callId}`})
       assert.equal(message.message.type, "system", JSON.stringify(message))
       assert.equal(message.message.senderId, a, JSON.stringify(message))
       assert.equal(message.message.content, "Declined voice call", JSON.stringify(message))
