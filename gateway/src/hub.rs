@@ -124,6 +124,9 @@ struct Entry {
     forwarder: tokio::sync::OnceCell<AbortOnDrop>,
     /// The bus subscription ended; the next registration starts a new entry.
     ended: AtomicBool,
+    /// The topic's sequence as a join reply reported it (`lastSeq` + 1; 0:
+    /// none yet): gap filling starts from it ([`GapFill`]).
+    floor: AtomicU64,
 }
 
 /// A registration made by [`Hub::register`].
@@ -210,6 +213,7 @@ impl Hub {
                 subscribers: RwLock::new(HashMap::new()),
                 forwarder: tokio::sync::OnceCell::new(),
                 ended: AtomicBool::new(false),
+                floor: AtomicU64::new(0),
             });
             subjects.insert(subject.to_owned(), entry.clone());
             entry
@@ -233,7 +237,7 @@ impl Hub {
                 let gaps = GapFill {
                     bus: self.bus.clone(),
                     names: self.names.clone(),
-                    last_seq: 0,
+                    last_seq: None,
                 };
                 Ok::<_, BusError>(AbortOnDrop::spawn(forward(
                     Arc::downgrade(entry),
@@ -248,6 +252,17 @@ impl Hub {
                 self.unsubscribe(&entry.subject, registration.sub_id);
                 Err(err)
             }
+        }
+    }
+
+    /// A join reply on `subject`'s topic said its sequence stood at
+    /// `last_seq`: a later event beyond `last_seq + 1` is a gap, even if it is
+    /// the first this node sees on the topic.
+    pub fn note_seq(&self, subject: &str, last_seq: u64) {
+        if let Some(entry) = self.lock().get(subject) {
+            entry
+                .floor
+                .fetch_max(last_seq.saturating_add(1), Ordering::Relaxed);
         }
     }
 
@@ -312,12 +327,12 @@ async fn forward(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapFill) {
 /// send published again, or a fill that overtook its broadcast) are
 /// delivered as they come: clients dedupe by id.
 ///
-/// The first sequenced event of a subscription sets where it starts: a loss
-/// just before it is recovered by the client's own `lastSeq` rejoin.
+/// Where the sequence starts: the `lastSeq` of a join reply on the topic
+/// ([`Hub::note_seq`]), else the first sequenced event seen.
 struct GapFill {
     bus: Arc<dyn Bus>,
     names: Subjects,
-    last_seq: u64,
+    last_seq: Option<u64>,
 }
 
 impl GapFill {
@@ -325,9 +340,14 @@ impl GapFill {
         if seq == 0 {
             return;
         }
-        let last = self.last_seq;
-        self.last_seq = last.max(seq);
-        if last == 0 || seq <= last + 1 {
+        let floor = entry.floor.load(Ordering::Relaxed).checked_sub(1);
+        let known = match (self.last_seq, floor) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_seq = Some(known.map_or(seq, |l| l.max(seq)));
+        let Some(last) = known else { return };
+        if seq <= last.saturating_add(1) {
             return;
         }
         let result = match self.fetch(topic, last, seq).await {

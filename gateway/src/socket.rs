@@ -691,6 +691,18 @@ where
             );
             self.feed(text.into()).await?;
         }
+        if done.join {
+            // A sequenced topic (chat) says where its sequence stands: the
+            // node fills gaps from there (hub.rs, GapFill).
+            if let Ok(Sequenced {
+                last_seq: Some(last),
+            }) = serde_json::from_str(&response)
+            {
+                self.shared
+                    .hub
+                    .note_seq(&self.shared.subjects.topic(&topic), last);
+            }
+        }
         let held = match self.channels.get_mut(&topic) {
             Some(ch) => {
                 ch.busy = false;
@@ -841,3 +853,10 @@ where
 #[cfg(test)]
 #[path = "socket_tests.rs"]
 mod tests;
+
+/// The part of a join reply that says where a topic's sequence stands.
+#[derive(serde::Deserialize)]
+struct Sequenced {
+    #[serde(rename = "lastSeq")]
+    last_seq: Option<u64>,
+}

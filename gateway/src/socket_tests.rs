@@ -155,6 +155,9 @@ async fn fixture_with(config: GatewayConfig) -> Fixture {
                         cmd.user_id != "mallory",
                         if cmd.user_id == "mallory" {
                             r#"{"reason":"unauthorized"}"#.to_owned()
+                        } else if cmd.topic == "chat:fresh" {
+                            // A conversation with no message yet.
+                            r#"{"lastSeq":0}"#.to_owned()
                         } else {
                             r#"{"joined":true}"#.to_owned()
                         },
@@ -1144,6 +1147,22 @@ async fn a_lost_broadcast_is_fetched_before_the_next_one_is_delivered() {
         ]
     );
     assert_eq!(*requests.lock().unwrap(), [("chat:c1".to_owned(), 2, 5)]);
+
+    // A join reply's lastSeq says where the sequence stands: seq 1 of a new
+    // conversation lost before this node saw any event is filled too.
+    let mut d = connect(&f, "bob", 64);
+    join(&mut d, "1", "chat:fresh").await;
+    broadcast_seq(&f, "chat:fresh", 2).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let frame = d.recv_within(PROMPTLY).await;
+        got.push(frame[4]["message"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, [1, 2]);
+    assert_eq!(
+        requests.lock().unwrap().last().unwrap(),
+        &("chat:fresh".to_owned(), 0, 2)
+    );
 }
 
 #[tokio::test]
