@@ -164,7 +164,7 @@ pub async fn run(
         vec![
             Arc::new(BusHealth(bus.clone())),
             admin::health_check("store", store, |s| s.ping()),
-            admin::health_check("call log", call_log, |l| l.ping()),
+            admin::health_check("calls", call_log, |l| l.ping()),
         ],
     );
     let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
