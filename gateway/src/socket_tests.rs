@@ -606,12 +606,18 @@ impl Client {
 
 /// Publishes a topic event as a service would.
 async fn broadcast(f: &Fixture, topic: &str, event: &str, payload: Value) {
+    publish_topic_event(f, topic, event, payload, 0).await;
+}
+
+/// Publishes a topic event with its place `seq` in the topic's sequence (0:
+/// not sequenced).
+async fn publish_topic_event(f: &Fixture, topic: &str, event: &str, payload: Value, seq: u64) {
     let ev = TopicEvent {
         topic: topic.into(),
         event: event.into(),
         payload: payload.to_string().into_bytes(),
         exclude_user_id: String::new(),
-        seq: 0,
+        seq,
     };
     f.bus
         .publish(
@@ -1064,22 +1070,8 @@ async fn socket_malformed_limit_sets_the_strikes_before_1008() {
 
 /// Publishes chat's `message:new` with its seq, as chat-svc does.
 async fn broadcast_seq(f: &Fixture, topic: &str, seq: u64) {
-    let ev = TopicEvent {
-        topic: topic.into(),
-        event: "message:new".into(),
-        payload: json!({"message": {"seq": seq}}).to_string().into_bytes(),
-        exclude_user_id: String::new(),
-        seq,
-    };
-    f.bus
-        .publish(
-            &Subjects::new("qc").topic(topic),
-            None,
-            Vec::new(),
-            ev.encode_to_vec().into(),
-        )
-        .await
-        .unwrap();
+    let payload = json!({"message": {"seq": seq}});
+    publish_topic_event(f, topic, "message:new", payload, seq).await;
 }
 
 #[tokio::test]
