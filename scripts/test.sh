@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one test command:
-#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> build -> cargo test -> e2e -> fuzz
+#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> build -> cargo test -> e2e -> faults -> fuzz
 # Usage: scripts/test.sh [--no-lint] [--no-e2e] [--no-fuzz]   (skips are for local iteration only)
 # The fuzz step runs every target 20 s (scripts/fuzz.sh; longer: scripts/fuzz.sh 600).
 set -euo pipefail
@@ -53,6 +53,11 @@ if ((e2e)); then
   cd "$ROOT/e2e"
   npm ci --no-audit --no-fund
   QUCKCHAT_BIN_DIR="$ROOT/target/debug" npm test
+  # Each fault once under load (~1-2 min): chat-svc/presence-svc SIGKILL, gateway SIGTERM,
+  # NATS and Redis killed and restarted, on the suite's own nats-server and redis-server.
+  # The 30-minute soak is its own command: `cd e2e && E2E_SOAK_MINUTES=30 npm run soak`.
+  step "e2e fault suite (npm run test:faults)"
+  QUCKCHAT_BIN_DIR="$ROOT/target/debug" npm run test:faults
 fi
 
 if ((fuzz)); then

@@ -38,9 +38,12 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use base64::Engine as _;
 use prost::Message as _;
-use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle, NodeHeartbeat};
+use quckchat_proto::bus::{
+    connection_lifecycle, ConnectionAudit, ConnectionLifecycle, NodeHeartbeat,
+};
 use quckchat_runtime::auth::JwtVerifier;
-use quckchat_runtime::bus::{Bus, Subjects};
+use quckchat_runtime::bus::{Bus, BusMessage, Subjects};
+use quckchat_runtime::presence::MAX_AUDITED_CONNECTIONS;
 use quckchat_runtime::server::ConnMeta;
 use quckchat_runtime::time::now_ms;
 use tokio_util::sync::CancellationToken;
@@ -130,16 +133,23 @@ impl Gateway {
         node_heartbeat(&self.shared, true).await;
     }
 
-    /// Reports every open socket again when presence asks (it restarted
-    /// empty, or had given this node up for dead).
+    /// Answers presence about this node's sockets: reports every open one
+    /// again when it asks (it restarted empty, or had given this node up
+    /// for dead), and says which of a list are closed (it missed closes).
     fn spawn_resync_listener(&self) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let subject = shared
-                .subjects
-                .gateway_resync(&shared.config.server.node_name);
-            let mut requests = match shared.bus.subscribe(&subject, None).await {
-                Ok(sub) => sub,
+            let node = &shared.config.server.node_name;
+            let (resync, audit) = (
+                shared.subjects.gateway_resync(node),
+                shared.subjects.gateway_audit(node),
+            );
+            let subscribed = tokio::try_join!(
+                shared.bus.subscribe(&resync, None),
+                shared.bus.subscribe(&audit, None),
+            );
+            let (mut resyncs, mut audits) = match subscribed {
+                Ok(subs) => subs,
                 Err(err) => {
                     tracing::warn!(%err, "cannot hear presence resync requests");
                     return;
@@ -148,7 +158,7 @@ impl Gateway {
             loop {
                 tokio::select! {
                     () = shared.shutdown.cancelled() => return,
-                    request = requests.next() => {
+                    request = resyncs.next() => {
                         if request.is_none() {
                             return;
                         }
@@ -157,6 +167,10 @@ impl Gateway {
                         for peer in &peers {
                             lifecycle(&shared, peer, connection_lifecycle::Kind::Opened).await;
                         }
+                    }
+                    request = audits.next() => {
+                        let Some(request) = request else { return };
+                        answer_audit(&shared, &request).await;
                     }
                 }
             }
@@ -175,6 +189,44 @@ impl Gateway {
                 node_heartbeat(&shared, false).await;
             }
         });
+    }
+}
+
+/// Tells presence which of the listed connections are not open here: ids
+/// enter the live table before their open is reported and leave it before
+/// their close is, so an id presence holds and this node lacks is closed.
+async fn answer_audit(shared: &Shared, request: &BusMessage) {
+    let Some(reply) = request.reply.as_deref() else {
+        return;
+    };
+    let closed = match ConnectionAudit::decode(request.payload.as_ref()) {
+        Ok(audit) if audit.conn_ids.len() <= MAX_AUDITED_CONNECTIONS => {
+            let live = shared.live();
+            audit
+                .conn_ids
+                .into_iter()
+                .filter(|id| !live.contains_key(id))
+                .collect()
+        }
+        Ok(audit) => {
+            tracing::warn!(
+                ids = audit.conn_ids.len(),
+                "presence audit too large: not answered"
+            );
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(%err, "undecodable presence audit");
+            return;
+        }
+    };
+    let answer = ConnectionAudit { conn_ids: closed };
+    if let Err(err) = shared
+        .bus
+        .publish(reply, None, Vec::new(), answer.encode_to_vec().into())
+        .await
+    {
+        tracing::debug!(%err, "presence audit not answered");
     }
 }
 

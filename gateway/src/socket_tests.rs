@@ -570,6 +570,53 @@ async fn open_sockets_are_reported_again_when_presence_asks() {
     );
 }
 
+#[tokio::test]
+async fn presence_audits_are_answered_with_the_closed_connections() {
+    use quckchat_proto::bus::{ConnectionAudit, ConnectionLifecycle};
+    let f = fixture(SocketConfig::default()).await;
+    let subjects = Subjects::new("qc");
+    let mut reports = f
+        .bus
+        .subscribe(&subjects.connection_lifecycle(), None)
+        .await
+        .unwrap();
+    let _a = connect(&f, "alice", 64);
+    let open = tokio::time::timeout(Duration::from_secs(2), reports.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let alice = ConnectionLifecycle::decode(open.payload.as_ref())
+        .unwrap()
+        .conn_id;
+    let audit = subjects.gateway_audit(&f.gateway.shared.config.server.node_name);
+    let ask = ConnectionAudit {
+        conn_ids: vec![alice.clone(), "gone1".into(), "gone2".into()],
+    };
+    // The listener subscribes in the background: ask until it answers.
+    let mut answer = None;
+    for _ in 0..50 {
+        let reply = f
+            .bus
+            .request(
+                &audit,
+                Vec::new(),
+                ask.encode_to_vec().into(),
+                Duration::from_millis(100),
+            )
+            .await;
+        if let Ok(msg) = reply {
+            answer = Some(ConnectionAudit::decode(msg.payload.as_ref()).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        answer.expect("the audit is answered").conn_ids,
+        vec!["gone1", "gone2"],
+        "alice's socket is open; the others are not"
+    );
+}
+
 impl Client {
     fn send_binary(&self, data: Vec<u8>) {
         self.tx

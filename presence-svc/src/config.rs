@@ -21,6 +21,18 @@ pub struct PresenceTiming {
 }
 
 impl PresenceTiming {
+    /// A node whose connection count disagrees with presence's is audited
+    /// at most this often (a third of the node TTL: 10 s by default).
+    pub fn audit_min_gap(&self) -> Duration {
+        self.node_ttl / 3
+    }
+
+    /// Every node is audited at least this often, counts agreeing or not
+    /// (four node TTLs: 2 minutes by default).
+    pub fn audit_every(&self) -> Duration {
+        self.node_ttl * 4
+    }
+
     pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
         let grace = r.parse(PRESENCE_GRACE_SECS, 5u64)?;
         Ok(Self {

@@ -1,18 +1,21 @@
 //! What presence does with gateway reports: keep the state, and tell each
 //! user's conversations when they (or one of their devices) come and go.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use prost::Message as _;
-use quckchat_proto::bus::{connection_lifecycle, ConnectionLifecycle, NodeHeartbeat, TopicEvent};
+use quckchat_proto::bus::{
+    connection_lifecycle, ConnectionAudit, ConnectionLifecycle, NodeHeartbeat, TopicEvent,
+};
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::ListConversationsRequest;
 use quckchat_runtime::bus::{Bus, BusError, Subjects};
 use quckchat_runtime::grpc::CallError;
-use quckchat_runtime::presence::{entries, meta, OFFLINE_NOTICE};
+use quckchat_runtime::presence::{entries, meta, MAX_AUDITED_CONNECTIONS, OFFLINE_NOTICE};
 use quckchat_runtime::routes;
 use quckchat_runtime::time::{iso, now_ms};
 use serde_json::{json, Value};
@@ -25,6 +28,8 @@ use crate::state::{Connection, DeviceMeta, Joined, PresenceState};
 pub const SERVICE: &str = "presence";
 /// How often departures and dead nodes are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How long a gateway has to answer one audit request.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a user's conversation list is trusted.
 const MEMBERSHIP_TTL: Duration = Duration::from_secs(30);
 
@@ -97,7 +102,19 @@ pub struct PresenceService {
     announcements: tokio_util::task::TaskTracker,
     /// Nodes are not expired until one TTL after start: heartbeats sent
     /// while this service was down are not a node's death.
-    started: std::time::Instant,
+    started: Instant,
+    /// Per node, what this replica knows of its audits.
+    audits: std::sync::Mutex<HashMap<String, AuditMark>>,
+}
+
+/// When a node was last audited, for how many heartbeats in a row its
+/// connection count disagreed with this state's, and whether its last audit
+/// left fewer connections here than it reported.
+struct AuditMark {
+    last: Instant,
+    mismatches: u32,
+    running: bool,
+    short: bool,
 }
 
 /// Announcements in flight at once.
@@ -126,7 +143,8 @@ impl PresenceService {
             announcing: Arc::new(tokio::sync::Semaphore::new(ANNOUNCE_CONCURRENCY)),
             pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_ANNOUNCEMENTS)),
             announcements: tokio_util::task::TaskTracker::new(),
-            started: std::time::Instant::now(),
+            started: Instant::now(),
+            audits: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -241,7 +259,7 @@ impl PresenceService {
         }
     }
 
-    async fn on_heartbeat(&self, beat: NodeHeartbeat) {
+    async fn on_heartbeat(self: &Arc<Self>, beat: NodeHeartbeat) {
         let now = now_ms();
         if beat.leaving {
             tracing::info!(node = %beat.node_id, "gateway left");
@@ -256,19 +274,126 @@ impl PresenceService {
         }
         match self.state.heartbeat(&beat.node_id, now).await {
             // Unknown node with sockets: ask it to report them again.
-            Ok(true) if beat.connections > 0 => {
-                tracing::info!(node = %beat.node_id, sockets = beat.connections, "gateway unknown: asking for its sockets");
-                let subject = self.subjects.gateway_resync(&beat.node_id);
-                if let Err(err) = self
-                    .bus
-                    .publish(&subject, None, Vec::new(), Bytes::new())
-                    .await
-                {
-                    tracing::warn!(%err, "resync request not sent");
+            Ok(seen) if seen.unknown => {
+                if beat.connections > 0 {
+                    tracing::info!(node = %beat.node_id, sockets = beat.connections, "gateway unknown: asking for its sockets");
+                    self.request_resync(&beat.node_id).await;
                 }
             }
-            Ok(_) => {}
+            Ok(seen) => {
+                let agree = u32::try_from(seen.connections).is_ok_and(|n| n == beat.connections);
+                if self.audit_due(&beat.node_id, agree) {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.audit(&beat.node_id, beat.connections).await;
+                        this.audit_mark(&beat.node_id, |m| m.running = false);
+                    });
+                }
+            }
             Err(err) => tracing::warn!(%err, "node heartbeat not recorded"),
+        }
+    }
+
+    async fn request_resync(&self, node_id: &str) {
+        let subject = self.subjects.gateway_resync(node_id);
+        if let Err(err) = self
+            .bus
+            .publish(&subject, None, Vec::new(), Bytes::new())
+            .await
+        {
+            tracing::warn!(%err, "resync request not sent");
+        }
+    }
+
+    fn audit_mark<T>(&self, node_id: &str, f: impl FnOnce(&mut AuditMark) -> T) -> T {
+        let mut audits = self.audits.lock().unwrap_or_else(|e| e.into_inner());
+        f(audits
+            .entry(node_id.to_owned())
+            .or_insert_with(|| AuditMark {
+                last: self.started,
+                mismatches: 0,
+                running: false,
+                short: false,
+            }))
+    }
+
+    /// Whether to audit a node now: its count disagreed with this state's on
+    /// two heartbeats in a row (one alone is usually reports in flight), or
+    /// it was not audited for [`PresenceTiming::audit_every`] (an open and a
+    /// close both missed leave the counts equal); never twice at once, and
+    /// at most once per [`PresenceTiming::audit_min_gap`].
+    fn audit_due(&self, node_id: &str, counts_agree: bool) -> bool {
+        let (every, min_gap) = (self.timing.audit_every(), self.timing.audit_min_gap());
+        self.audit_mark(node_id, |m| {
+            m.mismatches = if counts_agree { 0 } else { m.mismatches + 1 };
+            let since = m.last.elapsed();
+            let due = !m.running && since >= min_gap && (m.mismatches >= 2 || since >= every);
+            if due {
+                m.running = true;
+                m.last = Instant::now();
+                m.mismatches = 0;
+            }
+            due
+        })
+    }
+
+    /// Reconciles this state with what a gateway has open: connections the
+    /// gateway says are closed are closed here (their devices leave after
+    /// the grace window, as on any close); when fewer remain than the
+    /// gateway reported, twice in a row (once is usually opens in flight),
+    /// it is asked to report its sockets again: opens were missed. Closes
+    /// missed while presence, its Redis or the bus was down are found within
+    /// two heartbeats and one audit gap, opens within two audits more.
+    async fn audit(&self, node_id: &str, reported: u32) {
+        let held = match self.state.node_connections(node_id).await {
+            Ok(held) => held,
+            Err(err) => {
+                tracing::warn!(%err, node = %node_id, "node audit: connections not read");
+                return;
+            }
+        };
+        let subject = self.subjects.gateway_audit(node_id);
+        let mut closed = 0usize;
+        for chunk in held.chunks(MAX_AUDITED_CONNECTIONS) {
+            let ask = ConnectionAudit {
+                conn_ids: chunk.iter().map(|c| c.conn_id.clone()).collect(),
+            };
+            let answer = match self
+                .bus
+                .request(
+                    &subject,
+                    Vec::new(),
+                    ask.encode_to_vec().into(),
+                    AUDIT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    ConnectionAudit::decode(m.payload.as_ref()).map_err(|e| e.to_string())
+                }) {
+                Ok(answer) => answer,
+                Err(err) => {
+                    tracing::warn!(%err, node = %node_id, "node audit: the gateway did not answer");
+                    return;
+                }
+            };
+            let gone: std::collections::HashSet<&str> =
+                answer.conn_ids.iter().map(String::as_str).collect();
+            for conn in chunk.iter().filter(|c| gone.contains(c.conn_id.as_str())) {
+                match self.state.disconnect(conn, now_ms(), self.grace_ms()).await {
+                    Ok(()) => closed += 1,
+                    Err(err) => tracing::warn!(%err, "node audit: close not recorded"),
+                }
+            }
+        }
+        if closed > 0 {
+            metrics::counter!("quckchat_presence_audit_closed_total").increment(closed as u64);
+            tracing::warn!(node = %node_id, closed, "node audit: closes presence had missed");
+        }
+        let short = held.len() - closed < reported as usize;
+        if self.audit_mark(node_id, |m| std::mem::replace(&mut m.short, short)) && short {
+            tracing::info!(node = %node_id, held = held.len() - closed, reported, "node audit: opens missed, asking for the sockets");
+            self.request_resync(node_id).await;
         }
     }
 
@@ -536,5 +661,145 @@ mod tests {
                 .is_err(),
             "a known gateway is not asked again"
         );
+    }
+
+    /// A gateway answering audits: every id not in `open` is closed. Counts
+    /// the audits it answered.
+    async fn fake_gateway(
+        bus: &Arc<dyn Bus>,
+        subjects: &Subjects,
+        open: &'static [&'static str],
+    ) -> Arc<std::sync::atomic::AtomicUsize> {
+        let mut asks = bus
+            .subscribe(&subjects.gateway_audit("gw@1"), None)
+            .await
+            .unwrap();
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (bus, count) = (bus.clone(), answered.clone());
+        tokio::spawn(async move {
+            while let Some(ask) = asks.next().await {
+                let ids = ConnectionAudit::decode(ask.payload.as_ref())
+                    .unwrap()
+                    .conn_ids;
+                let closed = ConnectionAudit {
+                    conn_ids: ids
+                        .into_iter()
+                        .filter(|id| !open.contains(&id.as_str()))
+                        .collect(),
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                bus.publish(
+                    &ask.reply.unwrap(),
+                    None,
+                    Vec::new(),
+                    closed.encode_to_vec().into(),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        answered
+    }
+
+    async fn open(service: &Arc<PresenceService>, conn_id: &str, user_id: &str) {
+        service
+            .clone()
+            .on_lifecycle(ConnectionLifecycle {
+                kind: connection_lifecycle::Kind::Opened as i32,
+                node_id: "gw@1".into(),
+                conn_id: conn_id.into(),
+                user_id: user_id.into(),
+                device_id: "phone".into(),
+                at_ms: 0,
+            })
+            .await;
+    }
+
+    fn beat(connections: u32) -> NodeHeartbeat {
+        NodeHeartbeat {
+            node_id: "gw@1".into(),
+            connections,
+            at_ms: 0,
+            leaving: false,
+        }
+    }
+
+    async fn held(service: &PresenceService) -> Vec<String> {
+        let mut ids: Vec<String> = service
+            .state
+            .node_connections("gw@1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.conn_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn closes_presence_missed_are_found_by_auditing_the_gateway() {
+        // Node TTL 3 s: audits at most every second.
+        let (service, bus, subjects) = memory_service(Arc::new(NoConversations), 3);
+        let answered = fake_gateway(&bus, &subjects, &["k1"]).await;
+        open(&service, "k1", "alice").await;
+        open(&service, "k2", "bob").await; // closed while presence was down
+        service.on_heartbeat(beat(1)).await;
+        service.on_heartbeat(beat(1)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            answered.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "no audit in the first audit gap after start"
+        );
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        service.on_heartbeat(beat(1)).await;
+        assert_eq!(
+            held(&service).await,
+            ["k1", "k2"],
+            "one disagreement is not enough"
+        );
+        service.on_heartbeat(beat(1)).await;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while held(&service).await != ["k1"] {
+            assert!(
+                Instant::now() < deadline,
+                "k2 still held: {:?}",
+                held(&service).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // bob's device leaves after the grace window, as on any close.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let left = service.state.take_departures(now_ms()).await.unwrap();
+        assert_eq!(
+            left.iter().map(|l| l.user_id.as_str()).collect::<Vec<_>>(),
+            ["bob"]
+        );
+    }
+
+    #[tokio::test]
+    async fn opens_presence_missed_are_asked_for_after_two_short_audits() {
+        let (service, bus, subjects) = memory_service(Arc::new(NoConversations), 3);
+        let answered = fake_gateway(&bus, &subjects, &["k1", "k2"]).await;
+        let mut resyncs = bus
+            .subscribe(&subjects.gateway_resync("gw@1"), None)
+            .await
+            .unwrap();
+        open(&service, "k1", "alice").await; // k2's open was missed
+        service.on_heartbeat(beat(2)).await;
+        for audit in 1..=2 {
+            tokio::time::sleep(Duration::from_millis(1_050)).await;
+            service.on_heartbeat(beat(2)).await;
+            service.on_heartbeat(beat(2)).await;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while answered.load(std::sync::atomic::Ordering::SeqCst) < audit {
+                assert!(Instant::now() < deadline, "audit {audit} not asked");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let resync = tokio::time::timeout(Duration::from_millis(200), resyncs.next()).await;
+            assert_eq!(resync.is_ok(), audit == 2, "resync after audit {audit}");
+        }
+        assert_eq!(held(&service).await, ["k1"], "nothing closed");
     }
 }

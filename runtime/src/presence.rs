@@ -9,6 +9,10 @@ use serde_json::{json, Value};
 /// or once their gateway is found dead). Signaling ends that user's call.
 pub const OFFLINE_NOTICE: &str = "offline";
 
+/// Most connection ids one `ConnectionAudit` request lists (presence asks a
+/// gateway which of them are closed; ~33 KB, far under the bus's limit).
+pub const MAX_AUDITED_CONNECTIONS: usize = 1_000;
+
 /// One device's meta: `{phx_ref, deviceId, onlineAt}`.
 pub fn meta(device_id: &str, phx_ref: &str, online_at_ms: i64) -> Value {
     let online_at = chrono::DateTime::from_timestamp_millis(online_at_ms).unwrap_or_default();

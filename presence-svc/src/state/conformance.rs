@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::{Connection, Joined, PresenceState, MAX_SHOWN_DEVICES};
+use super::{Connection, Joined, NodeSeen, PresenceState, MAX_SHOWN_DEVICES};
 
 const GRACE: i64 = 5_000;
 
@@ -22,6 +22,7 @@ pub async fn run_all(state: Arc<dyn PresenceState>) {
     a_user_stays_online_while_any_device_is(state.as_ref()).await;
     close_processed_before_open_stays_closed(state.as_ref()).await;
     silent_nodes_lose_their_connections(state.as_ref()).await;
+    a_node_lists_and_counts_its_open_connections(state.as_ref()).await;
     a_node_going_away_closes_its_connections_after_grace(state.as_ref()).await;
     departures_are_taken_once(state.clone()).await;
     presence_of_many_users_in_one_call(state.as_ref()).await;
@@ -164,6 +165,27 @@ pub async fn close_processed_before_open_stays_closed(s: &dyn PresenceState) {
     assert!(!s.presence(std::slice::from_ref(&user)).await.unwrap()[0].online());
 }
 
+pub async fn a_node_lists_and_counts_its_open_connections(s: &dyn PresenceState) {
+    let (node, other, user) = (id("n"), id("n"), id("u"));
+    let phone = conn(&node, &user, "phone");
+    let laptop = conn(&node, &user, "laptop");
+    let elsewhere = conn(&other, &user, "tablet");
+    for c in [&phone, &laptop, &elsewhere] {
+        s.connect(c, 1_000).await.unwrap();
+    }
+    s.disconnect(&laptop, 2_000, GRACE).await.unwrap();
+    assert_eq!(
+        s.heartbeat(&node, 3_000).await.unwrap(),
+        NodeSeen {
+            unknown: false,
+            connections: 1
+        }
+    );
+    assert_eq!(s.node_connections(&node).await.unwrap(), vec![phone]);
+    assert_eq!(s.node_connections(&other).await.unwrap(), vec![elsewhere]);
+    assert!(s.node_connections(&id("n")).await.unwrap().is_empty());
+}
+
 pub async fn silent_nodes_lose_their_connections(s: &dyn PresenceState) {
     let (dead, alive, user, other) = (id("n"), id("n"), id("u"), id("u"));
     s.connect(&conn(&dead, &user, "phone"), 1_000)
@@ -176,17 +198,21 @@ pub async fn silent_nodes_lose_their_connections(s: &dyn PresenceState) {
         .await
         .unwrap();
     assert!(
-        !s.heartbeat(&alive, 40_000).await.unwrap(),
+        !s.heartbeat(&alive, 40_000).await.unwrap().unknown,
         "known from its connections"
     );
     assert!(s.expire_nodes(40_000, 30_000).await.unwrap() >= 1);
-    assert!(
+    assert_eq!(
         s.heartbeat(&dead, 41_000).await.unwrap(),
-        "a node given up for dead is unknown again"
+        NodeSeen {
+            unknown: true,
+            connections: 0
+        },
+        "a node given up for dead is unknown again, without connections"
     );
-    assert!(!s.heartbeat(&dead, 42_000).await.unwrap());
+    assert!(!s.heartbeat(&dead, 42_000).await.unwrap().unknown);
     assert!(
-        s.heartbeat(&id("n"), 42_000).await.unwrap(),
+        s.heartbeat(&id("n"), 42_000).await.unwrap().unknown,
         "a new node is unknown"
     );
     let left: Vec<_> = s

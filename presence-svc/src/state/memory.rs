@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    capped, Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence,
-    MAX_SHOWN_DEVICES,
+    capped, Connection, DeviceMeta, Joined, Left, NodeSeen, PresenceState, StateError,
+    UserPresence, MAX_SHOWN_DEVICES,
 };
 
 /// How long a closed connection id is remembered (to ignore a late open).
@@ -145,12 +145,29 @@ impl PresenceState for MemoryState {
         Ok(())
     }
 
-    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError> {
+    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<NodeSeen, StateError> {
+        let mut s = self.lock();
+        let unknown = s.nodes.insert(node_id.to_owned(), now_ms).is_none();
+        Ok(NodeSeen {
+            unknown,
+            connections: s.node_conns.get(node_id).map_or(0, HashSet::len),
+        })
+    }
+
+    async fn node_connections(&self, node_id: &str) -> Result<Vec<Connection>, StateError> {
         Ok(self
             .lock()
-            .nodes
-            .insert(node_id.to_owned(), now_ms)
-            .is_none())
+            .node_conns
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .map(|(user, device, conn)| Connection {
+                node_id: node_id.to_owned(),
+                conn_id: conn.clone(),
+                user_id: user.clone(),
+                device_id: device.clone(),
+            })
+            .collect())
     }
 
     async fn node_gone(&self, node_id: &str, now_ms: i64, grace_ms: i64) -> Result<(), StateError> {

@@ -102,6 +102,17 @@ pub struct Left {
     pub user_went_offline: bool,
 }
 
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeSeen {
+    /// The node was unknown (new, or given up for dead): its open
+    /// connections must be reported again.
+    pub unknown: bool,
+    /// Connections held for the node; a gateway reporting another count
+    /// has opens or closes this state missed.
+    pub connections: usize,
+}
+
 /// One user's presence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserPresence {
@@ -131,9 +142,12 @@ pub trait PresenceState: Send + Sync + 'static {
         grace_ms: i64,
     ) -> Result<(), StateError>;
 
-    /// A node is alive at `now_ms`. True when the node was unknown (new, or
-    /// given up for dead): its open connections must be reported again.
-    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError>;
+    /// A node is alive at `now_ms`: whether it was known, and how many
+    /// connections this state holds for it.
+    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<NodeSeen, StateError>;
+
+    /// The connections this state holds for a node.
+    async fn node_connections(&self, node_id: &str) -> Result<Vec<Connection>, StateError>;
 
     /// A node is going away: its connections close, devices leave after
     /// `grace_ms`.

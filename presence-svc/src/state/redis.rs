@@ -22,8 +22,8 @@ use quckchat_runtime::ephemeral::redis::{self, Value};
 use quckchat_runtime::ephemeral::{decode, pairs, triples, RedisPool, Script};
 
 use super::{
-    capped, Connection, DeviceMeta, Joined, Left, PresenceState, StateError, UserPresence,
-    MAX_SHOWN_DEVICES,
+    capped, Connection, DeviceMeta, Joined, Left, NodeSeen, PresenceState, StateError,
+    UserPresence, MAX_SHOWN_DEVICES,
 };
 
 /// Shared by the scripts: closes one connection; schedules its device's
@@ -203,17 +203,41 @@ impl PresenceState for RedisState {
         Ok(())
     }
 
-    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<bool, StateError> {
-        let added: i64 = self
+    async fn heartbeat(&self, node_id: &str, now_ms: i64) -> Result<NodeSeen, StateError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.redis.key(&["nodes"]))
+            .arg(now_ms)
+            .arg(node_id)
+            .cmd("SCARD")
+            .arg(self.redis.key(&["node", node_id]));
+        let (added, connections): (i64, i64) = self.redis.pipeline(&pipe).await?;
+        Ok(NodeSeen {
+            unknown: added == 1,
+            connections: usize::try_from(connections).unwrap_or(0),
+        })
+    }
+
+    async fn node_connections(&self, node_id: &str) -> Result<Vec<Connection>, StateError> {
+        let members: Vec<String> = self
             .redis
-            .query(
-                redis::cmd("ZADD")
-                    .arg(self.redis.key(&["nodes"]))
-                    .arg(now_ms)
-                    .arg(node_id),
-            )
+            .query(redis::cmd("SMEMBERS").arg(self.redis.key(&["node", node_id])))
             .await?;
-        Ok(added == 1)
+        members
+            .iter()
+            .map(|m| match m.splitn(3, '|').collect::<Vec<_>>()[..] {
+                [user, device, conn] => Ok(Connection {
+                    node_id: node_id.to_owned(),
+                    conn_id: conn.to_owned(),
+                    user_id: user.to_owned(),
+                    device_id: device.to_owned(),
+                }),
+                _ => Err(StateError::Malformed(format!(
+                    "node connection entry without two separators ({} bytes)",
+                    m.len()
+                ))),
+            })
+            .collect()
     }
 
     async fn node_gone(&self, node_id: &str, now_ms: i64, grace_ms: i64) -> Result<(), StateError> {

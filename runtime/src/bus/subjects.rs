@@ -62,20 +62,30 @@ impl Subjects {
 
     /// Asks one gateway to report its open sockets again (presence lost
     /// them: it restarted empty, or it had given the node up for dead).
-    /// Characters of the node name that cannot be in a subject token become `_`.
     pub fn gateway_resync(&self, node_id: &str) -> String {
-        let token: String = node_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        format!("{}.gateway.resync.{token}", self.prefix)
+        format!("{}.gateway.resync.{}", self.prefix, node_token(node_id))
     }
+
+    /// Asks one gateway which of a list of its connections are closed
+    /// (presence missed their closes).
+    pub fn gateway_audit(&self, node_id: &str) -> String {
+        format!("{}.gateway.audit.{}", self.prefix, node_token(node_id))
+    }
+}
+
+/// A node name as one subject token: characters that cannot be in a token
+/// become `_`.
+fn node_token(node_id: &str) -> String {
+    node_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -92,6 +102,10 @@ mod tests {
         assert_eq!(
             s.gateway_resync("realtime@gw-1.local"),
             "qc.gateway.resync.realtime_gw-1_local"
+        );
+        assert_eq!(
+            s.gateway_audit("realtime@gw-1.local"),
+            "qc.gateway.audit.realtime_gw-1_local"
         );
     }
 }
