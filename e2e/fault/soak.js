@@ -4,8 +4,8 @@
 // fault, plus memory: the RSS of every process (from /proc/<pid>/status) is sampled after each
 // fault (load paused, same point of the cycle); after the warm-up (the first full cycle of faults)
 // a process that kept running (same pid) must not grow more than E2E_SOAK_RSS_GROWTH (0.5 = 50%).
-// Processes the faults restart (chat-svc1, presence-svc, gateway2, nats-server, redis-server) are
-// reported per incarnation, not checked.
+// Processes the faults restart (chat-svc1, presence-svc, gateway2, nats-server, redis-server,
+// secantus) are reported per incarnation, not checked.
 //
 //   source /tmp/quckchat-test/env && E2E_SOAK_MINUTES=30 node e2e/fault/soak.js   (or: cd e2e && npm run soak)
 //
@@ -32,6 +32,7 @@ async function main(){
     const pids = Object.fromEntries(rig.srv.procs.map((p) => [p.name, p.proc.child.pid]))
     pids["nats-server"] = rig.nats.proc.child.pid
     pids["redis-server"] = rig.redis.proc.child.pid
+    pids.secantus = rig.db.proc.child.pid
     for(const [name, kb] of Object.entries(rig.rss())){
       if(!samples.has(name)){ samples.set(name, []) }
       samples.get(name).push({pid: pids[name], kb, at: Date.now(), cycle})
@@ -39,7 +40,7 @@ async function main(){
   }
   try {
     await rig.start()
-    log(`set up: ${rig.srv.procs.map((p) => p.name).join(", ")}; running ${MINUTES} min; bounds: ack gap <= ${LIMITS.STALL_MS} ms (not during the NATS outage), <= ${LIMITS.CHAT_KILL_STALL_MS} ms after a chat-svc SIGKILL`)
+    log(`set up: ${rig.srv.procs.map((p) => p.name).join(", ")}; running ${MINUTES} min; bounds: ack gap <= ${LIMITS.STALL_MS} ms (not during the NATS and database outages), <= ${LIMITS.CHAT_KILL_STALL_MS} ms after a chat-svc SIGKILL`)
     sample(0)
     const deadline = t0 + MINUTES * 60_000
     let cycle = 0

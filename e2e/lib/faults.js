@@ -1,6 +1,7 @@
 // Fault suite shared by fault/faults.test.js (short; not in CI until its findings are fixed, see e2e/README.md) and fault/soak.js (soak): a distributed
-// set (3 gateways, 2 chat-svc replicas, presence-svc, signaling-svc) on its own nats-server and
-// redis-server (free loopback ports), a steady chat load (K senders retrying one clientMessageId
+// set (3 gateways, 2 chat-svc replicas, presence-svc, signaling-svc) on its own nats-server,
+// redis-server and SecantusDB (free loopback ports; the database on a WiredTiger dir of its own that
+// survives a SIGKILL), a steady chat load (K senders retrying one clientMessageId
 // until acked, R receivers recording every message:new and rejoining with lastSeq), faults
 // injected one at a time, and exact invariant checks after each fault.
 //
@@ -14,27 +15,34 @@
 //             lastSeq the join sent (replayFromSeq-1 when the replay was cut, the rest is paged with
 //             message:history);
 //  stall      the largest gap between consecutive acks (all senders) during the fault phase is
-//             <= STALL_MS (5 s), not counting the NATS outage window (kill .. nats-server ready);
-//             after the NATS restart the first ack comes within STALL_MS; during a chat-svc
+//             <= STALL_MS (5 s), not counting the outage windows of NATS and the database (kill ..
+//             the server answers again); after such a restart the first ack comes within STALL_MS;
+//             during a chat-svc
 //             SIGKILL the largest ack gap from the kill to 5 s after it is <= CHAT_KILL_STALL_MS;
 //  presence   the "leaver" (connects before the fault, closes its socket during it) is not in a
 //             fresh presence_state within PRESENCE_CONVERGE_MS, and every sender and receiver
-//             (connected throughout, reconnecting when dropped) is.
-import {spawn} from "node:child_process"
+//             (connected throughout, reconnecting when dropped) is;
+//  membership (database fault; also once before the first fault) chat-svc still follows the
+//             database's change stream: a probe member removed directly in the database (as the
+//             backend would) gets phx_close within PROBE_CLOSE_MS (5 s, below the 10 s membership
+//             cache TTL), and no chat-svc logged "cannot watch conversations" (its watcher gave up).
+import {spawn, spawnSync} from "node:child_process"
 import {mkdtempSync, rmSync, readFileSync, existsSync} from "node:fs"
 import {connect as tcpConnect} from "node:net"
 import {tmpdir} from "node:os"
 import path from "node:path"
 
-import {ServerSet, ManagedProcess, freePort, missingPrerequisite} from "./harness.js"
+import {ServerSet, ManagedProcess, freePort} from "./harness.js"
 import {connectPhoenix, disconnectPhoenix, push} from "./phx.js"
 import {sleep, withTimeout, randomId} from "./util.js"
 
 export const LIMITS = {
-  /** no ack gap (all senders) above this outside the NATS outage */
+  /** no ack gap (all senders) above this outside the NATS and database outages */
   STALL_MS: Number(process.env.E2E_FAULT_STALL_MS ?? 5000),
   /** the surviving chat-svc replica keeps serving: largest ack gap in the 5 s after the SIGKILL */
   CHAT_KILL_STALL_MS: Number(process.env.E2E_FAULT_CHAT_KILL_STALL_MS ?? 2500),
+  /** how long the database fault keeps SecantusDB down (chat-svc's server selection timeout is 5 s) */
+  DB_DOWN_MS: Number(process.env.E2E_FAULT_DB_DOWN_MS ?? 3000),
   /** a closed user is gone from presence_state / connected ones listed, within this */
   PRESENCE_CONVERGE_MS: 30_000,
   /** pausing: every in-flight send acked within this */
@@ -56,22 +64,50 @@ const LEAVERS = 256
 const PUSH_TIMEOUT_MS = 7000 // > the gateway's REQUEST_TIMEOUT_MS (5000): its `timeout` reply comes first
 const JOIN_TIMEOUT_MS = 7000
 const RETRY_MS = 200
+const PROBE_CLOSE_MS = 5000 // < chat-svc's MEMBERSHIP_TTL (10 s): only the change stream can close the channel in time
 
 // ---------------------------------------------------------------------------------------------
 // own nats-server and redis-server on free loopback ports
 
+/** OP_MSG {hello: 1, $db: "admin"} (MongoDB wire protocol) */
+function mongoHello(){
+  const el = (type, name, value) => Buffer.concat([Buffer.from([type]), Buffer.from(`${name}\0`), value])
+  const int32 = (n) => { const b = Buffer.alloc(4); b.writeInt32LE(n); return b }
+  const body = Buffer.concat([el(0x10, "hello", int32(1)), el(0x02, "$db", Buffer.concat([int32(6), Buffer.from("admin\0")])), Buffer.from([0])])
+  const doc = Buffer.concat([int32(body.length + 4), body])
+  const header = Buffer.alloc(16)
+  header.writeInt32LE(16 + 4 + 1 + doc.length, 0)
+  header.writeInt32LE(1, 4)
+  header.writeInt32LE(0, 8)
+  header.writeInt32LE(2013, 12)
+  return Buffer.concat([header, int32(0), Buffer.from([0]), doc])
+}
+
+/** Whether a complete OP_MSG reply holds {ok: 1} (a double) */
+function mongoOk(buf){
+  if(buf.length < 16 || buf.length < buf.readInt32LE(0)){ return null }
+  if(buf.readInt32LE(12) !== 2013){ return false }
+  const at = buf.indexOf(Buffer.from([0x01, 0x6f, 0x6b, 0x00]), 21) // double "ok"
+  return at > 0 && at + 12 <= buf.length && buf.readDoubleLE(at + 4) === 1
+}
+
+/** Whether the server on `port` answers: TCP connect, or with `expect` its protocol's greeting/ping. */
 function tcpAnswers(port, {expect} = {}){
   return new Promise((resolve) => {
     const s = tcpConnect({host: "127.0.0.1", port})
-    let buf = ""
+    let buf = Buffer.alloc(0)
     const done = (ok) => { s.destroy(); resolve(ok) }
     s.setTimeout(1000, () => done(false))
     s.on("error", () => done(false))
-    s.on("connect", () => { if(!expect){ done(true) } else if(expect === "redis"){ s.write("PING\r\n") } })
+    s.on("connect", () => {
+      if(!expect){ done(true) } else if(expect === "redis"){ s.write("PING\r\n") } else if(expect === "mongo"){ s.write(mongoHello()) }
+    })
     s.on("data", (d) => {
-      buf += d
-      if(expect === "nats" && buf.includes("\n")){ done(buf.startsWith("INFO")) }
-      if(expect === "redis" && buf.includes("\n")){ done(buf.startsWith("+PONG")) }
+      buf = Buffer.concat([buf, d])
+      const text = buf.toString("latin1")
+      if(expect === "nats" && text.includes("\n")){ done(text.startsWith("INFO")) }
+      if(expect === "redis" && text.includes("\n")){ done(text.startsWith("+PONG")) }
+      if(expect === "mongo"){ const ok = mongoOk(buf); if(ok !== null){ done(ok) } }
     })
   })
 }
@@ -89,13 +125,14 @@ async function waitTcp(proc, port, expect, timeoutMs = 15_000){
 const ownDirs = new Set()
 process.on("exit", () => { for(const d of ownDirs){ try { rmSync(d, {recursive: true, force: true}) } catch { /* best effort */ } } })
 
-/** A server of our own (nats-server / redis-server) that can be killed and started again on its port. */
+/** A server of our own (nats-server / redis-server / SecantusDB) that can be killed and started again on its port. */
 class OwnServer {
-  constructor(name, file, argsFor, expect){
+  constructor(name, file, argsFor, expect, {readyMs = 15_000} = {}){
     this.name = name
     this.file = file
     this.argsFor = argsFor
     this.expect = expect
+    this.readyMs = readyMs
     this.port = null
     this.proc = null
     this.dir = mkdtempSync(path.join(tmpdir(), `quckchat-fault-${name}-`))
@@ -106,7 +143,7 @@ class OwnServer {
       this.port = this.port ?? await freePort()
       this.proc = new ManagedProcess(this.name, this.file, this.argsFor(this.port, this.dir), process.env)
       try {
-        await waitTcp(this.proc, this.port, this.expect)
+        await waitTcp(this.proc, this.port, this.expect, this.readyMs)
         return this
       } catch (err){
         await this.proc.stop(1000)
@@ -124,16 +161,16 @@ class OwnServer {
   }
   /** starts again on the same port (and data dir); resolves with the time it answers */
   async restart(){
-    const deadline = Date.now() + 15_000
+    const deadline = Date.now() + this.readyMs
     for(;;){
       this.proc = new ManagedProcess(this.name, this.file, this.argsFor(this.port, this.dir), process.env)
       try {
-        await waitTcp(this.proc, this.port, this.expect)
+        await waitTcp(this.proc, this.port, this.expect, this.readyMs)
         return Date.now()
       } catch (err){
         await this.proc.stop(1000)
         if(Date.now() > deadline){ throw err }
-        await sleep(300) // the port may still be held for a moment
+        await sleep(300) // the port (or SecantusDB's WiredTiger lock) may still be held for a moment
       }
     }
   }
@@ -155,6 +192,32 @@ export function redisServer(){
   const bin = process.env.REDIS_SERVER_BIN || "redis-server"
   return new OwnServer("redis-server", bin, (port, dir) => ["--bind", "127.0.0.1", "--port", String(port), "--save", "",
     "--appendonly", "yes", "--appendfsync", "always", "--dir", dir, "--daemonize", "no", "--protected-mode", "yes"], "redis")
+}
+
+export const PYTHON = process.env.PYTHON ?? "python3"
+
+/**
+ * SecantusDB (MongoDB wire protocol, as scripts/deps.sh starts it) on a WiredTiger dir of its own
+ * that outlives a SIGKILL: the restart reopens it (journal replay) with every acked write. Ready
+ * when it answers a `hello`. A second server on the same dir would refuse its lock, so the restart
+ * starts only after the killed one exited.
+ */
+export function secantusServer(){
+  return new OwnServer("secantus", PYTHON, (port, dir) => ["-m", "secantus", "--host", "127.0.0.1", "--port", String(port),
+    "--storage-path", path.join(dir, "data"), "--cache-size", "128M", "--log-level", "WARNING"], "mongo", {readyMs: 60_000})
+}
+
+/** Runs `code` with PYTHON (args in sys.argv[1:]); resolves with {code, out} (stdout + stderr), bounded. */
+export function runPython(code, args = [], timeoutMs = 30_000){
+  return new Promise((resolve) => {
+    const p = spawn(PYTHON, ["-c", code, ...args], {stdio: ["ignore", "pipe", "pipe"]})
+    let out = ""
+    p.stdout.on("data", (d) => { out += d })
+    p.stderr.on("data", (d) => { out += d })
+    const timer = setTimeout(() => p.kill("SIGKILL"), timeoutMs)
+    p.on("error", (err) => { out += err.message })
+    p.on("close", (code) => { clearTimeout(timer); resolve({code, out: out.trim()}) })
+  })
 }
 
 /** VmRSS of `pid` in KiB from /proc, or null. */
@@ -426,6 +489,7 @@ export class FaultRig {
     this.srv = null
     this.nats = null
     this.redis = null
+    this.db = null
     this.senders = []
     this.receivers = []
     this.checker = null
@@ -439,13 +503,16 @@ export class FaultRig {
     }
     /** conv -> {verified: n, cmids: Set} (store check is incremental) */
     this.storeState = new Map(this.convIds.map((c) => [c, {verified: 0, cmids: new Set(), ids: new Set(), seqIds: new Map()}]))
-    this.natsDown = [] // [{from, to}]
+    /** outages of a dependency every send needs (NATS, the database): [{what, from: kill, to: ready again}] */
+    this.outages = []
     this.faultCount = 0
+    /** the membership probe: a conversation of its own and a user the probe removes behind chat-svc's back */
+    this.probe = {conv: randomId("probe-", 4), user: `${this.runId}_probe`, runs: 0}
   }
 
   static prerequisite(){
-    const missing = missingPrerequisite("distributed")
-    if(missing){ return missing }
+    const py = spawnSync(PYTHON, ["-c", "import secantus, pymongo"], {encoding: "utf8", timeout: 30_000})
+    if(py.status !== 0){ return `the fault suite runs its own SecantusDB: \`${PYTHON} -c "import secantus, pymongo"\` failed (scripts/deps.sh installs them): ${(py.stderr || py.error?.message || "").trim().split("\n").pop()}` }
     const nats = process.env.NATS_SERVER_BIN
     if(nats && !existsSync(nats)){ return `NATS_SERVER_BIN ${nats} does not exist (scripts/deps.sh writes it to /tmp/quckchat-test/env)` }
     return null
@@ -454,11 +521,16 @@ export class FaultRig {
   async start(){
     this.nats = await natsServer().start()
     this.redis = await redisServer().start()
-    this.log(`nats-server on ${this.nats.port}, redis-server on ${this.redis.port}`)
-    this.srv = new ServerSet("distributed", {gateways: 3, chatReplicas: 2, natsUrl: `nats://127.0.0.1:${this.nats.port}`, redisUrl: `redis://127.0.0.1:${this.redis.port}`})
+    this.db = await secantusServer().start()
+    this.log(`nats-server on ${this.nats.port}, redis-server on ${this.redis.port}, SecantusDB on ${this.db.port} (${this.db.dir})`)
+    this.srv = new ServerSet("distributed", {gateways: 3, chatReplicas: 2, natsUrl: `nats://127.0.0.1:${this.nats.port}`, redisUrl: `redis://127.0.0.1:${this.redis.port}`,
+      mongoUrl: `mongodb://127.0.0.1:${this.db.port}/?directConnection=true`})
     await this.srv.start(FAULT_ENV)
     const all = [...this.users.senders, ...this.users.receivers, ...this.users.leavers, this.users.checker]
     for(const conv of this.convIds){ await this.srv.putConversation(conv, all) }
+    // the probe works before any fault (else a failure after the database fault would mean nothing)
+    const probe = await this.probeMembershipWatch()
+    if(probe.error){ throw new Error(`the membership probe fails before any fault: ${probe.error}`) }
     const g = this.srv.gateways.length
     this.receivers = this.users.receivers.map((u, i) => new Member(this, u, this.convIds, {gateway: i % g, record: true, role: "recv"}))
     const senderMembers = this.users.senders.map((u, i) => new Member(this, u, [this.convIds[i % this.convIds.length]], {gateway: (i + 1) % g, role: "send"}))
@@ -502,7 +574,50 @@ export class FaultRig {
     for(const p of this.srv.procs){ out[p.name] = p.proc.exit ? null : rssKb(p.proc.child.pid) }
     out["nats-server"] = this.nats.rss()
     out["redis-server"] = this.redis.rss()
+    out.secantus = this.db.rss()
     return out
+  }
+
+  /**
+   * The membership change stream of chat-svc works: the probe user (made a member of the probe
+   * conversation through chat-svc, joined, a few pushes so each replica caches the membership)
+   * is `$pull`ed from `participants` directly in the database, as the backend would; chat-svc's
+   * watcher must then close its channel (phx_close) within PROBE_CLOSE_MS. Two tries (a try can
+   * lose a race with the change event of its own put). Resolves with {ms, tries} or {error}.
+   */
+  async probeMembershipWatch(){
+    const {conv, user} = this.probe
+    let last = null
+    for(let attempt = 1; attempt <= 2; attempt++){
+      this.probe.runs++
+      let socket = null
+      try {
+        await this.srv.putConversation(conv, [user])
+        await sleep(1000) // the put's own change event reaches the watchers first
+        socket = await connectPhoenix(this.srv.socketUrlFor(this.liveGateways()[0] ?? 0), await this.srv.token(user), {timeoutMs: 5000, params: {deviceId: "probe"}})
+        const channel = socket.channel(`chat:${conv}`, {})
+        const closed = new Promise((resolve) => channel.onClose(() => resolve(Date.now())))
+        await new Promise((resolve, reject) => channel.join(JOIN_TIMEOUT_MS).receive("ok", resolve)
+          .receive("error", (r) => reject(new Error(`join refused: ${JSON.stringify(r)}`))).receive("timeout", () => reject(new Error("join timed out"))))
+        for(let i = 0; i < 8; i++){
+          const r = await push(channel, "message:history", {limit: 1}, PUSH_TIMEOUT_MS)
+          if(r.status !== "ok"){ throw new Error(`message:history: ${r.status} ${JSON.stringify(r.response)}`) }
+        }
+        const at = Date.now() // (the python start, ~0.5-1 s, is part of the figure)
+        const py = await runPython("import sys, pymongo; c = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=10000); " +
+          "r = c.get_default_database().conversations.update_one({'_id': sys.argv[2]}, {'$pull': {'participants': sys.argv[3]}}); print(r.modified_count)",
+          [this.srv.mongoUrl, conv, user])
+        if(py.code !== 0 || py.out.split("\n").pop() !== "1"){ throw new Error(`the $pull in the database failed: ${py.out.split("\n").slice(-3).join(" | ")}`) }
+        const closedAt = await withTimeout(closed, PROBE_CLOSE_MS, "phx_close").catch(() => null)
+        if(closedAt){ return {closedMs: closedAt - at, tries: attempt} }
+        last = `the probe member removed in the database kept its channel for ${PROBE_CLOSE_MS} ms (no phx_close; membership change stream dead?)`
+      } catch (err){
+        last = err.message
+      } finally {
+        if(socket){ await disconnectPhoenix(socket) }
+      }
+    }
+    return {error: last}
   }
 
   async stop(){
@@ -513,6 +628,7 @@ export class FaultRig {
     try { await this.srv?.stop() } catch (e){ err = e }
     await this.nats?.stop()
     await this.redis?.stop()
+    await this.db?.stop()
     if(err){ throw err }
   }
 
@@ -713,7 +829,7 @@ export const FAULTS = {
       mark.killAt = await rig.nats.kill()
       await sleep(3000)
       mark.restoredAt = await rig.nats.restart()
-      rig.natsDown.push({from: mark.killAt, to: mark.restoredAt})
+      rig.outages.push({what: "nats", from: mark.killAt, to: mark.restoredAt})
     },
   },
   "Redis kill+restart": {
@@ -721,6 +837,18 @@ export const FAULTS = {
       mark.killAt = await rig.redis.kill()
       await sleep(3000)
       mark.restoredAt = await rig.redis.restart()
+    },
+  },
+  "database kill+restart": {
+    membershipProbe: true,
+    async run(rig, mark){
+      mark.killAt = await rig.db.kill()
+      await sleep(LIMITS.DB_DOWN_MS)
+      try {
+        mark.restoredAt = await rig.db.restart()
+      } finally {
+        rig.outages.push({what: "database", from: mark.killAt, to: mark.restoredAt ?? Date.now()})
+      }
     },
   },
 }
@@ -732,7 +860,8 @@ export async function runFault(rig, name){
   const fault = FAULTS[name]
   const errors = []
   const sinceSession = new Map(rig.receivers.map((r) => [r, r.sessions.length]))
-  const sendsBefore = rig.allSends().length
+  // this phase's sends: per sender, those after its count at the start (allSends() concatenates the senders' lists)
+  const sendsBefore = new Map(rig.senders.map((s) => [s, s.sends.length]))
   const phaseStart = Date.now()
   rig.resume()
   await sleep(WARM_MS)
@@ -758,11 +887,12 @@ export async function runFault(rig, name){
   const phaseEnd = Date.now()
 
   // figures
-  const sends = rig.allSends().slice(sendsBefore)
+  const sends = rig.senders.flatMap((s) => s.sends.slice(sendsBefore.get(s)))
   const acked = sends.filter((r) => r.ackAt !== null)
   const latency = acked.reduce((m, r) => Math.max(m, r.ackAt - r.firstAt), 0)
   const slowest = acked.find((r) => r.ackAt - r.firstAt === latency)
-  const gap = maxAckGap(rig.acks, phaseStart + 500, recoveryEnd, rig.natsDown)
+  const gap = maxAckGap(rig.acks, phaseStart + 500, recoveryEnd, rig.outages)
+  const outage = rig.outages.find((w) => w.from === mark.killAt)
   const afterRestore = fault.recoverFrom === "kill" ? mark.killAt : mark.restoredAt
   // recovery: from the kill (restore for the outages of NATS and Redis) until every sender had an ack of a send begun after it
   const perSender = rig.senders.map((s) => s.sends.find((r) => r.firstAt >= afterRestore && r.ackAt !== null)?.ackAt ?? null)
@@ -774,6 +904,8 @@ export async function runFault(rig, name){
   const figures = {fault: name, acked: acked.length, retried, maxAckGapMs: gap.max, p50SendLatencyMs: p50, maxSendLatencyMs: latency, recoveryMs,
     outageMs: mark.restoredAt ? mark.restoredAt - mark.killAt : null, receiverJoins: reconnects, phaseMs: phaseEnd - phaseStart}
 
+  // the stall the excluded outage itself caused (a figure, no bound)
+  if(outage){ figures.ackGapWithOutageMs = maxAckGap(rig.acks, phaseStart + 500, recoveryEnd).max }
   if(gap.max > LIMITS.STALL_MS){
     errors.push(`[${name}] stall: no ack for ${gap.max} ms from ${new Date(gap.at).toISOString().slice(11, 23)} (bound ${LIMITS.STALL_MS} ms; fault at ${new Date(mark.killAt).toISOString().slice(11, 23)}, restored ${mark.restoredAt ? new Date(mark.restoredAt).toISOString().slice(11, 23) : "-"})`)
   }
@@ -794,6 +926,16 @@ export async function runFault(rig, name){
   errors.push(...await rig.checkStore(name))
   errors.push(...await rig.checkDelivery(name, sinceSession))
   errors.push(...await rig.checkPresence(name, [leaverId]))
+  if(fault.membershipProbe){
+    const probe = await rig.probeMembershipWatch()
+    figures.membershipProbe = probe
+    if(probe.error){ errors.push(`[${name}] membership: ${probe.error}`) }
+    // a replica whose watcher gave up logs this once; its backend membership changes then wait for the cache TTL
+    figures.changeStreamErrors = Object.fromEntries(rig.srv.procs.filter((p) => p.name.startsWith("chat-svc"))
+      .map((p) => [p.name, (p.proc.output.match(/conversation change stream error|cannot watch conversations/g) ?? []).length]))
+    const gaveUp = rig.srv.procs.filter((p) => p.name.startsWith("chat-svc") && /cannot watch conversations/.test(p.proc.output)).map((p) => p.name)
+    if(gaveUp.length){ errors.push(`[${name}] membership: ${gaveUp.join(", ")} stopped watching conversations ("cannot watch conversations" in its log)`) }
+  }
   // not this fault's invariant, but worth seeing: leavers of earlier faults still listed online
   const earlier = new Set(rig.users.leavers.slice(0, Math.min(rig.faultCount - 1, rig.users.leavers.length)))
   figures.earlierLeaversOnline = (rig.lastOnline ?? []).filter((u) => earlier.has(u) && u !== leaverId)
