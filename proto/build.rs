@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quckchat/chat/v1/chat.proto",
         "quckchat/presence/v1/presence.proto",
         "quckchat/signaling/v1/signaling.proto",
+        "quckchat/huddle/v1/huddle.proto",
     ];
     tonic_prost_build::configure().compile_protos(&protos, &["."])?;
     for p in protos {

@@ -289,8 +289,10 @@ export class ServerSet {
    *   "chat-svc" (the one presence-svc, signaling-svc and the CLI talk gRPC to), the others "chat-svc1", ...
    * @param {string} [opts.natsUrl] - NATS of a distributed set (default NATS_URL, else nats://127.0.0.1:4222)
    * @param {string} [opts.redisUrl] - Redis of a distributed set (default REDIS_URL, else redis://127.0.0.1:6379)
+   * @param {string} [opts.mongoUrl] - MongoDB base URL of a distributed set (default TEST_MONGODB_URL); the set's
+   *   database `e2e_<random>` is put into it
    */
-  constructor(mode, {gateways = 1, chatReplicas = 1, natsUrl, redisUrl} = {}){
+  constructor(mode, {gateways = 1, chatReplicas = 1, natsUrl, redisUrl, mongoUrl} = {}){
     this.mode = mode
     this.gatewayCount = mode === "distributed" ? gateways : 1
     if(!(Number.isInteger(this.gatewayCount) && this.gatewayCount >= 1)){ throw new Error(`gateways: ${gateways}`) }
@@ -298,6 +300,7 @@ export class ServerSet {
     if(!(Number.isInteger(this.chatReplicaCount) && this.chatReplicaCount >= 1)){ throw new Error(`chatReplicas: ${chatReplicas}`) }
     this.natsUrlOpt = natsUrl
     this.redisUrlOpt = redisUrl
+    this.mongoBaseOpt = mongoUrl
     this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
     /** GRPC_AUTH_TOKEN of every process and of the CLI (gRPC refuses calls without it) */
     this.grpcToken = `e2e-grpc-${randomBytes(16).toString("hex")}`
@@ -386,13 +389,14 @@ export class ServerSet {
     }
 
     if(this.mode === "distributed"){
-      const missing = missingPrerequisite(this.mode)
+      const missing = this.mongoBaseOpt ? null : missingPrerequisite(this.mode)
       if(missing){ throw new Error(missing) }
-      const mongoBase = process.env.TEST_MONGODB_URL
+      const mongoBase = this.mongoBaseOpt ?? process.env.TEST_MONGODB_URL
       const gatewayBin = requireBin("gateway")
       const chatBin = requireBin("chat-svc")
       const presenceBin = requireBin("presence-svc")
       const signalingBin = requireBin("signaling-svc")
+      const huddleBin = requireBin("huddle-svc")
       const suffix = randomId("e2e_", 5)
       const dist = {
         ...common,
@@ -440,14 +444,24 @@ export class ServerSet {
         }))
         return {name: "signaling-svc", proc, port}
       }
-      const results = await Promise.allSettled([startSignaling(), ...Array.from({length: this.gatewayCount}, (_, i) => startGateway(i))])
+      const startHuddle = async () => {
+        // live rooms under `<suffix>:huddle:*`; huddles in the set's database
+        const {proc, port} = await startOnFreePort("huddle-svc", huddleBin, [], (p) => ({
+          ...dist, PORT: String(p), REDIS_URL: this.redisUrl, REDIS_KEY_PREFIX: `${this.redisPrefix}:huddle`,
+          MONGODB_URL: this.mongoUrl, CHAT_GRPC_URL: `http://127.0.0.1:${chat.port}`,
+        }))
+        return {name: "huddle-svc", proc, port}
+      }
+      const results = await Promise.allSettled([startSignaling(), startHuddle(), ...Array.from({length: this.gatewayCount}, (_, i) => startGateway(i))])
       const failed = results.find((r) => r.status === "rejected")
-      const [signaling, ...gateways] = results.map((r) => r.status === "fulfilled" ? r.value : null)
+      const [signaling, huddle, ...gateways] = results.map((r) => r.status === "fulfilled" ? r.value : null)
       // the services behind the gateways are stopped after them (stop() goes in reverse)
       if(signaling){ this.procs.push(signaling) }
+      if(huddle){ this.procs.push(huddle) }
       for(const gw of gateways.filter(Boolean)){ this.procs.push({name: gw.name, proc: gw.proc, port: gw.port}) }
       if(failed){ throw failed.reason }
       this.signalingPort = signaling.port
+      this.huddlePort = huddle.port
       for(const gw of gateways){ this.gateways.push(gw) }
       this.port = gateways[0].port
       return this

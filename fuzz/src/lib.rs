@@ -345,6 +345,7 @@ pub fn chat_command(data: &[u8]) {
             topic: TOPICS[usize::from(m & 7)].into(),
             event: EVENTS[usize::from((m >> 3) & 15)].into(),
             payload: rest.to_vec(),
+            node_id: "gw1".into(),
         }
     };
     let chat = &*CHAT;

@@ -565,6 +565,7 @@ where
             topic: topic.to_owned(),
             event: event.to_owned(),
             payload: payload.as_bytes().to_vec(),
+            node_id: self.shared.config.server.node_name.clone(),
         }
     }
 

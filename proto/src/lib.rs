@@ -4,6 +4,7 @@
 //! - [`chat`]: the chat service's gRPC API.
 //! - [`presence`]: the presence service's gRPC API.
 //! - [`signaling`]: the signaling service's gRPC API.
+//! - [`huddle`]: the huddle service's gRPC API.
 
 #![allow(clippy::all, clippy::pedantic)]
 
@@ -31,6 +32,13 @@ pub mod presence {
 pub mod signaling {
     pub mod v1 {
         tonic::include_proto!("quckchat.signaling.v1");
+    }
+    pub use v1::*;
+}
+
+pub mod huddle {
+    pub mod v1 {
+        tonic::include_proto!("quckchat.huddle.v1");
     }
     pub use v1::*;
 }

@@ -13,6 +13,11 @@ use quckchat_chat::presence::GrpcPresence;
 use quckchat_chat::service::ChatService;
 use quckchat_chat::store::{ChatStore, EmbeddedStore};
 use quckchat_gateway::{Gateway, GatewayConfig};
+use quckchat_huddle::config::HuddleSettings;
+use quckchat_huddle::grpc::HuddleGrpc;
+use quckchat_huddle::service::HuddleService;
+use quckchat_huddle::state::MemoryRoomState;
+use quckchat_huddle::store::{EmbeddedHuddleStore, HuddleStore};
 use quckchat_presence::config::PresenceTiming;
 use quckchat_presence::grpc::PresenceGrpc;
 use quckchat_presence::service::{ChatMemberships, PresenceService};
@@ -38,6 +43,7 @@ pub struct ServeConfig {
     pub gateway: GatewayConfig,
     pub presence: PresenceTiming,
     pub signaling: SignalingSettings,
+    pub huddles: HuddleSettings,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     /// `GRPC_AUTH_TOKEN`: what gRPC callers must present. Unset: a random
@@ -48,10 +54,16 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     pub fn read(r: &mut ConfigReader<'_>) -> Result<Self, ConfigError> {
+        let huddles;
         Ok(Self {
             gateway: GatewayConfig::read(r, Some(DEV_JWT_SECRET))?,
             presence: PresenceTiming::read(r)?,
-            signaling: SignalingSettings::read(r)?,
+            signaling: {
+                let signaling = SignalingSettings::read(r)?;
+                huddles = HuddleSettings::read(r, signaling.ice.clone())?;
+                signaling
+            },
+            huddles,
             data_dir: PathBuf::from(r.string(DATA_DIR, "./data")),
             grpc_token: GrpcToken::read_optional(r)?,
         })
@@ -159,19 +171,39 @@ pub async fn run(
         .start(services_stop.clone(), drain)
         .await?;
 
+    let huddle_store: Arc<dyn HuddleStore> = Arc::new(
+        EmbeddedHuddleStore::open(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
+    );
+    let huddles = Arc::new(
+        HuddleService::new(
+            huddle_store.clone(),
+            Arc::new(MemoryRoomState::new()),
+            bus.clone(),
+            subjects.clone(),
+            config.huddles.clone(),
+        )
+        .with_chat(Arc::new(
+            GrpcConversations::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?,
+        )),
+    );
+    let huddle_worker = huddles.clone().start(services_stop.clone(), drain).await?;
+
     let health = Health::new(
         config.gateway.server.node_name.clone(),
         vec![
             Arc::new(BusHealth(bus.clone())),
             admin::health_check("store", store, |s| s.ping()),
             admin::health_check("calls", call_log, |l| l.ping()),
+            admin::health_check("huddles", huddle_store, |s| s.ping()),
         ],
     );
     let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
     let grpc = quckchat_runtime::grpc::authenticated(
         tonic::service::Routes::new(ChatGrpc::server(chat))
             .add_service(PresenceGrpc::server(presence_state))
-            .add_service(SignalingGrpc::server(signaling)),
+            .add_service(SignalingGrpc::server(signaling))
+            .add_service(HuddleGrpc::server(huddles)),
         &grpc_token,
     );
     let router = gateway
@@ -196,6 +228,7 @@ pub async fn run(
     chat_consumer.await?;
     presence_worker.await?;
     signaling_worker.await?;
+    huddle_worker.await?;
     tracing::info!("quckchat stopped");
     Ok(())
 }

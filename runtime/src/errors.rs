@@ -67,6 +67,12 @@ pub enum ClientError {
     /// The call ended before this reached it.
     #[error("call_ended")]
     CallEnded,
+    /// The huddle has as many participants as it may.
+    #[error("huddle_full")]
+    HuddleFull,
+    /// Another participant is sharing their screen.
+    #[error("screen_in_use")]
+    ScreenInUse,
     /// The channel was left or replaced before the reply came.
     #[error("closed")]
     Closed,
@@ -117,6 +123,8 @@ impl ClientError {
             Self::MessageDeleted => "message_deleted",
             Self::AnsweredElsewhere => "answered_elsewhere",
             Self::CallEnded => "call_ended",
+            Self::HuddleFull => "huddle_full",
+            Self::ScreenInUse => "screen_in_use",
             Self::Closed => "closed",
             Self::Internal => "internal",
         }
@@ -148,9 +156,11 @@ impl ClientError {
             | Self::InvalidFrame(_)
             | Self::BinaryPayload => Code::InvalidArgument,
             Self::PayloadTooLarge { .. } | Self::TooManyChannels => Code::ResourceExhausted,
-            Self::MessageDeleted | Self::AnsweredElsewhere | Self::CallEnded => {
-                Code::FailedPrecondition
-            }
+            Self::MessageDeleted
+            | Self::AnsweredElsewhere
+            | Self::CallEnded
+            | Self::ScreenInUse => Code::FailedPrecondition,
+            Self::HuddleFull => Code::ResourceExhausted,
             Self::Closed => Code::Cancelled,
             Self::Internal => Code::Internal,
         }
@@ -207,6 +217,8 @@ mod tests {
             (ClientError::MessageDeleted, "message deleted"),
             (ClientError::AnsweredElsewhere, "answered_elsewhere"),
             (ClientError::CallEnded, "call_ended"),
+            (ClientError::HuddleFull, "huddle_full"),
+            (ClientError::ScreenInUse, "screen_in_use"),
             (ClientError::Closed, "closed"),
             (ClientError::Internal, "internal error"),
         ];

@@ -143,12 +143,33 @@ impl Publisher {
         topic: &str,
         reason: &str,
     ) -> Result<(), BusError> {
+        self.close(user_id, "", topic, reason).await
+    }
+
+    /// Closes `topic` on one connection of `user_id` only (one device).
+    pub async fn close_connection_channel(
+        &self,
+        user_id: &str,
+        conn_id: &str,
+        topic: &str,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        self.close(user_id, conn_id, topic, reason).await
+    }
+
+    async fn close(
+        &self,
+        user_id: &str,
+        conn_id: &str,
+        topic: &str,
+        reason: &str,
+    ) -> Result<(), BusError> {
         let close = DirectEvent {
             topic: topic.to_owned(),
             kind: Some(direct_event::Kind::Close(CloseChannel {
                 reason: reason.to_owned(),
             })),
-            conn_id: String::new(),
+            conn_id: conn_id.to_owned(),
             except_conn_id: String::new(),
         };
         self.send(&self.subjects.user(user_id), close.encode_to_vec())

@@ -45,6 +45,8 @@ pub struct Command {
     pub user_id: String,
     pub device_id: String,
     pub conn_id: String,
+    /// The gateway node holding the connection.
+    pub node_id: String,
     pub payload: Payload,
 }
 
@@ -68,6 +70,7 @@ impl Command {
             user_id: cmd.user_id,
             device_id: cmd.device_id,
             conn_id: cmd.conn_id,
+            node_id: cmd.node_id,
         })
     }
 
@@ -381,6 +384,7 @@ mod tests {
             topic: topic.into(),
             event: event.into(),
             payload: payload.as_bytes().to_vec(),
+            node_id: "gw1".into(),
         }
     }
 

@@ -14,7 +14,7 @@ use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
 use serde_json::Value;
 
 /// A client command as a gateway sends it: `user` on device `d-<user>`,
-/// connection `k-<user>`.
+/// connection `k-<user>` on gateway node `gw-test`.
 pub fn command(topic: &str, event: &str, user: &str, payload: &Value) -> ClientCommand {
     ClientCommand {
         conn_id: format!("k-{user}"),
@@ -23,6 +23,7 @@ pub fn command(topic: &str, event: &str, user: &str, payload: &Value) -> ClientC
         topic: topic.to_owned(),
         event: event.to_owned(),
         payload: payload.to_string().into_bytes(),
+        node_id: "gw-test".to_owned(),
     }
 }
 
