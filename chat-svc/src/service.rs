@@ -603,34 +603,57 @@ impl ChatService {
     /// Follows membership changes others write to the store (the backend
     /// updating MongoDB): drops the cached membership and closes the
     /// channels of members this replica knew and the change removed. Other
-    /// removed members are refused at their next push. Retries the watch
-    /// after an error; ends with `shutdown`.
+    /// removed members are refused at their next push. When the watch
+    /// breaks or cannot start (the database is down) it is started again,
+    /// every second at first and at most every 10 s, for as long as the
+    /// service runs; after a break every cached membership is dropped, so
+    /// changes made meanwhile apply at the next push. Ends with `shutdown`.
     pub async fn watch_memberships(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        const FIRST_RETRY: Duration = Duration::from_secs(1);
+        const LAST_RETRY: Duration = Duration::from_secs(10);
+        let mut retry = FIRST_RETRY;
+        let mut broke = false;
         loop {
-            let Some(mut changes) = self.store.membership_changes().await else {
-                return;
-            };
-            loop {
-                let change = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    change = futures::StreamExt::next(&mut changes) => change,
-                };
-                let Some(change) = change else { break };
-                let removed: Vec<String> = match self.members.get(&change.conversation_id).await {
-                    Some(known) => known
-                        .iter()
-                        .filter(|m| !change.member_ids.contains(m))
-                        .cloned()
-                        .collect(),
-                    None => Vec::new(),
-                };
-                self.members.invalidate(&change.conversation_id).await;
-                self.close_channels(&change.conversation_id, &removed).await;
+            match self.store.membership_changes().await {
+                Ok(None) => return,
+                Ok(Some(mut changes)) => {
+                    if broke {
+                        tracing::info!("conversation change stream back");
+                        self.members.invalidate_all();
+                    }
+                    retry = FIRST_RETRY;
+                    loop {
+                        let change = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            change = futures::StreamExt::next(&mut changes) => change,
+                        };
+                        let Some(change) = change else { break };
+                        let removed: Vec<String> =
+                            match self.members.get(&change.conversation_id).await {
+                                Some(known) => known
+                                    .iter()
+                                    .filter(|m| !change.member_ids.contains(m))
+                                    .cloned()
+                                    .collect(),
+                                None => Vec::new(),
+                            };
+                        self.members.invalidate(&change.conversation_id).await;
+                        self.close_channels(&change.conversation_id, &removed).await;
+                    }
+                    tracing::warn!("conversation change stream ended: watching again");
+                }
+                Err(err) => tracing::warn!(
+                    %err,
+                    retry_in_ms = retry.as_millis(),
+                    "cannot watch conversations: backend membership changes apply after the cache TTL until it can"
+                ),
             }
+            broke = true;
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(retry) => {}
             }
+            retry = (retry * 2).min(LAST_RETRY);
         }
     }
 

@@ -396,12 +396,13 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn unread_count(&self, conversation_id: &str, user_id: &str) -> Result<u64, StoreError>;
 
     /// Membership changes written to the store by others, where the store
-    /// can watch for them (MongoDB change streams). `None`: every change goes
-    /// through this service (the embedded store).
+    /// can watch for them (MongoDB change streams). `Ok(None)`: every change
+    /// goes through this service (the embedded store); an error: the watch
+    /// could not start now (the database is down), try again.
     async fn membership_changes(
         &self,
-    ) -> Option<futures::stream::BoxStream<'static, MembershipChange>> {
-        None
+    ) -> Result<Option<futures::stream::BoxStream<'static, MembershipChange>>, StoreError> {
+        Ok(None)
     }
 
     /// Whether the store answers (readiness).

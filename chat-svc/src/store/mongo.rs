@@ -875,20 +875,14 @@ impl ChatStore for MongoStore {
 
     async fn membership_changes(
         &self,
-    ) -> Option<futures::stream::BoxStream<'static, MembershipChange>> {
-        let stream = match self
+    ) -> Result<Option<futures::stream::BoxStream<'static, MembershipChange>>, StoreError> {
+        let stream = self
             .conversations()
             .watch()
             .full_document(mongodb::options::FullDocumentType::UpdateLookup)
             .await
-        {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::warn!(%err, "cannot watch conversations: backend membership changes apply after the cache TTL");
-                return None;
-            }
-        };
-        Some(
+            .map_err(unavailable)?;
+        Ok(Some(
             stream
                 .filter_map(|event| async move {
                     let event = event
@@ -910,7 +904,7 @@ impl ChatStore for MongoStore {
                     })
                 })
                 .boxed(),
-        )
+        ))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
