@@ -1,5 +1,5 @@
 // Starts a QuckChat server set (all-in-one, or N gateways + chat-svc + presence-svc +
-// signaling-svc over NATS/MongoDB/Redis) on free ports, waits until it is ready, hands out URLs and client
+// signaling-svc, huddle-svc over NATS/MongoDB/Redis) on free ports, waits until it is ready, hands out URLs and client
 // helpers, and tears everything down again: processes get SIGTERM and must exit with code 0
 // within the drain window (SHUTDOWN_DRAIN_SECS + E2E_STOP_TIMEOUT_MS), else they are
 // SIGKILLed and the stop fails; temp dirs, the set's MongoDB database and its Redis keys are
@@ -320,6 +320,8 @@ export class ServerSet {
     this.grpcPort = null
     /** distributed: port of signaling-svc (admin HTTP + gRPC) */
     this.signalingPort = null
+    /** distributed: port of huddle-svc (admin HTTP + gRPC) */
+    this.huddlePort = null
     this.cliEnv = null
     /** distributed: Redis URL and key prefix of this set (its keys are deleted at stop) */
     this.redisUrl = null
@@ -436,14 +438,6 @@ export class ServerSet {
         const gw = await startOnFreePort(name, gatewayBin, [], (p) => ({...dist, NODE_NAME: nodeName, PORT: String(p)}))
         return {name, nodeName, ...gw}
       }
-      const startSignaling = async () => {
-        // live calls under `<suffix>:signaling:*` (deleted with the set's keys); the call log in the set's database
-        const {proc, port} = await startOnFreePort("signaling-svc", signalingBin, [], (p) => ({
-          ...dist, PORT: String(p), REDIS_URL: this.redisUrl, REDIS_KEY_PREFIX: `${this.redisPrefix}:signaling`,
-          MONGODB_URL: this.mongoUrl, CHAT_GRPC_URL: `http://127.0.0.1:${chat.port}`,
-        }))
-        return {name: "signaling-svc", proc, port}
-      }
       const startHuddle = async () => {
         // live rooms under `<suffix>:huddle:*`; huddles in the set's database
         const {proc, port} = await startOnFreePort("huddle-svc", huddleBin, [], (p) => ({
@@ -452,12 +446,23 @@ export class ServerSet {
         }))
         return {name: "huddle-svc", proc, port}
       }
-      const results = await Promise.allSettled([startSignaling(), startHuddle(), ...Array.from({length: this.gatewayCount}, (_, i) => startGateway(i))])
+      // huddle-svc first: signaling-svc creates huddles there (call:escalate)
+      const huddle = await startHuddle()
+      this.procs.push(huddle)
+      const startSignaling = async () => {
+        // live calls under `<suffix>:signaling:*` (deleted with the set's keys); the call log in the set's database
+        const {proc, port} = await startOnFreePort("signaling-svc", signalingBin, [], (p) => ({
+          ...dist, PORT: String(p), REDIS_URL: this.redisUrl, REDIS_KEY_PREFIX: `${this.redisPrefix}:signaling`,
+          MONGODB_URL: this.mongoUrl, CHAT_GRPC_URL: `http://127.0.0.1:${chat.port}`,
+          HUDDLE_GRPC_URL: `http://127.0.0.1:${huddle.port}`,
+        }))
+        return {name: "signaling-svc", proc, port}
+      }
+      const results = await Promise.allSettled([startSignaling(), ...Array.from({length: this.gatewayCount}, (_, i) => startGateway(i))])
       const failed = results.find((r) => r.status === "rejected")
-      const [signaling, huddle, ...gateways] = results.map((r) => r.status === "fulfilled" ? r.value : null)
+      const [signaling, ...gateways] = results.map((r) => r.status === "fulfilled" ? r.value : null)
       // the services behind the gateways are stopped after them (stop() goes in reverse)
       if(signaling){ this.procs.push(signaling) }
-      if(huddle){ this.procs.push(huddle) }
       for(const gw of gateways.filter(Boolean)){ this.procs.push({name: gw.name, proc: gw.proc, port: gw.port}) }
       if(failed){ throw failed.reason }
       this.signalingPort = signaling.port

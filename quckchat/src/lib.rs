@@ -31,6 +31,7 @@ use quckchat_runtime::server;
 use quckchat_signaling::chat::GrpcConversations;
 use quckchat_signaling::config::SignalingSettings;
 use quckchat_signaling::grpc::SignalingGrpc;
+use quckchat_signaling::huddles::GrpcHuddles;
 use quckchat_signaling::log::{CallLog, EmbeddedCallLog};
 use quckchat_signaling::service::SignalingService;
 use quckchat_signaling::state::MemoryCallState;
@@ -164,6 +165,9 @@ pub async fn run(
         )
         .with_chat(Arc::new(
             GrpcConversations::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?,
+        ))
+        .with_huddles(Arc::new(
+            GrpcHuddles::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?,
         )),
     );
     let signaling_worker = signaling

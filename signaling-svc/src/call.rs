@@ -77,6 +77,8 @@ pub enum EndReason {
     /// Ended by the backend or an operator (`EndCall`), or the service
     /// could not go on.
     Failed,
+    /// A party turned the call into a huddle (`call:escalate`).
+    Escalated,
 }
 
 impl EndReason {
@@ -88,6 +90,7 @@ impl EndReason {
             "cancelled" => Some(Self::Cancelled),
             "disconnected" => Some(Self::Disconnected),
             "failed" => Some(Self::Failed),
+            "escalated" => Some(Self::Escalated),
             _ => None,
         }
     }
@@ -100,6 +103,7 @@ impl EndReason {
             Self::Cancelled => "cancelled",
             Self::Disconnected => "disconnected",
             Self::Failed => "failed",
+            Self::Escalated => "escalated",
         }
     }
 

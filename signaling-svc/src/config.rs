@@ -21,6 +21,7 @@ pub const CALL_RING_TIMEOUT_SECS: &str = "CALL_RING_TIMEOUT_SECS";
 pub const CALL_DISCONNECT_GRACE_SECS: &str = "CALL_DISCONNECT_GRACE_SECS";
 pub const REDIS_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
 pub const CHAT_GRPC_URL: &str = "CHAT_GRPC_URL";
+pub const HUDDLE_GRPC_URL: &str = "HUDDLE_GRPC_URL";
 
 /// What signaling needs in both modes.
 #[derive(Debug, Clone)]
@@ -94,6 +95,8 @@ pub struct SignalingConfig {
     /// chat-svc's replicas (comma-separated): conversation members (calls
     /// that name a conversation) and the call's message in it.
     pub chat_grpc_url: String,
+    /// huddle-svc's replicas (comma-separated): `call:escalate`.
+    pub huddle_grpc_url: String,
     pub settings: SignalingSettings,
     /// `GRPC_AUTH_TOKEN` (required).
     pub grpc_token: GrpcToken,
@@ -114,6 +117,11 @@ impl SignalingConfig {
             chat_grpc_url: r.url_list(
                 CHAT_GRPC_URL,
                 "http://127.0.0.1:4001",
+                &["http", "https"],
+            )?,
+            huddle_grpc_url: r.url_list(
+                HUDDLE_GRPC_URL,
+                "http://127.0.0.1:4004",
                 &["http", "https"],
             )?,
             settings: SignalingSettings::read(r)?,

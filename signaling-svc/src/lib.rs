@@ -5,6 +5,7 @@ pub mod calls;
 pub mod chat;
 pub mod config;
 pub mod grpc;
+pub mod huddles;
 pub mod ice;
 pub mod log;
 pub mod service;

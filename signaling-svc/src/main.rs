@@ -8,8 +8,9 @@ use quckchat_runtime::admin::health_check;
 use quckchat_runtime::config::{MONGODB_URL, REDIS_URL};
 use quckchat_runtime::process::{self, Node};
 use quckchat_signaling::chat::GrpcConversations;
-use quckchat_signaling::config::{SignalingConfig, CHAT_GRPC_URL};
+use quckchat_signaling::config::{SignalingConfig, CHAT_GRPC_URL, HUDDLE_GRPC_URL};
 use quckchat_signaling::grpc::SignalingGrpc;
+use quckchat_signaling::huddles::GrpcHuddles;
 use quckchat_signaling::log::{CallLog, MongoCallLog};
 use quckchat_signaling::service::SignalingService;
 use quckchat_signaling::state::{CallState, RedisCallState};
@@ -40,6 +41,8 @@ async fn run(config: SignalingConfig) -> anyhow::Result<()> {
     );
     let chat = GrpcConversations::new(&config.chat_grpc_url, node.grpc_token())
         .map_err(|e| anyhow::anyhow!("{CHAT_GRPC_URL}: {e}"))?;
+    let huddles = GrpcHuddles::new(&config.huddle_grpc_url, node.grpc_token())
+        .map_err(|e| anyhow::anyhow!("{HUDDLE_GRPC_URL}: {e}"))?;
     let service = Arc::new(
         SignalingService::new(
             state.clone(),
@@ -49,7 +52,8 @@ async fn run(config: SignalingConfig) -> anyhow::Result<()> {
             config.settings.ice.clone(),
             config.settings.timing,
         )
-        .with_chat(Arc::new(chat)),
+        .with_chat(Arc::new(chat))
+        .with_huddles(Arc::new(huddles)),
     );
     let worker = service.clone().start(node.shutdown(), node.drain()).await?;
     let checks = vec![

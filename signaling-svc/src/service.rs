@@ -24,9 +24,10 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::call::{Call, CallType, EndReason};
+use crate::call::{Call, CallStage, CallType, EndReason};
 use crate::calls::{CallTiming, Calls, CallsError, Device, Ender, Initiated, RelayTo};
 use crate::chat::Conversations;
+use crate::huddles::Huddles;
 use crate::ice::IceConfig;
 use crate::log::CallLog;
 use crate::state::CallState;
@@ -46,6 +47,7 @@ const EVENTS: &[&str] = &[
     "call:answer",
     "call:reject",
     "call:end",
+    "call:escalate",
     "webrtc:offer",
     "webrtc:answer",
     "webrtc:ice-candidate",
@@ -97,6 +99,9 @@ pub struct SignalingService {
     publisher: Publisher,
     log: Arc<dyn CallLog>,
     chat: Option<Arc<dyn Conversations>>,
+    /// Where `call:escalate` creates huddles (none: it answers
+    /// `service unavailable`).
+    huddles: Option<Arc<dyn Huddles>>,
     /// Call-log writes and chat messages, beside the replies; awaited at
     /// shutdown.
     background: TaskTracker,
@@ -125,6 +130,7 @@ impl SignalingService {
             publisher: Publisher::new(bus, subjects),
             log,
             chat: None,
+            huddles: None,
             background: TaskTracker::new(),
         }
     }
@@ -132,6 +138,12 @@ impl SignalingService {
     /// Checks conversations through chat and posts each call's message there.
     pub fn with_chat(mut self, chat: Arc<dyn Conversations>) -> Self {
         self.chat = Some(chat);
+        self
+    }
+
+    /// Creates huddles through huddle-svc for `call:escalate`.
+    pub fn with_huddles(mut self, huddles: Arc<dyn Huddles>) -> Self {
+        self.huddles = Some(huddles);
         self
     }
 
@@ -369,6 +381,69 @@ impl SignalingService {
         Ok(json!({ "callId": call_id }).into())
     }
 
+    /// A party of a connected call turns it into a huddle of the call's
+    /// conversation (or `conversationId`, when the call names none): both
+    /// parties get `call:escalated {callId, huddleId, conversationId}` on
+    /// every device, then the call ends `escalated`. The parties join the
+    /// huddle as its first participants and may invite more.
+    async fn escalate(&self, cmd: &Command) -> Result<Reply> {
+        let call_id = cmd.payload.id("callId")?;
+        let requested = match cmd.payload.get("conversationId") {
+            None => None,
+            Some(_) => Some(cmd.payload.id("conversationId")?.to_owned()),
+        };
+        let Some(huddles) = &self.huddles else {
+            return Err(ClientError::Unavailable.into());
+        };
+        let call = self
+            .calls
+            .call(call_id)
+            .await?
+            .ok_or(ClientError::NotFound)?;
+        let side = call.side_of(&cmd.user_id).ok_or(ClientError::Forbidden)?;
+        match call.stage {
+            CallStage::Ended => return Err(ClientError::CallEnded.into()),
+            CallStage::Ringing => {
+                return Err(ClientError::invalid("callId", "a connected call").into())
+            }
+            CallStage::Connected => {}
+        }
+        if call.conn_of(side) != cmd.conn_id {
+            return Err(ClientError::Forbidden.into());
+        }
+        let conversation_id = call.conversation_id.clone().or(requested).ok_or_else(|| {
+            ClientError::InvalidPayload(
+                "conversationId is required: the call names no conversation".into(),
+            )
+        })?;
+        self.check_members(&conversation_id, &call.caller_id, &call.callee_id)
+            .await?;
+        let huddle_id = huddles
+            .create(&conversation_id, &cmd.user_id)
+            .await
+            .map_err(|err| {
+                tracing::warn!(%err, call_id, "huddle for an escalated call not created");
+                err.client_error()
+            })?;
+        metrics::counter!("quckchat_calls_total", "event" => "escalated").increment(1);
+        let escalated = json!({
+            "callId": call.id,
+            "huddleId": huddle_id,
+            "conversationId": conversation_id,
+        });
+        for user in [&call.caller_id, &call.callee_id] {
+            self.send_user(user, "call:escalated", &escalated).await;
+        }
+        if let Some(ended) = self
+            .calls
+            .end(call_id, Ender::System(EndReason::Escalated), now_ms())
+            .await?
+        {
+            self.announce_end(&ended).await;
+        }
+        Ok(escalated.into())
+    }
+
     /// Ends a call for the backend (`EndCall`): `None` if it had ended.
     pub async fn end_by_system(
         &self,
@@ -561,6 +636,7 @@ impl Service for SignalingService {
             "call:answer" => self.answer(&cmd).await,
             "call:reject" => self.reject(&cmd).await,
             "call:end" => self.end(&cmd).await,
+            "call:escalate" => self.escalate(&cmd).await,
             "webrtc:offer" | "webrtc:answer" | "webrtc:ice-candidate" => self.relay(&cmd).await,
             other => Err(ClientError::UnknownEvent(other.to_owned()).into()),
         }

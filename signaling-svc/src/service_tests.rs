@@ -47,8 +47,28 @@ impl Conversations for FakeChat {
     }
 }
 
+/// Huddles created for escalated calls: (conversation, creator).
+#[derive(Default)]
+struct FakeHuddles {
+    created: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait]
+impl crate::huddles::Huddles for FakeHuddles {
+    async fn create(
+        &self,
+        conversation_id: &str,
+        created_by: &str,
+    ) -> std::result::Result<String, CallError> {
+        let mut created = self.created.lock().unwrap();
+        created.push((conversation_id.into(), created_by.into()));
+        Ok(format!("h{}", created.len()))
+    }
+}
+
 struct Fixture {
     service: Arc<SignalingService>,
+    huddles: Arc<FakeHuddles>,
     chat: Arc<FakeChat>,
     /// Everything published under the prefix.
     all: Subscription,
@@ -64,6 +84,7 @@ async fn fixture_with(timing: CallTiming) -> Fixture {
     let subjects = Subjects::new("qc");
     let all = bus.subscribe("qc.>", None).await.unwrap();
     let chat = Arc::new(FakeChat::default());
+    let huddles = Arc::new(FakeHuddles::default());
     let service = SignalingService::new(
         Arc::new(MemoryCallState::new()),
         Arc::new(EmbeddedCallLog::open(dir.path()).unwrap()),
@@ -79,9 +100,11 @@ async fn fixture_with(timing: CallTiming) -> Fixture {
         },
         timing,
     )
-    .with_chat(chat.clone());
+    .with_chat(chat.clone())
+    .with_huddles(huddles.clone());
     Fixture {
         service: Arc::new(service),
+        huddles,
         chat,
         all,
         _dir: dir,
@@ -379,6 +402,92 @@ async fn a_conversation_call_needs_both_parties_in_it() {
         json!({"reason": "forbidden"})
     );
     assert!(f.sent().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_connected_call_escalates_into_a_huddle_of_its_conversation() {
+    let mut f = fixture().await;
+    let ringing = f.ring(Some("c1")).await;
+    assert!(f
+        .refused("a", "ka", "call:escalate", json!({"callId": ringing}))
+        .await["reason"]
+        .as_str()
+        .unwrap()
+        .contains("callId must be a connected call"));
+    f.ok("b", "kb", "call:answer", json!({"callId": ringing}))
+        .await;
+    f.sent().await;
+    assert_eq!(
+        f.refused("b", "kb-other", "call:escalate", json!({"callId": ringing}))
+            .await,
+        json!({"reason": "forbidden"}),
+        "only from the device in the call"
+    );
+    assert_eq!(
+        f.refused("c", "kc", "call:escalate", json!({"callId": ringing}))
+            .await,
+        json!({"reason": "forbidden"})
+    );
+    let reply = f
+        .ok("b", "kb", "call:escalate", json!({"callId": ringing}))
+        .await;
+    let escalated = json!({"callId": ringing, "huddleId": "h1", "conversationId": "c1"});
+    assert_eq!(reply, escalated);
+    assert_eq!(
+        *f.huddles.created.lock().unwrap(),
+        [("c1".to_owned(), "b".to_owned())]
+    );
+    let sent = f.sent().await;
+    assert_eq!(
+        names(&sent),
+        [
+            ("a", "call:escalated"),
+            ("b", "call:escalated"),
+            ("a", "call:ended"),
+            ("b", "call:ended")
+        ]
+    );
+    assert_eq!(sent[0].2, escalated);
+    assert_eq!(sent[2].2["reason"], json!("escalated"));
+    assert_eq!(
+        f.logged(&ringing, CallStage::Ended).await.end_reason,
+        Some(EndReason::Escalated)
+    );
+    assert_eq!(
+        f.refused("a", "ka", "call:escalate", json!({"callId": ringing}))
+            .await,
+        json!({"reason": "call_ended"}),
+        "escalated once"
+    );
+
+    // A call without a conversation needs one named, with both parties in it.
+    let plain = f.ring(None).await;
+    f.ok("b", "kb", "call:answer", json!({"callId": plain}))
+        .await;
+    assert_eq!(
+        f.refused("a", "ka", "call:escalate", json!({"callId": plain}))
+            .await,
+        json!({"reason": "invalid payload: conversationId is required: the call names no conversation"})
+    );
+    assert_eq!(
+        f.refused(
+            "a",
+            "ka",
+            "call:escalate",
+            json!({"callId": plain, "conversationId": "c2"})
+        )
+        .await,
+        json!({"reason": "forbidden"})
+    );
+    let reply = f
+        .ok(
+            "a",
+            "ka",
+            "call:escalate",
+            json!({"callId": plain, "conversationId": "c1"}),
+        )
+        .await;
+    assert_eq!(reply["huddleId"], json!("h2"));
 }
 
 #[tokio::test]
