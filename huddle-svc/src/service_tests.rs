@@ -791,3 +791,148 @@ async fn the_creator_moderates_and_ends() {
         json!({"reason": "not_found"})
     );
 }
+
+#[tokio::test]
+async fn grpc_creates_lists_moderates_and_ends() {
+    use quckchat_proto::huddle::huddle_service_server::HuddleService as _;
+    use quckchat_proto::huddle::{
+        CreateRequest, EndRequest, GetRequest, ListByConversationRequest, ListParticipantsRequest,
+        ParticipantRequest,
+    };
+    use tonic::Request;
+
+    let mut f = fixture().await;
+    let api = crate::grpc::HuddleGrpc::new(f.service.clone());
+    let created = api
+        .create(Request::new(CreateRequest {
+            conversation_id: "c1".into(),
+            title: "retro".into(),
+            created_by: "a".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            created.conversation_id.as_str(),
+            created.title.as_str(),
+            created.participant_count
+        ),
+        ("c1", "retro", 0)
+    );
+    let refused = api
+        .create(Request::new(CreateRequest {
+            conversation_id: "c2".into(),
+            title: String::new(),
+            created_by: "a".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let bad = api
+        .create(Request::new(CreateRequest {
+            conversation_id: "c 1".into(),
+            title: String::new(),
+            created_by: "a".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let topic = format!("huddle:{}", created.id);
+    f.ok(&topic, "b", "kb1", "phx_join", json!({})).await;
+    f.ok(&topic, "b", "kb2", "phx_join", json!({})).await;
+    f.ok(&topic, "c", "kc", "phx_join", json!({})).await;
+    f.out().await;
+    let got = api
+        .get(Request::new(GetRequest {
+            huddle_id: created.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.participant_count, 3);
+    let listed = api
+        .list_by_conversation(Request::new(ListByConversationRequest {
+            conversation_id: "c1".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.huddles, vec![got.clone()]);
+    let muted = api
+        .mute_participant(Request::new(ParticipantRequest {
+            huddle_id: created.id.clone(),
+            user_id: "b".into(),
+            device_id: "dev-kb2".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let audio: Vec<(String, bool)> = muted
+        .participants
+        .iter()
+        .map(|p| (p.device_id.clone(), p.audio))
+        .collect();
+    assert_eq!(
+        audio,
+        [
+            ("dev-kb1".into(), true),
+            ("dev-kb2".into(), false),
+            ("dev-kc".into(), true)
+        ]
+    );
+    assert_eq!(muted.version, 4);
+    let removed = api
+        .remove_participant(Request::new(ParticipantRequest {
+            huddle_id: created.id.clone(),
+            user_id: "b".into(),
+            device_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.participants.len(), 1, "both of b's devices");
+    assert_eq!(removed.version, 6);
+    let out = f.out().await;
+    for conn in ["kb1", "kb2"] {
+        assert!(out.contains(&Out::Close {
+            user: "b".into(),
+            conn: conn.into(),
+            topic: topic.clone()
+        }));
+    }
+    let ended = api
+        .end(Request::new(EndRequest {
+            huddle_id: created.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ended.ended_at_ms > 0);
+    assert_eq!(ended.participant_count, 0);
+    let again = api
+        .end(Request::new(EndRequest {
+            huddle_id: created.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, ended, "ending twice returns it unchanged");
+    let none = api
+        .list_participants(Request::new(ListParticipantsRequest {
+            huddle_id: "nohuddle".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), tonic::Code::NotFound);
+    assert!(api
+        .list_by_conversation(Request::new(ListByConversationRequest {
+            conversation_id: "c1".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .huddles
+        .is_empty());
+}
