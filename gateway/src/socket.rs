@@ -93,6 +93,10 @@ struct Channel {
     /// Pushes waiting for the one in flight.
     queue: VecDeque<Push>,
     busy: bool,
+    /// The service closed the channel while a push was in flight: the push
+    /// is answered first, then the channel closes (a Phoenix channel replies
+    /// before it stops).
+    close_pending: bool,
 }
 
 struct Push {
@@ -523,6 +527,7 @@ where
                 held: Vec::new(),
                 queue: VecDeque::new(),
                 busy: true,
+                close_pending: false,
             },
         );
         let shared = self.shared.clone();
@@ -649,6 +654,9 @@ where
                 }
                 self.error(join_ref.as_deref(), done.ref_.as_deref(), &topic, &reason)
                     .await?;
+                if self.close_if_pending(&topic, join_ref.as_deref()).await? {
+                    return Ok(());
+                }
                 self.pump(&topic);
                 return Ok(());
             }
@@ -719,9 +727,23 @@ where
         for delivery in held {
             self.on_delivery(delivery).await?;
         }
+        if self.close_if_pending(&topic, join_ref.as_deref()).await? {
+            return self.flush().await;
+        }
         self.flush().await?;
         self.pump(&topic);
         Ok(())
+    }
+
+    /// Closes the channel if the service closed it while a push was in
+    /// flight (now answered); whether it did.
+    async fn close_if_pending(&mut self, topic: &str, join_ref: Option<&str>) -> Result<bool, ()> {
+        if !self.channels.get(topic).is_some_and(|c| c.close_pending) {
+            return Ok(false);
+        }
+        self.abandon(topic).await?;
+        self.send_close(join_ref, topic).await?;
+        Ok(true)
     }
 
     /// Writes one fan-out delivery (fed, not flushed).
@@ -754,6 +776,12 @@ where
             } else {
                 channel.held.push(d);
             }
+            return Ok(());
+        }
+        if channel.busy
+            && matches!(&*d.item, Item::Direct(ev) if matches!(ev.kind, Some(direct_event::Kind::Close(_))))
+        {
+            channel.close_pending = true;
             return Ok(());
         }
         let join_ref = channel.join_ref.clone();

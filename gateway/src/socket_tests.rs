@@ -15,6 +15,7 @@ use prost::Message as _;
 use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply, TopicEvent};
 use quckchat_runtime::bus::{respond, Bus, MemoryBus, Subjects};
 use quckchat_runtime::config::ConfigReader;
+use quckchat_runtime::publish::Publisher;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -123,7 +124,8 @@ fn config_from_env(vars: &[(&'static str, &'static str)]) -> GatewayConfig {
 /// A scripted chat service: joins by anyone but "mallory"; `echo` replies
 /// with the payload; `slow` replies after 200 ms; `hold` replies once the
 /// test calls `release.notify_one()`; `never` is never answered; `shout`
-/// broadcasts the payload to the topic as `shouted`.
+/// broadcasts the payload to the topic as `shouted`; `close` closes the
+/// channel on the sender's connection, then replies.
 async fn fixture(socket: SocketConfig) -> Fixture {
     fixture_with(config(socket)).await
 }
@@ -184,6 +186,20 @@ async fn fixture_with(config: GatewayConfig) -> Fixture {
                         .await
                         .unwrap();
                         (true, "{}".to_owned())
+                    }
+                    "close" => {
+                        Publisher::new(bus.clone(), subjects.clone())
+                            .close_connection_channel(
+                                &cmd.user_id,
+                                &cmd.conn_id,
+                                &cmd.topic,
+                                "ended",
+                            )
+                            .await
+                            .unwrap();
+                        // The close is on its way before the reply.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        (true, r#"{"closing":true}"#.to_owned())
                     }
                     _ => (false, r#"{"reason":"unknown event"}"#.to_owned()),
                 };
@@ -614,6 +630,28 @@ async fn presence_audits_are_answered_with_the_closed_connections() {
         answer.expect("the audit is answered").conn_ids,
         vec!["gone1", "gone2"],
         "alice's socket is open; the others are not"
+    );
+}
+
+#[tokio::test]
+async fn a_channel_closed_by_its_service_mid_push_answers_the_push_first() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    c.send(json!(["1", "2", "chat:c1", "close", {}]));
+    assert_eq!(
+        c.recv().await,
+        json!(["1", "2", "chat:c1", "phx_reply", {"status": "ok", "response": {"closing": true}}]),
+        "the reply comes before the close"
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["1", "1", "chat:c1", "phx_close", {}])
+    );
+    c.send(json!(["1", "3", "chat:c1", "echo", {}]));
+    assert_eq!(
+        c.recv().await[4],
+        json!({"status": "error", "response": {"reason": "unmatched topic"}})
     );
 }
 

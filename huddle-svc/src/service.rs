@@ -382,7 +382,9 @@ impl HuddleService {
     }
 
     /// Takes `user_id` out of the huddle (one device, or all) and closes
-    /// their channel.
+    /// their channel. The removed sockets get their `participant:left` on
+    /// their own connection just before the close (the topic's broadcast
+    /// travels another path and could arrive after the close, and be lost).
     pub async fn remove(
         &self,
         huddle: &Huddle,
@@ -392,18 +394,20 @@ impl HuddleService {
         let (room, events) = self
             .mutate(&huddle.id, |r| Ok(r.leave(user_id, device_id, None)))
             .await?;
-        self.announce(huddle, &room, &events).await;
-        let mut closed = HashSet::new();
         for ev in &events {
-            if closed.insert(ev.participant.conn_id.clone()) {
-                self.close_conn(huddle, &ev.participant, "removed").await;
-            }
+            self.to_conn(huddle, &ev.participant, ev.kind.event(), &event_payload(ev))
+                .await;
+            self.close_conn(huddle, &ev.participant, "removed").await;
         }
+        // Then everyone else (the removed socket, closed by then, mostly
+        // misses this copy; if it comes first, its version is a duplicate).
+        self.announce(huddle, &room, &events).await;
         Ok(room)
     }
 
-    /// Ends a huddle for everyone: `huddle:ended`, then each participant's
-    /// channel closes. `None` if it had ended (or never existed).
+    /// Ends a huddle for everyone: each participant's socket gets
+    /// `huddle:ended`, then its channel closes (both on the socket's own
+    /// path, so in that order). `None` if it had ended (or never existed).
     pub async fn end(&self, huddle_id: &str) -> Result<Option<Huddle>> {
         let Some(huddle) = self.store.end(huddle_id, now_ms()).await? else {
             return Ok(None);
@@ -411,8 +415,8 @@ impl HuddleService {
         metrics::counter!("quckchat_huddles_total", "event" => "ended").increment(1);
         let room = self.state.load(huddle_id).await?;
         let ended = json!({ "huddleId": huddle.id });
-        self.to_topic(&huddle.topic(), "huddle:ended", &ended).await;
         for p in &room.participants {
+            self.to_conn(&huddle, p, "huddle:ended", &ended).await;
             self.close_conn(&huddle, p, "ended").await;
         }
         self.state.remove(huddle_id).await?;
@@ -537,15 +541,8 @@ impl HuddleService {
         }
         let topic = huddle.topic();
         for ev in events {
-            let mut payload = json!({
-                "participant": ev.participant.view(),
-                "version": ev.version,
-            });
-            if ev.kind == EventKind::Left {
-                payload["userId"] = json!(ev.participant.user_id);
-                payload["deviceId"] = json!(ev.participant.device_id);
-            }
-            self.to_topic(&topic, ev.kind.event(), &payload).await;
+            self.to_topic(&topic, ev.kind.event(), &event_payload(ev))
+                .await;
         }
         if events.iter().any(|e| e.kind != EventKind::Updated) {
             self.to_topic(
@@ -559,6 +556,16 @@ impl HuddleService {
 
     async fn to_topic(&self, topic: &str, event: &str, payload: &Value) {
         if let Err(err) = self.publisher.to_topic(topic, event, payload, None).await {
+            tracing::warn!(%err, event, "huddle event not published");
+        }
+    }
+
+    async fn to_conn(&self, huddle: &Huddle, p: &Participant, event: &str, payload: &Value) {
+        if let Err(err) = self
+            .publisher
+            .to_connection(&p.user_id, &p.conn_id, &huddle.topic(), event, payload)
+            .await
+        {
             tracing::warn!(%err, event, "huddle event not published");
         }
     }
@@ -696,6 +703,20 @@ impl HuddleService {
             .unwrap_or_else(|e| e.into_inner())
             .contains(node)
     }
+}
+
+/// A participant event's payload: `{participant, version}`, and for a
+/// `left` also `{userId, deviceId}`.
+fn event_payload(ev: &RoomEvent) -> Value {
+    let mut payload = json!({
+        "participant": ev.participant.view(),
+        "version": ev.version,
+    });
+    if ev.kind == EventKind::Left {
+        payload["userId"] = json!(ev.participant.user_id);
+        payload["deviceId"] = json!(ev.participant.device_id);
+    }
+    payload
 }
 
 fn grace_ms(settings: &HuddleSettings) -> i64 {

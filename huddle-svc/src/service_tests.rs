@@ -726,11 +726,24 @@ async fn the_creator_moderates_and_ends() {
             ("huddle:participant:left".into(), 5, "c".into())
         ]
     );
-    assert!(out.contains(&Out::Close {
-        user: "c".into(),
-        conn: "kc".into(),
-        topic: topic.clone()
-    }));
+    // The removed socket hears its own leave on its own path, then the close.
+    let at = |o: &Out| {
+        out.iter()
+            .position(|x| x == o)
+            .unwrap_or_else(|| panic!("{o:?} not in {out:?}"))
+    };
+    let own_left = out
+        .iter()
+        .position(|o| matches!(o, Out::User { conn, event, .. } if conn == "kc" && event == "huddle:participant:left"))
+        .expect("the removed socket's own left");
+    assert!(
+        own_left
+            < at(&Out::Close {
+                user: "c".into(),
+                conn: "kc".into(),
+                topic: topic.clone()
+            })
+    );
     f.ok(
         &topic,
         "b",
@@ -762,20 +775,25 @@ async fn the_creator_moderates_and_ends() {
     );
     f.ok(&topic, "a", "ka", "huddle:end", json!({})).await;
     let out = f.out().await;
-    assert!(out.contains(&Out::Topic {
-        topic: topic.clone(),
-        event: "huddle:ended".into(),
-        payload: json!({"huddleId": id})
-    }));
+    let at = |o: &Out| {
+        out.iter()
+            .position(|x| x == o)
+            .unwrap_or_else(|| panic!("{o:?} not in {out:?}"))
+    };
     for (user, conn) in [("a", "ka"), ("b", "kb")] {
-        assert!(
-            out.contains(&Out::Close {
-                user: user.into(),
-                conn: conn.into(),
-                topic: topic.clone()
-            }),
-            "{out:?}"
-        );
+        let ended = at(&Out::User {
+            user: user.into(),
+            conn: conn.into(),
+            topic: topic.clone(),
+            event: "huddle:ended".into(),
+            payload: json!({"huddleId": id}),
+        });
+        let closed = at(&Out::Close {
+            user: user.into(),
+            conn: conn.into(),
+            topic: topic.clone(),
+        });
+        assert!(ended < closed, "huddle:ended before phx_close: {out:?}");
     }
     assert!(out.contains(&Out::Topic {
         topic: "chat:c1".into(),
