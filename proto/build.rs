@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "quckchat/presence/v1/presence.proto",
         "quckchat/signaling/v1/signaling.proto",
         "quckchat/huddle/v1/huddle.proto",
+        "quckchat/push/v1/push.proto",
     ];
     tonic_prost_build::configure().compile_protos(&protos, &["."])?;
     for p in protos {

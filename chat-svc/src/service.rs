@@ -13,10 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prost::Message as _;
+use quckchat_proto::bus::MessagePush;
 use quckchat_runtime::bus::{Bus, Subjects};
 use quckchat_runtime::errors::ClientError;
 use quckchat_runtime::ids::valid_id;
 use quckchat_runtime::publish::Publisher;
+use quckchat_runtime::push;
 use quckchat_runtime::routes;
 use quckchat_runtime::service::{Command, Payload, Reply, Service};
 use serde_json::{json, Value};
@@ -380,7 +383,30 @@ impl ChatService {
             tracing::warn!(%err, %topic, "message:new not published");
         }
         drop(turn);
+        self.hand_to_push(&appended.message).await;
         Ok((appended.message, body))
+    }
+
+    /// Tells push-svc about a stored message (members with no live
+    /// connection get a push). A retried send is handed over again: push-svc
+    /// dedupes by message and device.
+    async fn hand_to_push(&self, m: &Message) {
+        let notice = MessagePush {
+            conversation_id: m.conversation_id.clone(),
+            message_id: m.id.clone(),
+            seq: m.seq,
+            sender_id: m.sender_id.clone(),
+            preview: push::preview(&m.content),
+            message_type: m.kind.clone(),
+            created_at_ms: m.created_at.timestamp_millis(),
+        };
+        if let Err(err) = self
+            .publisher
+            .notice(routes::PUSH, push::MESSAGE_NOTICE, notice.encode_to_vec())
+            .await
+        {
+            tracing::warn!(%err, "message push hand-off not published");
+        }
     }
 
     /// The `message:new` events of `conversation_id` with seq strictly

@@ -5,6 +5,7 @@
 //! - [`presence`]: the presence service's gRPC API.
 //! - [`signaling`]: the signaling service's gRPC API.
 //! - [`huddle`]: the huddle service's gRPC API.
+//! - [`push`]: the push service's gRPC API.
 
 #![allow(clippy::all, clippy::pedantic)]
 
@@ -39,6 +40,13 @@ pub mod signaling {
 pub mod huddle {
     pub mod v1 {
         tonic::include_proto!("quckchat.huddle.v1");
+    }
+    pub use v1::*;
+}
+
+pub mod push {
+    pub mod v1 {
+        tonic::include_proto!("quckchat.push.v1");
     }
     pub use v1::*;
 }

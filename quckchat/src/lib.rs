@@ -22,11 +22,20 @@ use quckchat_presence::config::PresenceTiming;
 use quckchat_presence::grpc::PresenceGrpc;
 use quckchat_presence::service::{ChatMemberships, PresenceService};
 use quckchat_presence::state::{MemoryState, PresenceState};
+use quckchat_push::clients::{GrpcChat, GrpcOnline};
+use quckchat_push::config::PushSettings;
+use quckchat_push::deliver::{Deliverer, RetryPolicy};
+use quckchat_push::devices::{Devices, EmbeddedDevices};
+use quckchat_push::grpc::PushGrpc;
+use quckchat_push::queue as push_queue;
+use quckchat_push::sent::MemorySentLog;
+use quckchat_push::service::PushService;
 use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::auth::DEV_JWT_SECRET;
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
 use quckchat_runtime::config::{ConfigError, ConfigReader, DATA_DIR};
 use quckchat_runtime::grpc::GrpcToken;
+use quckchat_runtime::publish::Publisher;
 use quckchat_runtime::server;
 use quckchat_signaling::chat::GrpcConversations;
 use quckchat_signaling::config::SignalingSettings;
@@ -45,6 +54,7 @@ pub struct ServeConfig {
     pub presence: PresenceTiming,
     pub signaling: SignalingSettings,
     pub huddles: HuddleSettings,
+    pub push: PushSettings,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     /// `GRPC_AUTH_TOKEN`: what gRPC callers must present. Unset: a random
@@ -65,6 +75,7 @@ impl ServeConfig {
                 signaling
             },
             huddles,
+            push: PushSettings::read(r)?,
             data_dir: PathBuf::from(r.string(DATA_DIR, "./data")),
             grpc_token: GrpcToken::read_optional(r)?,
         })
@@ -193,6 +204,46 @@ pub async fn run(
     );
     let huddle_worker = huddles.clone().start(services_stop.clone(), drain).await?;
 
+    let push_devices: Arc<dyn Devices> = Arc::new(
+        EmbeddedDevices::open(&config.data_dir).map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
+    );
+    let push_apps =
+        Arc::new(quckchat_push::apps::build(&config.push.apps).map_err(anyhow::Error::msg)?);
+    let push_worker = if push_apps.is_empty() {
+        tracing::info!("no FCM or APNS credentials: push is off (the device registry still works)");
+        None
+    } else {
+        tracing::info!(apps = ?push_apps.names(), "push on");
+        let deliverer = Arc::new(Deliverer::new(
+            push_apps,
+            push_devices.clone(),
+            Arc::new(MemorySentLog::new()),
+            RetryPolicy {
+                max_attempts: config.push.max_attempts,
+                ..RetryPolicy::default()
+            },
+            config.push.concurrency,
+        ));
+        let push = Arc::new(PushService::new(
+            push_devices.clone(),
+            Arc::new(GrpcOnline::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?),
+            Arc::new(GrpcChat::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?),
+            deliverer,
+            config.push.preview,
+        ));
+        Some(
+            push_queue::run_memory(
+                push,
+                bus.clone(),
+                &subjects,
+                config.push.queue,
+                services_stop.clone(),
+                drain,
+            )
+            .await?,
+        )
+    };
+
     let health = Health::new(
         config.gateway.server.node_name.clone(),
         vec![
@@ -200,14 +251,19 @@ pub async fn run(
             admin::health_check("store", store, |s| s.ping()),
             admin::health_check("calls", call_log, |l| l.ping()),
             admin::health_check("huddles", huddle_store, |s| s.ping()),
+            admin::health_check("devices", push_devices.clone(), |d| d.ping()),
         ],
     );
-    let gateway = Gateway::new(config.gateway.clone(), bus, token.clone());
+    let gateway = Gateway::new(config.gateway.clone(), bus.clone(), token.clone());
     let grpc = quckchat_runtime::grpc::authenticated(
         tonic::service::Routes::new(ChatGrpc::server(chat))
             .add_service(PresenceGrpc::server(presence_state))
             .add_service(SignalingGrpc::server(signaling))
-            .add_service(HuddleGrpc::server(huddles)),
+            .add_service(HuddleGrpc::server(huddles))
+            .add_service(PushGrpc::server(
+                push_devices,
+                Publisher::new(bus.clone(), subjects.clone()),
+            )),
         &grpc_token,
     );
     let router = gateway
@@ -233,6 +289,9 @@ pub async fn run(
     presence_worker.await?;
     signaling_worker.await?;
     huddle_worker.await?;
+    if let Some(worker) = push_worker {
+        worker.await?;
+    }
     tracing::info!("quckchat stopped");
     Ok(())
 }

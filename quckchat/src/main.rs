@@ -7,6 +7,9 @@
 //! - `quckchat conversation put <id> --members u1,u2`: upserts membership
 //!   through the server's gRPC API, presenting `GRPC_AUTH_TOKEN` from the
 //!   environment (`authorization: Bearer <token>`).
+//! - `quckchat device add <userId> --platform fcm --token <t> [--app <app>]`,
+//!   `quckchat device list <userId>`, `quckchat device remove <token>`: the
+//!   push device registry, the same way.
 
 use std::time::Duration;
 
@@ -45,6 +48,44 @@ enum Command {
     Conversation {
         #[command(subcommand)]
         action: ConversationAction,
+    },
+    /// Manage push devices through the push service's gRPC API.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Register a device token for a user (moves it if another user had it).
+    Add {
+        user_id: String,
+        /// fcm, apns or apns-voip.
+        #[arg(long)]
+        platform: String,
+        #[arg(long)]
+        token: String,
+        /// Which configured app's credentials push to it (default: the default app).
+        #[arg(long, default_value = "")]
+        app: String,
+        #[arg(long, default_value = "")]
+        locale: String,
+        /// gRPC address of the server (all-in-one) or of push-svc.
+        #[arg(long, env = "QUCKCHAT_ADDR", default_value = "http://127.0.0.1:4000")]
+        addr: String,
+    },
+    /// List a user's devices.
+    List {
+        user_id: String,
+        #[arg(long, env = "QUCKCHAT_ADDR", default_value = "http://127.0.0.1:4000")]
+        addr: String,
+    },
+    /// Remove a device token.
+    Remove {
+        token: String,
+        #[arg(long, env = "QUCKCHAT_ADDR", default_value = "http://127.0.0.1:4000")]
+        addr: String,
     },
 }
 
@@ -86,6 +127,7 @@ fn main() {
             0
         }
         Command::Conversation { action } => run_client(action),
+        Command::Device { action } => run_devices(action),
     };
     std::process::exit(code);
 }
@@ -111,6 +153,69 @@ fn run_server() -> i32 {
     let served = runtime().block_on(async { serve(config, quckchat::shutdown_on_signal()).await });
     process::finish("quckchat", served);
     0
+}
+
+fn print_device(d: &quckchat_proto::push::Device) {
+    println!(
+        "{} {} {} app={} locale={}",
+        d.user_id,
+        d.platform,
+        d.token,
+        if d.app.is_empty() { "default" } else { &d.app },
+        if d.locale.is_empty() { "-" } else { &d.locale },
+    );
+}
+
+fn run_devices(action: DeviceAction) -> i32 {
+    use quckchat_proto::push::push_service_client::PushServiceClient;
+    use quckchat_proto::push::{
+        ListDevicesRequest, RegisterDeviceRequest, UnregisterDeviceRequest,
+    };
+    let result = runtime().block_on(async {
+        match action {
+            DeviceAction::Add {
+                user_id,
+                platform,
+                token,
+                app,
+                locale,
+                addr,
+            } => {
+                let (channel, bearer) = channel(&addr).await?;
+                let device = PushServiceClient::with_interceptor(channel, bearer)
+                    .register_device(RegisterDeviceRequest {
+                        user_id,
+                        platform,
+                        token,
+                        app,
+                        locale,
+                    })
+                    .await?
+                    .into_inner();
+                print_device(&device);
+            }
+            DeviceAction::List { user_id, addr } => {
+                let (channel, bearer) = channel(&addr).await?;
+                let devices = PushServiceClient::with_interceptor(channel, bearer)
+                    .list_devices(ListDevicesRequest { user_id })
+                    .await?
+                    .into_inner()
+                    .devices;
+                for d in &devices {
+                    print_device(d);
+                }
+            }
+            DeviceAction::Remove { token, addr } => {
+                let (channel, bearer) = channel(&addr).await?;
+                PushServiceClient::with_interceptor(channel, bearer)
+                    .unregister_device(UnregisterDeviceRequest { token })
+                    .await?;
+                println!("removed");
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    report(result)
 }
 
 fn run_client(action: ConversationAction) -> i32 {
@@ -155,6 +260,12 @@ fn run_client(action: ConversationAction) -> i32 {
         }
         Ok::<_, anyhow::Error>(())
     });
+    report(result)
+}
+
+/// Exit code 0, or 1 with the error on stderr (naming the token variable
+/// when the server refused the credential).
+fn report(result: anyhow::Result<()>) -> i32 {
     match result {
         Ok(()) => 0,
         Err(err) => {
@@ -172,10 +283,18 @@ fn run_client(action: ConversationAction) -> i32 {
     }
 }
 
-/// A client of the chat API at `addr`, presenting `GRPC_AUTH_TOKEN` (from
-/// the environment, never the command line, so it stays out of `ps`).
-/// Unset: no credential is sent, and the server refuses the call.
+/// A client of the chat API at `addr` (see [`channel`]).
 async fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<AuthChannel>> {
+    let (channel, bearer) = channel(addr).await?;
+    Ok(ChatServiceClient::with_interceptor(channel, bearer))
+}
+
+/// A channel to `addr` and the credential to present: `GRPC_AUTH_TOKEN`
+/// (from the environment, never the command line, so it stays out of
+/// `ps`). Unset: no credential is sent, and the server refuses the call.
+async fn channel(
+    addr: &str,
+) -> anyhow::Result<(tonic::transport::Channel, quckchat_runtime::grpc::Bearer)> {
     let token = match std::env::var(GRPC_AUTH_TOKEN) {
         Ok(t) if !t.trim().is_empty() => {
             Some(GrpcToken::new(&t).map_err(|e| anyhow::anyhow!("{GRPC_AUTH_TOKEN}: {e}"))?)
@@ -194,5 +313,5 @@ async fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<AuthChannel>> {
         Some(token) => token.bearer(),
         None => quckchat_runtime::grpc::Bearer::none(),
     };
-    Ok(ChatServiceClient::with_interceptor(channel, bearer))
+    Ok((channel, bearer))
 }

@@ -293,7 +293,7 @@ async fn admin_endpoints_report_health_and_metrics_that_follow_activity() {
     assert_eq!(
         health,
         json!({"status": "ok", "node": "qc-admin-test", "version": version,
-               "checks": {"bus": "ok", "store": "ok", "calls": "ok", "huddles": "ok"}})
+               "checks": {"bus": "ok", "store": "ok", "calls": "ok", "huddles": "ok", "devices": "ok"}})
     );
     let (status, body) = get(addr, "/health/ready").await;
     assert_eq!(status, 200);

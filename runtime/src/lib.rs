@@ -35,6 +35,7 @@ pub mod ids;
 pub mod presence;
 pub mod process;
 pub mod publish;
+pub mod push;
 pub mod routes;
 pub mod server;
 pub mod service;

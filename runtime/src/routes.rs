@@ -13,6 +13,8 @@ pub const CHAT: &str = "chat";
 pub const SIGNALING: &str = "signaling";
 pub const HUDDLE: &str = "huddle";
 pub const PRESENCE: &str = "presence";
+/// No topics: it takes notices only (`crate::push`).
+pub const PUSH: &str = "push";
 
 /// A channel kind served by one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

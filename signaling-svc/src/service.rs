@@ -17,6 +17,7 @@ use quckchat_runtime::bus::{Bus, BusError, Subjects};
 use quckchat_runtime::errors::ClientError;
 use quckchat_runtime::presence::OFFLINE_NOTICE;
 use quckchat_runtime::publish::Publisher;
+use quckchat_runtime::push;
 use quckchat_runtime::routes;
 use quckchat_runtime::service::{self, Command, Reply, Service};
 use quckchat_runtime::time::now_ms;
@@ -38,9 +39,6 @@ pub const LOBBY: &str = "webrtc:lobby";
 pub const MAX_RELAY_BYTES: usize = 64 * 1024;
 /// How often each replica looks for due timers.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
-/// Where call events for push-svc go (`<prefix>.svc.push.call`).
-pub const PUSH_SERVICE: &str = "push";
-pub const PUSH_CALL_NOTICE: &str = "call";
 
 const EVENTS: &[&str] = &[
     "call:initiate",
@@ -600,7 +598,7 @@ impl SignalingService {
         let publisher = self.publisher.clone();
         self.background.spawn(async move {
             if let Err(err) = publisher
-                .notice(PUSH_SERVICE, PUSH_CALL_NOTICE, notice.encode_to_vec())
+                .notice(routes::PUSH, push::CALL_NOTICE, notice.encode_to_vec())
                 .await
             {
                 tracing::warn!(%err, "call push hand-off not published");

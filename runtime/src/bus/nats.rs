@@ -71,6 +71,12 @@ impl NatsBus {
         }
         Ok(Self { client })
     }
+
+    /// The NATS client, for what the [`crate::bus::Bus`] trait does not
+    /// cover (JetStream).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
 }
 
 fn to_header_map(headers: Headers) -> HeaderMap {
