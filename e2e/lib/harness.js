@@ -292,7 +292,7 @@ export class ServerSet {
    * @param {string} [opts.mongoUrl] - MongoDB base URL of a distributed set (default TEST_MONGODB_URL); the set's
    *   database `e2e_<random>` is put into it
    */
-  constructor(mode, {gateways = 1, chatReplicas = 1, natsUrl, redisUrl, mongoUrl} = {}){
+  constructor(mode, {gateways = 1, chatReplicas = 1, natsUrl, redisUrl, mongoUrl, push = false} = {}){
     this.mode = mode
     this.gatewayCount = mode === "distributed" ? gateways : 1
     if(!(Number.isInteger(this.gatewayCount) && this.gatewayCount >= 1)){ throw new Error(`gateways: ${gateways}`) }
@@ -301,6 +301,9 @@ export class ServerSet {
     this.natsUrlOpt = natsUrl
     this.redisUrlOpt = redisUrl
     this.mongoBaseOpt = mongoUrl
+    /** distributed: also start push-svc (its JetStream stream lives on the set's NATS: give a
+     * `natsUrl` of a server the test owns, so no stream is left behind on the shared one) */
+    this.pushOpt = push
     this.jwtSecret = `e2e-secret-${randomBytes(16).toString("hex")}`
     /** GRPC_AUTH_TOKEN of every process and of the CLI (gRPC refuses calls without it) */
     this.grpcToken = `e2e-grpc-${randomBytes(16).toString("hex")}`
@@ -322,6 +325,8 @@ export class ServerSet {
     this.signalingPort = null
     /** distributed: port of huddle-svc (admin HTTP + gRPC) */
     this.huddlePort = null
+    /** distributed, with `push`: port of push-svc (admin HTTP + gRPC) */
+    this.pushPort = null
     this.cliEnv = null
     /** distributed: Redis URL and key prefix of this set (its keys are deleted at stop) */
     this.redisUrl = null
@@ -449,6 +454,16 @@ export class ServerSet {
       // huddle-svc first: signaling-svc creates huddles there (call:escalate)
       const huddle = await startHuddle()
       this.procs.push(huddle)
+      if(this.pushOpt){
+        // the sent log under `<suffix>:push:*`; devices in the set's database
+        const {proc, port} = await startOnFreePort("push-svc", requireBin("push-svc"), [], (p) => ({
+          ...dist, PORT: String(p), REDIS_URL: this.redisUrl, REDIS_KEY_PREFIX: `${this.redisPrefix}:push`,
+          MONGODB_URL: this.mongoUrl, CHAT_GRPC_URL: `http://127.0.0.1:${chat.port}`,
+          PRESENCE_GRPC_URL: `http://127.0.0.1:${presence.port}`,
+        }))
+        this.procs.push({name: "push-svc", proc, port})
+        this.pushPort = port
+      }
       const startSignaling = async () => {
         // live calls under `<suffix>:signaling:*` (deleted with the set's keys); the call log in the set's database
         const {proc, port} = await startOnFreePort("signaling-svc", signalingBin, [], (p) => ({
@@ -698,7 +713,8 @@ export function useServerSet(mode, {env = {}, gateways = 1, ...opts} = {}){
   afterEach(async () => { await set?.closeClients() }, {timeout: 10_000})
   // every process may use its whole drain window (stop() fails the suite if one needs more)
   const drainMs = Number(env.SHUTDOWN_DRAIN_SECS ?? process.env.SHUTDOWN_DRAIN_SECS ?? 10) * 1000
-  const processes = mode === "distributed" ? gateways + 2 + (opts.chatReplicas ?? 1) : 1
+  // distributed: the gateways, chat-svc replicas, presence-svc, signaling-svc, huddle-svc (and push-svc)
+  const processes = mode === "distributed" ? gateways + (opts.chatReplicas ?? 1) + 3 + (opts.push ? 1 : 0) : 1
   after(async () => { await set?.stop() }, {timeout: processes * (drainMs + STOP_TIMEOUT_MS + 2000) + 30_000})
   return new Proxy({}, {
     get(_target, prop){
