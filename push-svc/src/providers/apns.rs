@@ -27,7 +27,7 @@ use reqwest::header::RETRY_AFTER;
 use reqwest::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::fcm::{error_chain, keys, ProviderConfigError};
+use super::fcm::{error_chain, ProviderConfigError};
 use super::{retry_after, Kind, Notification, Outcome, Provider};
 use crate::devices::{Device, Platform};
 
@@ -127,8 +127,12 @@ fn es256_key(pem: &str, what: &str) -> Result<EncodingKey, ProviderConfigError> 
         what: what.to_owned(),
         detail,
     };
-    let pkcs8 = keys::ec_private_pkcs8(pem).map_err(bad)?;
-    let key = EncodingKey::from_ec_der(&pkcs8);
+    let key = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| {
+        bad(format!(
+            "not a PKCS#8 EC private key in PEM, as Apple's .p8 files are \
+             (a SEC1 key converts with `openssl pkcs8 -topk8 -nocrypt`) ({e})"
+        ))
+    })?;
     jsonwebtoken::encode(
         &Header::new(Algorithm::ES256),
         &json!({"probe": true}),

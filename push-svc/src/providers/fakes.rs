@@ -40,7 +40,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::apns::ApnsConfig;
-use super::fcm::{keys, FcmConfig, ServiceAccount, FCM_SCOPE, JWT_BEARER_GRANT};
+use super::fcm::{FcmConfig, ServiceAccount, FCM_SCOPE, JWT_BEARER_GRANT};
 use crate::devices::{Device, Platform};
 
 /// The fake service account's `client_email`.
@@ -286,9 +286,8 @@ impl FakeFcm {
     /// Starts the fake; access tokens live an hour until
     /// [`FakeFcm::set_token_lifetime`].
     pub async fn start() -> std::io::Result<Self> {
-        let public_key = DecodingKey::from_rsa_der(
-            &keys::public_key(TEST_RSA_PUBLIC_KEY_PEM).map_err(std::io::Error::other)?,
-        );
+        let public_key = DecodingKey::from_rsa_pem(TEST_RSA_PUBLIC_KEY_PEM.as_bytes())
+            .map_err(std::io::Error::other)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicUsize::new(0));
@@ -802,9 +801,8 @@ pub struct FakeApns {
 
 impl FakeApns {
     pub async fn start() -> std::io::Result<Self> {
-        let public_key = DecodingKey::from_ec_der(
-            &keys::public_key(TEST_P256_PUBLIC_KEY_PEM).map_err(std::io::Error::other)?,
-        );
+        let public_key = DecodingKey::from_ec_pem(TEST_P256_PUBLIC_KEY_PEM.as_bytes())
+            .map_err(std::io::Error::other)?;
         let connections = Arc::new(AtomicUsize::new(0));
         let state = Arc::new(ApnsState {
             public_key,

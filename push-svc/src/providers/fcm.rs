@@ -172,8 +172,8 @@ fn rsa_key(pem: &str, what: &str) -> Result<EncodingKey, ProviderConfigError> {
         what: what.to_owned(),
         detail,
     };
-    let pkcs1 = keys::rsa_private_pkcs1(pem).map_err(bad)?;
-    let key = EncodingKey::from_rsa_der(&pkcs1);
+    let key = EncodingKey::from_rsa_pem(pem.as_bytes())
+        .map_err(|e| bad(format!("not an RSA private key in PEM ({e})")))?;
     jsonwebtoken::encode(
         &Header::new(Algorithm::RS256),
         &json!({"probe": true}),
@@ -617,160 +617,6 @@ pub(crate) fn error_chain(error: &dyn StdError) -> String {
     text
 }
 
-/// PEM and the little DER needed to hand keys to `jsonwebtoken` (its PEM
-/// support is a feature this workspace leaves off): PKCS#8 private keys
-/// are unwrapped, and public keys taken out of their SubjectPublicKeyInfo.
-pub(crate) mod keys {
-    use base64::Engine as _;
-
-    /// rsaEncryption, 1.2.840.113549.1.1.1.
-    const RSA_OID: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-    /// id-ecPublicKey, 1.2.840.10045.2.1.
-    const EC_OID: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-
-    const SEQUENCE: u8 = 0x30;
-    const INTEGER: u8 = 0x02;
-    const BIT_STRING: u8 = 0x03;
-    const OCTET_STRING: u8 = 0x04;
-    const OID: u8 = 0x06;
-
-    /// The label and DER of the first PEM block in `pem`.
-    pub(crate) fn pem(pem: &str) -> Result<(String, Vec<u8>), String> {
-        let mut lines = pem
-            .lines()
-            .map(str::trim)
-            .skip_while(|l| !l.starts_with("-----BEGIN "));
-        let label = lines
-            .next()
-            .and_then(|l| l.strip_prefix("-----BEGIN "))
-            .and_then(|l| l.strip_suffix("-----"))
-            .ok_or("no PEM \"-----BEGIN …-----\" line")?
-            .to_owned();
-        let end = format!("-----END {label}-----");
-        let mut base64 = String::new();
-        let mut ended = false;
-        for line in lines {
-            if line == end {
-                ended = true;
-                break;
-            }
-            base64.push_str(line);
-        }
-        if !ended {
-            return Err(format!("the PEM block has no {end:?} line"));
-        }
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(base64.as_bytes())
-            .map_err(|e| format!("the PEM body is not base64 ({e})"))?;
-        Ok((label, der))
-    }
-
-    /// One DER element: tag, contents, what follows.
-    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 {
-                return None;
-            }
-            let (bytes, rest) = rest.split_at_checked(n)?;
-            let len = bytes
-                .iter()
-                .fold(0usize, |len, b| len << 8 | usize::from(*b));
-            (len, rest)
-        };
-        let (contents, rest) = rest.split_at_checked(len)?;
-        Some((tag, contents, rest))
-    }
-
-    fn expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        match element(input)? {
-            (t, contents, rest) if t == tag => Some((contents, rest)),
-            _ => None,
-        }
-    }
-
-    /// A PKCS#8 PrivateKeyInfo's algorithm OID and private key.
-    fn pkcs8(der: &[u8]) -> Option<(&[u8], &[u8])> {
-        let (info, _) = expect(der, SEQUENCE)?;
-        let (_version, rest) = expect(info, INTEGER)?;
-        let (algorithm, rest) = expect(rest, SEQUENCE)?;
-        let (oid, _) = expect(algorithm, OID)?;
-        let (key, _) = expect(rest, OCTET_STRING)?;
-        Some((oid, key))
-    }
-
-    fn algorithm_name(oid: &[u8]) -> &'static str {
-        match oid {
-            RSA_OID => "an RSA key",
-            EC_OID => "an EC key",
-            [0x2b, 0x65, 0x70] => "an Ed25519 key",
-            _ => "a key of another kind",
-        }
-    }
-
-    /// The PKCS#1 DER of an RSA private key given as PKCS#8
-    /// (`BEGIN PRIVATE KEY`, as Google's service accounts have it) or
-    /// PKCS#1 (`BEGIN RSA PRIVATE KEY`) PEM.
-    pub(crate) fn rsa_private_pkcs1(text: &str) -> Result<Vec<u8>, String> {
-        let (label, der) = pem(text)?;
-        match label.as_str() {
-            "RSA PRIVATE KEY" => Ok(der),
-            "PRIVATE KEY" => match pkcs8(&der) {
-                Some((RSA_OID, key)) => Ok(key.to_vec()),
-                Some((oid, _)) => Err(format!("{}, not an RSA private key", algorithm_name(oid))),
-                None => Err("a malformed PKCS#8 private key".to_owned()),
-            },
-            "ENCRYPTED PRIVATE KEY" => {
-                Err("an encrypted private key (give it unencrypted)".to_owned())
-            }
-            other => Err(format!("a PEM {other:?}, not an RSA private key")),
-        }
-    }
-
-    /// The PKCS#8 DER of an EC private key (`BEGIN PRIVATE KEY`, as
-    /// Apple's `.p8` files have it).
-    pub(crate) fn ec_private_pkcs8(text: &str) -> Result<Vec<u8>, String> {
-        let (label, der) = pem(text)?;
-        match label.as_str() {
-            "PRIVATE KEY" => match pkcs8(&der) {
-                Some((EC_OID, _)) => Ok(der),
-                Some((oid, _)) => Err(format!("{}, not an EC private key", algorithm_name(oid))),
-                None => Err("a malformed PKCS#8 private key".to_owned()),
-            },
-            "EC PRIVATE KEY" => Err(
-                "an EC key in SEC1 form; APNS keys are PKCS#8 (.p8): convert with `openssl pkcs8 -topk8 -nocrypt`"
-                    .to_owned(),
-            ),
-            "ENCRYPTED PRIVATE KEY" => Err("an encrypted private key (give it unencrypted)".to_owned()),
-            other => Err(format!("a PEM {other:?}, not an EC private key")),
-        }
-    }
-
-    /// The key inside a `BEGIN PUBLIC KEY` (SubjectPublicKeyInfo) PEM: the
-    /// PKCS#1 RSAPublicKey for RSA, the SEC1 point for EC.
-    #[cfg_attr(not(any(test, feature = "testsuite")), allow(dead_code))]
-    pub(crate) fn public_key(text: &str) -> Result<Vec<u8>, String> {
-        let (label, der) = pem(text)?;
-        if label != "PUBLIC KEY" {
-            return Err(format!("a PEM {label:?}, not a PUBLIC KEY"));
-        }
-        let key = (|| {
-            let (info, _) = expect(&der, SEQUENCE)?;
-            let (_algorithm, rest) = expect(info, SEQUENCE)?;
-            let (bits, _) = expect(rest, BIT_STRING)?;
-            match bits.split_first()? {
-                (0, key) => Some(key.to_vec()),
-                _ => None,
-            }
-        })();
-        key.ok_or_else(|| "a malformed SubjectPublicKeyInfo".to_owned())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -846,24 +692,15 @@ mod tests {
     }
 
     #[test]
-    fn rsa_keys_in_pkcs1_form_are_accepted_too() {
-        use base64::Engine as _;
-        let pkcs1 = keys::rsa_private_pkcs1(fakes::TEST_RSA_PRIVATE_KEY_PEM).unwrap();
-        let body = base64::engine::general_purpose::STANDARD.encode(&pkcs1);
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        let pem = format!(
-            "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n",
-            lines.join("\n")
-        );
-        assert!(rsa_key(&pem, "test key").is_ok());
-        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n";
-        let err = keys::ec_private_pkcs8(sec1).unwrap_err();
-        assert!(err.contains("openssl pkcs8"), "{err}");
-        assert!(keys::pem("no pem here").is_err());
-        assert!(keys::pem("-----BEGIN PRIVATE KEY-----\nAAAA\n").is_err());
+    fn keys_that_are_not_rsa_pem_are_refused_clearly() {
+        for bad in [
+            "no pem here",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            fakes::TEST_P256_PRIVATE_KEY_PEM,
+        ] {
+            let err = rsa_key(bad, "the test key").err().unwrap().to_string();
+            assert!(err.contains("the test key is unusable"), "{err}");
+        }
+        assert!(rsa_key(fakes::TEST_RSA_PRIVATE_KEY_PEM, "test key").is_ok());
     }
 }
