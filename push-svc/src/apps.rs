@@ -6,21 +6,25 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::AppCredentials;
+use quckchat_runtime::config::ConfigError;
+
+use crate::config::{AppCredentials, APNS_PRIVATE_KEY, FIREBASE_SERVICE_ACCOUNT, PUSH_APPS};
 use crate::devices::{Device, Platform};
 use crate::providers::apns::{Apns, ApnsConfig};
 use crate::providers::fcm::{Fcm, FcmConfig, ServiceAccount};
 use crate::providers::Provider;
 
-/// The providers of every configured app; an error names the app and what
-/// is wrong with its credentials (never the secret).
-pub fn build(apps: &[AppCredentials]) -> Result<Apps, String> {
+/// The providers of every configured app. An error names the variable
+/// that holds the bad credentials (`FIREBASE_SERVICE_ACCOUNT`,
+/// `APNS_PRIVATE_KEY`, or `PUSH_APPS` with the app) and what is wrong,
+/// never the secret.
+pub fn build(apps: &[AppCredentials]) -> Result<Apps, ConfigError> {
     let mut built = Apps::new();
     for app in apps {
-        let name = if app.app.is_empty() {
-            "the default app"
+        let (fcm_key, apns_key, named) = if app.app.is_empty() {
+            (FIREBASE_SERVICE_ACCOUNT, APNS_PRIVATE_KEY, String::new())
         } else {
-            app.app.as_str()
+            (PUSH_APPS, PUSH_APPS, format!("app {:?}: ", app.app))
         };
         if let Some(f) = &app.fcm {
             let fcm = ServiceAccount::parse(&f.service_account)
@@ -29,7 +33,7 @@ pub fn build(apps: &[AppCredentials]) -> Result<Apps, String> {
                     config.api_url.clone_from(&f.api_url);
                     Fcm::new(config)
                 })
-                .map_err(|e| format!("FCM credentials of {name}: {e}"))?;
+                .map_err(|e| ConfigError::new(fcm_key, format!("{named}FCM: {e}")))?;
             built = built.with_fcm(&app.app, Arc::new(fcm));
         }
         if let Some(a) = &app.apns {
@@ -38,7 +42,7 @@ pub fn build(apps: &[AppCredentials]) -> Result<Apps, String> {
                     config.url.clone_from(&a.url);
                     Apns::new(config)
                 })
-                .map_err(|e| format!("APNS credentials of {name}: {e}"))?;
+                .map_err(|e| ConfigError::new(apns_key, format!("{named}APNS: {e}")))?;
             built = built.with_apns(&app.app, Arc::new(apns));
         }
     }

@@ -217,6 +217,8 @@ impl PushSettings {
                 });
             }
         }
+        // Credentials that cannot push stop the start, naming the variable.
+        crate::apps::build(&apps)?;
         Ok(Self {
             apps,
             preview: r.parse(PUSH_PREVIEW, true)?,
@@ -270,5 +272,91 @@ impl PushConfig {
             settings: PushSettings::read(r)?,
             grpc_token: GrpcToken::read_required(r)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::providers::fakes::{TEST_P256_PRIVATE_KEY_PEM, TEST_RSA_PRIVATE_KEY_PEM};
+
+    fn read(vars: &[(&str, &str)]) -> Result<PushSettings, ConfigError> {
+        let env: HashMap<&str, &str> = vars.iter().copied().collect();
+        PushSettings::read(&mut ConfigReader::new(&env))
+    }
+
+    fn account(private_key: &str) -> String {
+        serde_json::json!({
+            "type": "service_account",
+            "client_email": "push@example.iam.gserviceaccount.com",
+            "private_key": private_key,
+            "token_uri": "https://oauth2.example/token",
+            "project_id": "p1",
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn nothing_configured_is_push_off_and_defaults_hold() {
+        let s = read(&[]).unwrap();
+        assert!(s.apps.is_empty());
+        assert!(s.preview);
+        assert_eq!(
+            (s.concurrency, s.max_attempts, s.queue.capacity),
+            (64, 5, 100_000)
+        );
+    }
+
+    #[test]
+    fn credentials_are_read_and_checked_naming_the_variable() {
+        let good = account(TEST_RSA_PRIVATE_KEY_PEM);
+        let s = read(&[
+            (FIREBASE_SERVICE_ACCOUNT, &good),
+            (APNS_KEY_ID, "K1"),
+            (APNS_TEAM_ID, "T1"),
+            (APNS_PRIVATE_KEY, TEST_P256_PRIVATE_KEY_PEM),
+            (APNS_TOPIC, "chat.quck.app"),
+            (PUSH_PREVIEW, "false"),
+        ])
+        .unwrap();
+        assert_eq!(s.apps.len(), 1);
+        assert!(s.apps[0].fcm.is_some() && s.apps[0].apns.is_some());
+        assert!(!s.preview);
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (
+                &[(FIREBASE_SERVICE_ACCOUNT, "{not json")],
+                FIREBASE_SERVICE_ACCOUNT,
+            ),
+            (
+                &[(FIREBASE_SERVICE_ACCOUNT, "/nonexistent/sa.json")],
+                FIREBASE_SERVICE_ACCOUNT,
+            ),
+            (&[(APNS_KEY_ID, "K1")], APNS_TEAM_ID),
+            (
+                &[
+                    (APNS_KEY_ID, "K1"),
+                    (APNS_TEAM_ID, "T1"),
+                    (APNS_PRIVATE_KEY, TEST_RSA_PRIVATE_KEY_PEM),
+                    (APNS_TOPIC, "chat.quck.app"),
+                ],
+                APNS_PRIVATE_KEY,
+            ),
+            (
+                &[(
+                    PUSH_APPS,
+                    r#"{"other": {"fcm": {"serviceAccount": {"type": "x"}}}}"#,
+                )],
+                PUSH_APPS,
+            ),
+        ];
+        for (vars, key) in cases {
+            let err = read(vars).unwrap_err().to_string();
+            assert!(err.contains(key), "{vars:?}: {err}");
+            assert!(!err.contains("PRIVATE KEY-----"), "no secret in {err}");
+        }
     }
 }

@@ -28,7 +28,7 @@ async fn main() {
 
 async fn run(config: PushConfig) -> anyhow::Result<()> {
     let node = Node::connect("push-svc", &config.server, &config.bus, &config.grpc_token).await?;
-    let apps = Arc::new(apps::build(&config.settings.apps).map_err(anyhow::Error::msg)?);
+    let apps = Arc::new(apps::build(&config.settings.apps)?);
     let devices: Arc<dyn Devices> = Arc::new(
         MongoDevices::connect(&config.mongodb_url)
             .await

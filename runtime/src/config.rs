@@ -328,9 +328,10 @@ fn mask_url_password(url: &str) -> String {
     }
 }
 
-/// Prints a configuration error as one line and exits with [`EXIT_CONFIG`].
-pub fn exit_on_config_error(err: &ConfigError) -> ! {
-    eprintln!("quckchat: {err}");
+/// Prints a configuration error as one line, named for the process, and
+/// exits with [`EXIT_CONFIG`].
+pub fn exit_on_config_error(process: &str, err: &ConfigError) -> ! {
+    eprintln!("{process}: {err}");
     std::process::exit(EXIT_CONFIG)
 }
 

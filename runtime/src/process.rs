@@ -11,7 +11,7 @@ pub fn start<T>(
 ) -> T {
     crate::telemetry::init();
     let mut reader = ConfigReader::new(&ProcessEnv);
-    let config = read(&mut reader).unwrap_or_else(|e| exit_on_config_error(&e));
+    let config = read(&mut reader).unwrap_or_else(|e| exit_on_config_error(process, &e));
     reader.log(process);
     config
 }
