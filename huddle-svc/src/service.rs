@@ -43,6 +43,8 @@ pub const MAX_RELAY_BYTES: usize = 64 * 1024;
 pub const MAX_INVITEES: usize = 50;
 /// Commits lost to other replicas before a command gives up.
 const MAX_TRIES: usize = 16;
+/// Stripes of [`HuddleService::turn`].
+const TURN_STRIPES: usize = 64;
 
 const EVENTS: &[&str] = &[
     "huddle:create",
@@ -107,6 +109,11 @@ pub struct HuddleService {
     chat: Option<Arc<dyn Conversations>>,
     publisher: Publisher,
     settings: HuddleSettings,
+    /// A replica's turns per huddle (striped): a room's changes are committed
+    /// and published one at a time here, so this replica's events of a
+    /// room leave in version order (two replicas may still interleave:
+    /// clients re-read the list on a gap).
+    turns: Box<[tokio::sync::Mutex<()>]>,
     /// Nodes whose audit found no gateway listening, and when: a node is
     /// taken for dead only on the second such audit in a row (a gateway
     /// re-subscribing after a bus reconnect is not dead).
@@ -127,8 +134,20 @@ impl HuddleService {
             chat: None,
             publisher: Publisher::new(bus, subjects),
             settings,
+            turns: (0..TURN_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             unanswered: std::sync::Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The turn of `huddle_id` on this replica.
+    fn turn(&self, huddle_id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        huddle_id.hash(&mut h);
+        let i = usize::try_from(h.finish() % TURN_STRIPES as u64).unwrap_or(0);
+        &self.turns[i]
     }
 
     /// Checks conversation membership through chat (without it, every user
@@ -283,6 +302,7 @@ impl HuddleService {
             now_ms: now_ms(),
         };
         let max = self.settings.max_participants;
+        let _turn = self.turn(&huddle.id).lock().await;
         let (room, events) = self.mutate(&huddle.id, |r| r.join(&joining, max)).await?;
         self.announce(&huddle, &room, &events).await;
         let mut view = huddle.view();
@@ -309,6 +329,7 @@ impl HuddleService {
 
     async fn on_leave(&self, cmd: &Command) -> Result<Reply> {
         let huddle = self.open_huddle(&cmd.id).await?;
+        let _turn = self.turn(&huddle.id).lock().await;
         let (room, events) = self
             .mutate(&huddle.id, |r| {
                 Ok(r.leave(&cmd.user_id, Some(&cmd.device_id), Some(&cmd.conn_id)))
@@ -330,6 +351,7 @@ impl HuddleService {
             .opt_bool(field)?
             .ok_or_else(|| ClientError::invalid(field, "a boolean"))?;
         let huddle = self.open_huddle(&cmd.id).await?;
+        let _turn = self.turn(&huddle.id).lock().await;
         let (room, events) = self
             .mutate(&huddle.id, |r| {
                 r.change(&cmd.user_id, &cmd.device_id, make(value))
@@ -374,6 +396,7 @@ impl HuddleService {
         user_id: &str,
         device_id: Option<&str>,
     ) -> Result<Room> {
+        let _turn = self.turn(&huddle.id).lock().await;
         let (room, events) = self
             .mutate(&huddle.id, |r| Ok(r.mute(user_id, device_id)))
             .await?;
@@ -391,6 +414,7 @@ impl HuddleService {
         user_id: &str,
         device_id: Option<&str>,
     ) -> Result<Room> {
+        let _turn = self.turn(&huddle.id).lock().await;
         let (room, events) = self
             .mutate(&huddle.id, |r| Ok(r.leave(user_id, device_id, None)))
             .await?;
@@ -593,6 +617,7 @@ impl HuddleService {
             }
         };
         for huddle_id in due {
+            let _turn = self.turn(&huddle_id).lock().await;
             match self.mutate(&huddle_id, |r| Ok(r.depart_due(now))).await {
                 Ok((room, events)) if !events.is_empty() => {
                     match self.store.get(&huddle_id).await {

@@ -19,6 +19,7 @@ use quckchat_signaling::ice::IceConfig;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::huddle::Room;
 use crate::state::MemoryRoomState;
 use crate::store::EmbeddedHuddleStore;
 
@@ -85,14 +86,47 @@ fn settings(max: usize) -> HuddleSettings {
     }
 }
 
+/// Memory state whose commits take a random 0–3 ms after they applied (a
+/// Redis round trip): commands racing on one room finish out of order.
+struct SlowState(MemoryRoomState);
+
+#[async_trait]
+impl RoomState for SlowState {
+    async fn load(&self, id: &str) -> std::result::Result<Room, StateError> {
+        self.0.load(id).await
+    }
+    async fn commit(&self, id: &str, room: &Room) -> std::result::Result<bool, StateError> {
+        let applied = self.0.commit(id, room).await?;
+        let ms = uuid::Uuid::new_v4().as_bytes()[0] % 4;
+        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+        Ok(applied)
+    }
+    async fn remove(&self, id: &str) -> std::result::Result<(), StateError> {
+        self.0.remove(id).await
+    }
+    async fn due(&self, now: i64) -> std::result::Result<Vec<String>, StateError> {
+        self.0.due(now).await
+    }
+    async fn live(&self) -> std::result::Result<Vec<String>, StateError> {
+        self.0.live().await
+    }
+    async fn ping(&self) -> std::result::Result<(), StateError> {
+        self.0.ping().await
+    }
+}
+
 async fn fixture_with(max: usize) -> Fixture {
+    fixture_on(max, Arc::new(MemoryRoomState::new())).await
+}
+
+async fn fixture_on(max: usize, state: Arc<dyn RoomState>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
     let topics = bus.subscribe("qc.topic.>", None).await.unwrap();
     let users = bus.subscribe("qc.user.>", None).await.unwrap();
     let service = HuddleService::new(
         Arc::new(EmbeddedHuddleStore::open(dir.path()).unwrap()),
-        Arc::new(MemoryRoomState::new()),
+        state,
         bus.clone(),
         Subjects::new("qc"),
         settings(max),
@@ -953,4 +987,48 @@ async fn grpc_creates_lists_moderates_and_ends() {
         .into_inner()
         .huddles
         .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_replica_publishes_a_rooms_events_in_version_order() {
+    let mut f = fixture_on(8, Arc::new(SlowState(MemoryRoomState::new()))).await;
+    let id = f.huddle().await;
+    let topic = format!("huddle:{id}");
+    let users = ["a", "b", "c"];
+    for (i, user) in users.iter().enumerate() {
+        for d in 0..2 {
+            let conn = format!("k{i}{d}");
+            f.ok(&topic, user, &conn, "phx_join", json!({})).await;
+        }
+    }
+    f.out().await;
+    let service = f.service.clone();
+    let pushes: Vec<_> = (0..60)
+        .map(|n| {
+            let (service, topic) = (service.clone(), topic.clone());
+            tokio::spawn(async move {
+                let (i, d) = (n % 3, (n / 3) % 2);
+                let mut cmd = testkit::command(
+                    &topic,
+                    "huddle:toggle-audio",
+                    users[i],
+                    &json!({"enabled": (n / 6) % 2 == 1}),
+                );
+                (cmd.conn_id, cmd.device_id) = (format!("k{i}{d}"), format!("dev-k{i}{d}"));
+                assert!(testkit::decode(&answer(service.as_ref(), cmd).await).ok);
+            })
+        })
+        .collect();
+    for p in pushes {
+        p.await.unwrap();
+    }
+    let versions: Vec<u64> = participant_events(&f.out().await)
+        .into_iter()
+        .map(|(_, v, _)| v)
+        .collect();
+    assert!(!versions.is_empty());
+    assert!(
+        versions.windows(2).all(|w| w[1] == w[0] + 1),
+        "published out of order: {versions:?}"
+    );
 }
