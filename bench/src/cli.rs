@@ -37,6 +37,13 @@ pub enum Command {
     /// answer, offer/answer, --ice-candidates each, end); --rate call setups
     /// per second in total.
     Calls(RunArgs),
+    /// Huddles: --rooms rooms of --participants (each a user with its own
+    /// socket and deviceId), created on huddle:lobby and joined by all; then
+    /// --rate pushes per second in total, spread over the participants:
+    /// huddle:toggle-audio (a --toggle-share of them) and webrtc:ice-candidate
+    /// relays to a random other participant. Checks huddle versions at every
+    /// receiver. Ignores --connections (= rooms × participants).
+    Huddle(RunArgs),
     /// Regenerate RESULTS.md from the JSON results of earlier runs.
     Report(ReportArgs),
 }
@@ -150,6 +157,15 @@ pub struct RunArgs {
     /// calls: the `callType` of every call.
     #[arg(long, value_enum, default_value_t = CallType::Audio)]
     pub call_type: CallType,
+    /// huddle: rooms (huddles), each in its own conversation.
+    #[arg(long, default_value_t = 50)]
+    pub rooms: usize,
+    /// huddle: participants per room (the server allows 8 by default).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(2..=64))]
+    pub participants: u16,
+    /// huddle: the share of pushes that are toggles (the rest are relays).
+    #[arg(long, default_value_t = 0.5)]
+    pub toggle_share: f64,
     /// Conversations already exist: skip the gRPC membership setup.
     #[arg(long)]
     pub no_setup: bool,

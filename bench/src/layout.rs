@@ -21,6 +21,8 @@ pub enum Scenario {
     Chat,
     /// Pairs of users on `webrtc:lobby`: connection 2k calls 2k+1.
     Calls,
+    /// Huddle rooms of `group_max` participants, one room per conversation.
+    Huddle,
 }
 
 impl Scenario {
@@ -30,6 +32,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Chat => "chat",
             Scenario::Calls => "calls",
+            Scenario::Huddle => "huddle",
         }
     }
 
@@ -57,6 +60,9 @@ impl Conversation {
 /// The call-signaling channel every `calls` connection joins.
 pub const CALLS_TOPIC: &str = "webrtc:lobby";
 
+/// The channel a `huddle` room's creator creates it on.
+pub const HUDDLE_LOBBY: &str = "huddle:lobby";
+
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub scenario: Scenario,
@@ -70,7 +76,7 @@ impl Layout {
     /// `idle` groups connections into conversations of `group_max`; `fanout`
     /// puts all of them in one; `chat` cycles sizes `group_min..=group_max`;
     /// `calls` pairs them (each pair a caller and a callee, no conversation
-    /// is created).
+    /// is created); `huddle` groups them by `group_max`, one room each.
     pub fn new(
         scenario: Scenario,
         run_id: &str,
@@ -89,6 +95,7 @@ impl Layout {
                 Scenario::Fanout => connections,
                 Scenario::Chat => group_min + k % (group_max - group_min + 1),
                 Scenario::Calls => 2,
+                Scenario::Huddle => group_max,
             };
             let size = want.min(connections - placed);
             sizes.push(size);
@@ -126,10 +133,17 @@ impl Layout {
         format!("{}-u{connection}", self.run_id)
     }
 
-    /// The topic connection `i` joins.
+    /// The device id connection `i` gives as its `deviceId` (huddle).
+    pub fn device(&self, connection: usize) -> String {
+        format!("{}-d{connection}", self.run_id)
+    }
+
+    /// The topic connection `i` joins (huddle: the room's creator creates
+    /// it there; each participant then joins `huddle:<id>`).
     pub fn topic(&self, connection: usize) -> String {
         match self.scenario {
             Scenario::Calls => CALLS_TOPIC.to_owned(),
+            Scenario::Huddle => HUDDLE_LOBBY.to_owned(),
             _ => self.conversation_of(connection).topic(),
         }
     }
@@ -153,6 +167,9 @@ impl Layout {
             Scenario::Calls => {
                 connection.is_multiple_of(2) && connection + 1 < self.conversation_of.len()
             }
+            // One per room (its first participant): the pacer hands the
+            // room its due pushes, which the room spreads over everyone.
+            Scenario::Huddle => self.conversation_of(connection).first == connection,
         }
     }
 
@@ -201,5 +218,17 @@ mod tests {
         assert_eq!(layout.topic(7), "webrtc:lobby");
         assert!(!Scenario::Calls.needs_memberships());
         assert!(Scenario::Chat.needs_memberships());
+    }
+
+    #[test]
+    fn huddle_rooms_are_conversations_with_one_sender_each() {
+        let layout = Layout::new(Scenario::Huddle, "r", 24, 8, 8);
+        assert_eq!(layout.conversations.len(), 3);
+        assert!(layout.conversations.iter().all(|c| c.size == 8));
+        assert_eq!(layout.senders(), 3);
+        assert!(layout.is_sender(8) && !layout.is_sender(9));
+        assert_eq!(layout.topic(3), "huddle:lobby");
+        assert_eq!(layout.device(5), "r-d5");
+        assert!(Scenario::Huddle.needs_memberships());
     }
 }

@@ -1,6 +1,6 @@
 //! `bench`: the QuckChat load generator.
 //!
-//! `cargo run --release -p bench -- <idle|fanout|chat|calls> [options]` runs one
+//! `cargo run --release -p bench -- <idle|fanout|chat|calls|huddle> [options]` runs one
 //! scenario end to end and prints a table (stderr) and a JSON summary
 //! (stdout); `bench report <json…>` turns a session's summaries into
 //! `bench/RESULTS.md`.
@@ -15,7 +15,8 @@
 //! - [`layout`]: which connection is which user, in which conversation;
 //! - [`worker`]: a load-generating process (`--worker`), re-executed from
 //!   this binary so no process needs more than its 20,000 open files;
-//!   `worker::calls` drives the `calls` scenario's caller/callee pairs;
+//!   `worker::calls` drives the `calls` scenario's caller/callee pairs,
+//!   `worker::huddle` the `huddle` scenario's rooms;
 //! - [`dialect`]: Phoenix Channels and Socket.IO framing;
 //! - [`stats`]: counters and HDR histograms, merged across workers;
 //! - [`procfs`]: RSS and CPU of the server from `/proc`;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Some(Command::Fanout(args)) => run(Scenario::Fanout, &args),
         Some(Command::Chat(args)) => run(Scenario::Chat, &args),
         Some(Command::Calls(args)) => run(Scenario::Calls, &args),
+        Some(Command::Huddle(args)) => run(Scenario::Huddle, &args),
         Some(Command::Report(args)) => report::write(&args),
         None => Ok(()),
     };
@@ -82,6 +84,14 @@ fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<()> {
     println!("{json}");
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{json}\n"))?;
+    }
+    if let Some(n) = summary
+        .huddle
+        .as_ref()
+        .map(|h| h.violations)
+        .filter(|&n| n > 0)
+    {
+        anyhow::bail!("huddle: {n} correctness violations (see error_reasons)");
     }
     Ok(())
 }

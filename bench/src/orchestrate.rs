@@ -56,6 +56,11 @@ pub struct Summary {
     /// CPU of the load generator's worker processes (100 = one core): on
     /// this shared box, what the client took from the server.
     pub client_cpu_percent: f64,
+    /// CPU of the whole machine over the same window (100 = one core): what
+    /// is left after the server and the client was taken by other work on
+    /// the box. Absent in summaries written before it.
+    #[serde(default)]
+    pub machine_cpu_percent: Option<f64>,
     /// (RSS with every connection joined − RSS before) ÷ connections held,
     /// RSS summed over the WebSocket server processes (gateways).
     pub rss_per_connection_bytes: Option<f64>,
@@ -69,6 +74,10 @@ pub struct Summary {
     /// summaries written before it.
     #[serde(default)]
     pub calls: Option<CallFigures>,
+    /// The `huddle` scenario's figures; absent for the other scenarios and
+    /// in summaries written before it.
+    #[serde(default)]
+    pub huddle: Option<HuddleFigures>,
 }
 
 /// Call signaling (`calls`): pairs calling, setups, and the latencies of
@@ -110,6 +119,56 @@ pub struct CallFigures {
     /// Call due (pacer) → `call:initiate` sent: waiting for the pair's
     /// previous call.
     pub start_lag_ms: Percentiles,
+}
+
+/// Huddles (`huddle`): rooms, pushes, events delivered and their latencies,
+/// and the correctness checks. For this scenario the generic figures count
+/// pushes (sends, acks; expected deliveries: participants per toggle, one
+/// per relay) and events received (deliveries, `latency_ms`: broadcasts and
+/// relays together).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HuddleFigures {
+    /// Rooms created and joined by every participant.
+    pub rooms: u64,
+    pub participants: usize,
+    pub toggle_share: f64,
+    /// Pushes the pacer offered (`--rate` × `--duration`), and those skipped
+    /// (a room's queue full, a participant with 4 toggles waiting).
+    pub due: u64,
+    pub skipped: u64,
+    /// `huddle:toggle-audio` and `webrtc:ice-candidate` pushed.
+    pub toggles: u64,
+    pub relays_sent: u64,
+    /// `huddle:participant:updated` received (at every participant, the
+    /// toggler included) and matched to a toggle; relays received.
+    pub updates: u64,
+    pub relays: u64,
+    /// `participant:updated` that matched no toggle of ours.
+    pub unmatched: u64,
+    /// `huddle:participant:*` events of versions before the receiver's own
+    /// join, delivered after it (the protocol has clients drop them).
+    #[serde(default)]
+    pub stale: u64,
+    /// Over the send window (`--duration`): updates + relays received.
+    pub events_per_sec: f64,
+    pub updates_per_sec: f64,
+    pub relays_per_sec: f64,
+    /// Every push → its reply (toggles and relays).
+    pub reply_ms: Percentiles,
+    pub toggle_reply_ms: Percentiles,
+    pub relay_reply_ms: Percentiles,
+    /// Toggle pushed → `participant:updated` of that version at each
+    /// participant.
+    pub broadcast_ms: Percentiles,
+    /// `webrtc:ice-candidate` pushed → received by its target (send time in
+    /// the candidate).
+    pub relay_ms: Percentiles,
+    /// Toggle due → pushed (waiting for the participant's previous toggle).
+    pub toggle_lag_ms: Percentiles,
+    /// Version gaps or regressions at a receiver, toggle replies whose
+    /// version is not their broadcast's, relays at the wrong socket: the
+    /// run failed its correctness check when this is not 0.
+    pub violations: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -250,6 +309,28 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         _ => Target::Quckchat,
     });
 
+    // huddle: the connections are the rooms' participants, the
+    // conversations the rooms.
+    let (connections, group_min, group_max) = if scenario == Scenario::Huddle {
+        let n = usize::from(args.participants);
+        (args.rooms * n, n, n)
+    } else {
+        (args.connections, args.group_min, args.group_max)
+    };
+    if scenario == Scenario::Huddle {
+        if target != Target::Quckchat {
+            bail!("huddle: only QuckChat (Phoenix Channels, huddle:<id>) has huddles");
+        }
+        if args.rooms == 0 {
+            bail!("huddle: --rooms must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&args.toggle_share) {
+            bail!(
+                "huddle: --toggle-share {} is not in 0..=1",
+                args.toggle_share
+            );
+        }
+    }
     if scenario == Scenario::Calls {
         if target != Target::Quckchat {
             bail!("calls: only QuckChat (Phoenix Channels, webrtc:lobby) has call signaling");
@@ -269,7 +350,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     } else {
         1
     };
-    let per_gateway = args.connections.div_ceil(gateways);
+    let per_gateway = connections.div_ceil(gateways);
     if distributed && per_gateway > MAX_PER_GATEWAY {
         bail!(
             "{per_gateway} connections per gateway: more than {MAX_PER_GATEWAY} (each process may \
@@ -312,13 +393,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     };
 
     // Memberships (QuckChat joins only members).
-    let layout = Layout::new(
-        scenario,
-        &run_id,
-        args.connections,
-        args.group_min,
-        args.group_max,
-    );
+    let layout = Layout::new(scenario, &run_id, connections, group_min, group_max);
     let setup_started = Instant::now();
     if target == Target::Quckchat && scenario.needs_memberships() && !args.no_setup {
         eprintln!(
@@ -334,13 +409,14 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     // The first `ws_processes` sampled processes are the WebSocket servers.
     let ws_processes = servers_ws.len().min(pids.len());
 
-    // Workers, each with a slice of the connections (calls: whole pairs).
-    let per_worker = if scenario == Scenario::Calls {
-        (args.per_worker / 2 * 2).max(2)
-    } else {
-        args.per_worker.max(1)
+    // Workers, each with a slice of the connections (calls: whole pairs;
+    // huddle: whole rooms).
+    let per_worker = match scenario {
+        Scenario::Calls => (args.per_worker / 2 * 2).max(2),
+        Scenario::Huddle => (args.per_worker / group_max * group_max).max(group_max),
+        _ => args.per_worker.max(1),
     };
-    let workers_n = args.connections.div_ceil(per_worker).max(1);
+    let workers_n = connections.div_ceil(per_worker).max(1);
     let mut workers = Vec::with_capacity(workers_n);
     for w in 0..workers_n {
         let plan = Plan {
@@ -349,11 +425,11 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             dialect: target.dialect(),
             servers: servers_ws.clone(),
             jwt_secret: args.jwt_secret.clone(),
-            connections: args.connections,
+            connections,
             start: w * per_worker,
-            end: ((w + 1) * per_worker).min(args.connections),
-            group_min: args.group_min,
-            group_max: args.group_max,
+            end: ((w + 1) * per_worker).min(connections),
+            group_min,
+            group_max,
             rate: args.rate,
             duration_ms: args.duration.as_millis() as u64,
             drain_ms: args.drain.as_millis() as u64,
@@ -363,6 +439,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             connect_concurrency: args.connect_concurrency,
             ice_candidates: args.ice_candidates,
             call_type: args.call_type,
+            toggle_share: args.toggle_share,
         };
         workers.push(Worker::start(&plan).await?);
     }
@@ -373,13 +450,13 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     };
     eprintln!(
         "bench: {} {} connections to {to} from {workers_n} worker(s)",
-        args.connections,
+        connections,
         target_name(target)
     );
     let connect_within = if distributed {
-        Duration::from_secs(60 + args.connections as u64 / 200)
+        Duration::from_secs(60 + connections as u64 / 200)
     } else {
-        Duration::from_secs(30 + args.connections as u64 / 200)
+        Duration::from_secs(30 + connections as u64 / 200)
     };
     let connect_deadline = Instant::now() + connect_within;
     let mut connect_secs: f64 = 0.0;
@@ -400,6 +477,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     let cpu_start: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
     let worker_pids: Vec<u32> = workers.iter().filter_map(|w| w.child.id()).collect();
     let client_cpu_start: f64 = worker_pids.iter().map(|p| cpu(*p)).sum();
+    let machine_start = procfs::machine_cpu_secs().ok();
     let started = Instant::now();
     for w in &mut workers {
         w.stdin.write_all(b"go\n").await?;
@@ -425,6 +503,11 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_end: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
+    let machine_cpu_percent = match (machine_start, procfs::machine_cpu_secs().ok()) {
+        // Busy CPU seconds over all cores per second: 100 = one core.
+        (Some((busy0, _)), Some((busy1, _))) => Some((busy1 - busy0) / elapsed * 100.0),
+        _ => None,
+    };
     for w in &mut workers {
         if timeout(Duration::from_secs(10), w.child.wait())
             .await
@@ -503,6 +586,32 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             start_lag_ms: Percentiles::of(&c.start_lag),
         }
     });
+    let huddle = (scenario == Scenario::Huddle).then(|| {
+        let h = &totals.huddle;
+        HuddleFigures {
+            rooms: h.counts.rooms,
+            participants: group_max,
+            toggle_share: args.toggle_share,
+            due: counts.sends,
+            skipped: counts.send_skipped,
+            toggles: h.counts.toggles,
+            relays_sent: h.counts.relays_sent,
+            updates: h.counts.updates,
+            relays: h.counts.relays,
+            unmatched: h.counts.unmatched,
+            stale: h.counts.stale,
+            events_per_sec: (h.counts.updates + h.counts.relays) as f64 / send_secs,
+            updates_per_sec: h.counts.updates as f64 / send_secs,
+            relays_per_sec: h.counts.relays as f64 / send_secs,
+            reply_ms: Percentiles::of(&totals.ack_latency),
+            toggle_reply_ms: Percentiles::of(&h.toggle_reply),
+            relay_reply_ms: Percentiles::of(&h.relay_reply),
+            broadcast_ms: Percentiles::of(&h.broadcast),
+            relay_ms: Percentiles::of(&h.relay),
+            toggle_lag_ms: Percentiles::of(&h.toggle_lag),
+            violations: h.counts.violations,
+        }
+    });
     Ok(Summary {
         case: args
             .case
@@ -514,16 +623,17 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         command,
         machine: procfs::machine(),
         params: Params {
-            connections: args.connections,
+            connections,
             rate: args.rate,
             duration_secs: args.duration.as_secs_f64(),
             drain_secs: args.drain.as_secs_f64(),
-            group_min: args.group_min,
-            group_max: args.group_max,
+            group_min,
+            group_max,
             payload_bytes: args.payload_bytes,
             workers: workers_n,
             sources: args.sources,
-            // calls: pairs, but no conversation is created.
+            // calls: pairs, but no conversation is created; huddle: one
+            // conversation per room.
             conversations: if scenario.needs_memberships() {
                 layout.conversations.len()
             } else {
@@ -537,6 +647,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         server: server_figures,
         gateways: gateway_figures,
         client_cpu_percent: client_cpu,
+        machine_cpu_percent,
         rss_per_connection_bytes,
         acked_per_sec: counts.acks_ok as f64 / send_secs,
         deliveries_per_sec: counts.deliveries as f64 / send_secs,
@@ -546,6 +657,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         error_reasons: totals.error_reasons,
         counts,
         calls,
+        huddle,
     })
 }
 

@@ -44,6 +44,30 @@ fn cpu_secs_of_stat(stat: &str) -> anyhow::Result<f64> {
     Ok((tick(14)? + tick(15)?) / CLK_TCK)
 }
 
+/// Busy and total CPU seconds of the whole machine so far, summed over its
+/// cores (first line of `/proc/stat`; busy is all but idle and iowait; the
+/// tick is `CLK_TCK` here too).
+pub fn machine_cpu_secs() -> anyhow::Result<(f64, f64)> {
+    machine_cpu_of_stat(&fs::read_to_string("/proc/stat").context("read /proc/stat")?)
+}
+
+fn machine_cpu_of_stat(stat: &str) -> anyhow::Result<(f64, f64)> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse::<f64>())
+        .collect::<Result<_, _>>()?;
+    let total: f64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    Ok(((total - idle) / CLK_TCK, total / CLK_TCK))
+}
+
 /// Open file descriptors of a process, and how many of them are sockets.
 pub fn open_fds(pid: u32) -> anyhow::Result<(u64, u64)> {
     let mut fds = 0;
@@ -178,6 +202,15 @@ mod tests {
         let (fds, sockets) = open_fds(pid).unwrap();
         assert!(fds >= sockets && sockets >= 1);
         assert!(open_files_soft_limit().unwrap() > 0);
+    }
+
+    #[test]
+    fn machine_cpu_is_all_but_idle_and_iowait() {
+        let stat = "cpu  100 10 50 800 40 0 0 0 0 0\ncpu0 50 5 25 400 20 0 0 0 0 0\n";
+        let (busy, total) = machine_cpu_of_stat(stat).unwrap();
+        assert!((busy - 1.6).abs() < 1e-9, "{busy}");
+        assert!((total - 10.0).abs() < 1e-9, "{total}");
+        assert!(machine_cpu_secs().is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use anyhow::Context;
 
 use crate::cli::{ReportArgs, Target};
-use crate::orchestrate::{target_name, CallFigures, Percentiles, Summary};
+use crate::orchestrate::{target_name, CallFigures, HuddleFigures, Percentiles, Summary};
 
 fn kib(bytes: f64) -> String {
     format!("{:.2} KiB", bytes / 1024.0)
@@ -24,7 +24,11 @@ fn rate(x: f64) -> String {
 
 fn errors(s: &Summary) -> u64 {
     let c = &s.counts;
-    c.connect_errors + c.join_errors + c.acks_error + c.closed
+    c.connect_errors
+        + c.join_errors
+        + c.acks_error
+        + c.closed
+        + s.huddle.as_ref().map_or(0, |h| h.violations)
 }
 
 /// The human-readable table of one run (stderr, so stdout stays JSON).
@@ -101,8 +105,10 @@ pub fn print_table(s: &Summary) {
                 .iter()
                 .map(|v| format!("{} {:.0}%", v.name, v.cpu_percent))
                 .chain(std::iter::once(format!(
-                    "(bench client {:.0}%)",
-                    s.client_cpu_percent
+                    "(bench client {:.0}%{})",
+                    s.client_cpu_percent,
+                    s.machine_cpu_percent
+                        .map_or(String::new(), |m| format!(", whole machine {m:.0}%"))
                 )))
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -180,9 +186,49 @@ pub fn print_table(s: &Summary) {
         let at = rows.len().saturating_sub(1);
         rows.splice(at..at, call_rows(calls));
     }
+    if let Some(huddle) = &s.huddle {
+        for (k, v) in rows.iter_mut() {
+            match *k {
+                "sends" => {
+                    *k = "pushes";
+                    *v = format!(
+                        "{} due, {} skipped, {} ok ({}/s), {} error replies",
+                        c.sends,
+                        c.send_skipped,
+                        c.acks_ok,
+                        rate(s.acked_per_sec),
+                        c.acks_error
+                    );
+                }
+                "deliveries" => *k = "events received",
+                "latency end-to-end" => *k = "event latency",
+                "latency send→ack" => *k = "push→reply",
+                _ => {}
+            }
+        }
+        let at = rows.len().saturating_sub(1);
+        rows.splice(at..at, huddle_rows(huddle));
+    }
+    let loud = loud_errors(s);
     for (k, v) in rows {
         eprintln!("{k:>20}  {v}");
     }
+    if let Some(loud) = loud {
+        eprintln!("{loud}");
+    }
+}
+
+/// A banner for a run with errors (every error reason is in the JSON).
+fn loud_errors(s: &Summary) -> Option<String> {
+    if errors(s) == 0 && s.error_reasons.is_empty() {
+        return None;
+    }
+    let bar = "!".repeat(78);
+    let what = match s.huddle.as_ref().map_or(0, |h| h.violations) {
+        0 => "THIS RUN HAD ERRORS (see errors above and error_reasons in the JSON)".to_owned(),
+        n => format!("{n} CORRECTNESS VIOLATIONS (VIOLATION … in errors): THIS RUN FAILED"),
+    };
+    Some(format!("{bar}\n!!! {what}\n{bar}"))
 }
 
 fn percentiles(p: &Percentiles) -> String {
@@ -227,6 +273,52 @@ fn call_rows(c: &CallFigures) -> Vec<(&'static str, String)> {
         ("relay", percentiles(&c.relay_ms)),
         ("end→ended", percentiles(&c.ended_ms)),
         ("call start lag", percentiles(&c.start_lag_ms)),
+    ]
+}
+
+/// The table rows of the `huddle` scenario.
+fn huddle_rows(h: &HuddleFigures) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "huddles",
+            format!(
+                "{} rooms of {}: {} toggles, {} relays pushed ({:.0}% toggles)",
+                h.rooms,
+                h.participants,
+                h.toggles,
+                h.relays_sent,
+                h.toggle_share * 100.0
+            ),
+        ),
+        (
+            "events delivered",
+            format!(
+                "{}/s: participant:updated {} ({}/s, {} unmatched), relays {} ({}/s)",
+                rate(h.events_per_sec),
+                h.updates,
+                rate(h.updates_per_sec),
+                h.unmatched,
+                h.relays,
+                rate(h.relays_per_sec)
+            ),
+        ),
+        ("toggle→reply", percentiles(&h.toggle_reply_ms)),
+        ("relay→reply", percentiles(&h.relay_reply_ms)),
+        ("toggle→broadcast", percentiles(&h.broadcast_ms)),
+        ("relay→received", percentiles(&h.relay_ms)),
+        ("toggle lag", percentiles(&h.toggle_lag_ms)),
+        (
+            "version checks",
+            if h.violations == 0 {
+                format!(
+                    "ok: every receiver saw gap-free increasing versions ({} stale from before \
+                     its join, dropped)",
+                    h.stale
+                )
+            } else {
+                format!("{} VIOLATIONS ({} stale, dropped)", h.violations, h.stale)
+            },
+        ),
     ]
 }
 
@@ -399,6 +491,79 @@ fn render_calls(md: &mut String, results: &[Summary]) {
     );
 }
 
+/// The `huddle` cases, if any: events delivered, latencies, checks.
+fn render_huddles(md: &mut String, results: &[Summary]) {
+    let huddles: Vec<(&Summary, &HuddleFigures)> = results
+        .iter()
+        .filter_map(|s| s.huddle.as_ref().map(|h| (s, h)))
+        .collect();
+    if huddles.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## Huddles\n");
+    let _ = writeln!(
+        md,
+        "| case | rooms × participants | pushes due/s | pushes ok/s | events/s | reply p50 ms | reply p99 ms | broadcast p50 ms | broadcast p99 ms | relay p50 ms | relay p99 ms | server CPU | client CPU | machine CPU | drops | errors | violations | stale |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (s, h) in huddles {
+        let _ = writeln!(
+            md,
+            "| {} | {} × {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0}% | {} | {} | {} | {} | {} |",
+            s.case,
+            h.rooms,
+            h.participants,
+            rate(s.params.rate),
+            rate(s.acked_per_sec),
+            rate(h.events_per_sec),
+            h.reply_ms.p50,
+            h.reply_ms.p99,
+            h.broadcast_ms.p50,
+            h.broadcast_ms.p99,
+            h.relay_ms.p50,
+            h.relay_ms.p99,
+            s.server
+                .iter()
+                .map(|v| format!("{:.0}%", v.cpu_percent))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            s.client_cpu_percent,
+            s.machine_cpu_percent
+                .map_or("-".into(), |m| format!("{m:.0}%")),
+            s.drops,
+            errors(s),
+            h.violations,
+            h.stale,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEach room is a huddle of its own conversation: its creator creates it on \
+         `huddle:lobby`, every participant (a user with its own socket and `deviceId`) joins \
+         `huddle:<id>`, one at a time. Pushes are offered open-loop at `--rate` in all, \
+         round-robin over the participants, each alternating `huddle:toggle-audio` (its audio \
+         flipped) and `webrtc:ice-candidate` to a random other participant. events/s = \
+         `participant:updated` received at every participant (the toggler included) + relays \
+         received, ÷ the send window. Reply = push sent → its reply (toggles and relays). \
+         Broadcast = toggle sent → that toggle's `participant:updated` at each participant: a \
+         participant has one toggle in flight at most, so the first `updated` of its device \
+         with the new audio value is that toggle's, and fixes its version (the reply's version \
+         must agree); later receipts match by version. Relay = candidate sent → received by its \
+         target (the send time is the candidate's foundation). Violations: a version gap or \
+         regression at any receiver (each `huddle:participant:*` event must be the version \
+         after the last one it saw, from its join reply), a toggle reply whose version is not \
+         its broadcast's, a relay at the wrong socket; counted at each receiver, so one pair of \
+         events delivered out of order to a room of 8 counts 16 (a gap and a regression at \
+         each). Stale: events of versions before the receiver's own join, delivered after it \
+         (the protocol has clients drop them; not a violation). Machine CPU: the whole box \
+         over the same window, so machine − server − client is what other work took. Drops = \
+         participants × toggles acked + relays acked − events received.\n"
+    );
+}
+
 fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Bench results\n");
@@ -476,6 +641,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
     );
 
     render_calls(&mut md, results);
+    render_huddles(&mut md, results);
 
     let _ = writeln!(md, "## QuckChat ÷ Socket.IO (same session, same client)\n");
     let _ = writeln!(
@@ -572,7 +738,8 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
          (sender included). `chat` runs conversations of {{group-min..=group-max}} members where \
          every connection sends; `p2p` is `chat` with 2-member conversations at a moderate rate; \
          `chat-max` offers more than the server can take, so its sends-ok/s is the throughput; \
-         `calls` is call signaling between pairs of users (see above)."
+         `calls` is call signaling between pairs of users, `huddle` huddle rooms (see \
+         above)."
     );
 
     if let Some(m) = results.first().map(|s| &s.machine) {

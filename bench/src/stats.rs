@@ -46,6 +46,8 @@ pub struct Stats {
     ack_latency: Mutex<Option<Histogram<u64>>>,
     /// The `calls` scenario's own figures (empty otherwise).
     pub calls: CallStats,
+    /// The `huddle` scenario's own figures (empty otherwise).
+    pub huddle: HuddleStats,
 }
 
 /// What the `calls` scenario counts and times, on top of [`Stats`]' generic
@@ -121,6 +123,87 @@ impl CallStats {
     }
 }
 
+/// What the `huddle` scenario counts and times, on top of [`Stats`]' generic
+/// counts (there: pushes and their replies, and every `participant:updated`
+/// and relay received as a delivery).
+#[derive(Default)]
+pub struct HuddleStats {
+    /// Rooms created and joined by all their participants.
+    pub rooms: AtomicU64,
+    /// `huddle:toggle-audio` pushes sent.
+    pub toggles: AtomicU64,
+    /// `webrtc:ice-candidate` pushes sent.
+    pub relays_sent: AtomicU64,
+    /// `huddle:participant:updated` received that a toggle of ours caused.
+    pub updates: AtomicU64,
+    /// `huddle:participant:updated` received that no toggle of ours matched.
+    pub unmatched: AtomicU64,
+    /// `webrtc:ice-candidate` relays received.
+    pub relays: AtomicU64,
+    /// `huddle:participant:*` events of versions before the receiver's join
+    /// (delivered after it subscribed; clients drop them).
+    pub stale: AtomicU64,
+    /// Correctness violations: version gaps or regressions at a receiver, a
+    /// toggle reply's version unlike its broadcast's, a relay at the wrong
+    /// socket (reasons in the error reasons).
+    pub violations: AtomicU64,
+    /// Push of a toggle → its reply.
+    toggle_reply: Mutex<Option<Histogram<u64>>>,
+    /// Push of a relay → its reply.
+    relay_reply: Mutex<Option<Histogram<u64>>>,
+    /// Push of a toggle → its `participant:updated` at each participant.
+    broadcast: Mutex<Option<Histogram<u64>>>,
+    /// Push of a relay → received by its target.
+    relay: Mutex<Option<Histogram<u64>>>,
+    /// A toggle due (pacer) → pushed: waiting for the participant's previous
+    /// toggle to be answered.
+    toggle_lag: Mutex<Option<Histogram<u64>>>,
+}
+
+/// One of the [`HuddleStats`] latencies.
+#[derive(Clone, Copy, Debug)]
+pub enum HuddleLatency {
+    ToggleReply,
+    RelayReply,
+    Broadcast,
+    Relay,
+    ToggleLag,
+}
+
+impl HuddleStats {
+    pub fn record(&self, which: HuddleLatency, micros: u64) {
+        let slot = match which {
+            HuddleLatency::ToggleReply => &self.toggle_reply,
+            HuddleLatency::RelayReply => &self.relay_reply,
+            HuddleLatency::Broadcast => &self.broadcast,
+            HuddleLatency::Relay => &self.relay,
+            HuddleLatency::ToggleLag => &self.toggle_lag,
+        };
+        record(slot, micros);
+    }
+
+    fn report(&self) -> anyhow::Result<HuddleReport> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Ok(HuddleReport {
+            counts: HuddleCounts {
+                rooms: get(&self.rooms),
+                toggles: get(&self.toggles),
+                relays_sent: get(&self.relays_sent),
+                updates: get(&self.updates),
+                unmatched: get(&self.unmatched),
+                relays: get(&self.relays),
+                stale: get(&self.stale),
+                violations: get(&self.violations),
+            },
+            toggle_reply: hist(&self.toggle_reply)?,
+            relay_reply: hist(&self.relay_reply)?,
+            broadcast: hist(&self.broadcast)?,
+            relay: hist(&self.relay)?,
+            toggle_lag: hist(&self.toggle_lag)?,
+        })
+    }
+}
+
 fn hist(slot: &Mutex<Option<Histogram<u64>>>) -> anyhow::Result<String> {
     let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
     encode(guard.as_ref().unwrap_or(&histogram()))
@@ -182,6 +265,7 @@ impl Stats {
             delivery_latency: hist(&self.delivery_latency)?,
             ack_latency: hist(&self.ack_latency)?,
             calls: Some(self.calls.report()?),
+            huddle: Some(self.huddle.report()?),
         })
     }
 }
@@ -226,6 +310,8 @@ pub struct WorkerReport {
     pub ack_latency: String,
     #[serde(default)]
     pub calls: Option<CallReport>,
+    #[serde(default)]
+    pub huddle: Option<HuddleReport>,
 }
 
 /// Call counts, added across workers.
@@ -298,6 +384,79 @@ impl CallTotals {
     }
 }
 
+/// Huddle counts, added across workers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HuddleCounts {
+    pub rooms: u64,
+    pub toggles: u64,
+    pub relays_sent: u64,
+    pub updates: u64,
+    pub unmatched: u64,
+    pub relays: u64,
+    #[serde(default)]
+    pub stale: u64,
+    pub violations: u64,
+}
+
+impl HuddleCounts {
+    fn add(&mut self, o: &HuddleCounts) {
+        self.rooms += o.rooms;
+        self.toggles += o.toggles;
+        self.relays_sent += o.relays_sent;
+        self.updates += o.updates;
+        self.unmatched += o.unmatched;
+        self.relays += o.relays;
+        self.stale += o.stale;
+        self.violations += o.violations;
+    }
+}
+
+/// A worker's [`HuddleStats`], histograms encoded like the others.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HuddleReport {
+    pub counts: HuddleCounts,
+    pub toggle_reply: String,
+    pub relay_reply: String,
+    pub broadcast: String,
+    pub relay: String,
+    pub toggle_lag: String,
+}
+
+/// Every worker's huddle figures added together.
+pub struct HuddleTotals {
+    pub counts: HuddleCounts,
+    pub toggle_reply: Histogram<u64>,
+    pub relay_reply: Histogram<u64>,
+    pub broadcast: Histogram<u64>,
+    pub relay: Histogram<u64>,
+    pub toggle_lag: Histogram<u64>,
+}
+
+impl Default for HuddleTotals {
+    fn default() -> Self {
+        HuddleTotals {
+            counts: HuddleCounts::default(),
+            toggle_reply: histogram(),
+            relay_reply: histogram(),
+            broadcast: histogram(),
+            relay: histogram(),
+            toggle_lag: histogram(),
+        }
+    }
+}
+
+impl HuddleTotals {
+    fn add(&mut self, r: &HuddleReport) -> anyhow::Result<()> {
+        self.counts.add(&r.counts);
+        self.toggle_reply.add(decode(&r.toggle_reply)?)?;
+        self.relay_reply.add(decode(&r.relay_reply)?)?;
+        self.broadcast.add(decode(&r.broadcast)?)?;
+        self.relay.add(decode(&r.relay)?)?;
+        self.toggle_lag.add(decode(&r.toggle_lag)?)?;
+        Ok(())
+    }
+}
+
 /// Every worker's report added together.
 pub struct Totals {
     pub counts: Counts,
@@ -305,6 +464,7 @@ pub struct Totals {
     pub delivery_latency: Histogram<u64>,
     pub ack_latency: Histogram<u64>,
     pub calls: CallTotals,
+    pub huddle: HuddleTotals,
 }
 
 impl Totals {
@@ -315,6 +475,7 @@ impl Totals {
             delivery_latency: histogram(),
             ack_latency: histogram(),
             calls: CallTotals::default(),
+            huddle: HuddleTotals::default(),
         };
         for r in reports {
             totals.counts.add(&r.counts);
@@ -325,6 +486,9 @@ impl Totals {
             totals.ack_latency.add(decode(&r.ack_latency)?)?;
             if let Some(calls) = &r.calls {
                 totals.calls.add(calls)?;
+            }
+            if let Some(huddle) = &r.huddle {
+                totals.huddle.add(huddle)?;
             }
         }
         Ok(totals)
@@ -391,6 +555,28 @@ mod tests {
         old.as_object_mut().unwrap().remove("calls");
         let old: WorkerReport = serde_json::from_value(old).unwrap();
         assert!(old.calls.is_none());
+        assert!(Totals::merge(&[old]).is_ok());
+    }
+
+    #[test]
+    fn huddle_figures_merge_and_old_reports_still_parse() {
+        let a = Stats::default();
+        a.bump(|s| &s.huddle.toggles);
+        a.bump(|s| &s.huddle.violations);
+        a.huddle.record(HuddleLatency::Broadcast, 1200);
+        let b = Stats::default();
+        b.bump(|s| &s.huddle.toggles);
+        b.huddle.record(HuddleLatency::Broadcast, 800);
+        b.huddle.record(HuddleLatency::Relay, 400);
+        let totals = Totals::merge(&[a.report().unwrap(), b.report().unwrap()]).unwrap();
+        assert_eq!(totals.huddle.counts.toggles, 2);
+        assert_eq!(totals.huddle.counts.violations, 1);
+        assert_eq!(totals.huddle.broadcast.len(), 2);
+        assert_eq!(totals.huddle.relay.len(), 1);
+        let mut old = serde_json::to_value(Stats::default().report().unwrap()).unwrap();
+        old.as_object_mut().unwrap().remove("huddle");
+        let old: WorkerReport = serde_json::from_value(old).unwrap();
+        assert!(old.huddle.is_none());
         assert!(Totals::merge(&[old]).is_ok());
     }
 }

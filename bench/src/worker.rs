@@ -17,8 +17,12 @@
 //!
 //! The `calls` scenario ([`calls`]) opens its connections by pairs, one task
 //! per pair driving both sockets; the pacer hands due calls to the pairs.
+//! The `huddle` scenario ([`huddle`]) opens them by rooms, one task per room
+//! driving all its participants' sockets; the pacer hands due pushes to the
+//! rooms.
 
 mod calls;
+mod huddle;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
@@ -71,6 +75,9 @@ pub struct Plan {
     /// calls: `callType` of every call.
     #[serde(default = "audio")]
     pub call_type: CallType,
+    /// huddle: the share of pushes that are toggles (the rest: relays).
+    #[serde(default)]
+    pub toggle_share: f64,
 }
 
 fn audio() -> CallType {
@@ -138,10 +145,10 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
 
     // Connect and join everything, a bounded number at a time.
     let opened = Instant::now();
-    let senders = if plan.scenario == Scenario::Calls {
-        calls::open(&plan, &layout, &stats, &stop).await
-    } else {
-        open(&plan, &layout, &stats, &stop).await
+    let senders = match plan.scenario {
+        Scenario::Calls => calls::open(&plan, &layout, &stats, &stop).await,
+        Scenario::Huddle => huddle::open(&plan, &layout, &stats, &stop).await,
+        _ => open(&plan, &layout, &stats, &stop).await,
     };
     say(&serde_json::json!({"ready": {
         "connected": stats.connected.load(std::sync::atomic::Ordering::Relaxed),
@@ -307,7 +314,11 @@ async fn connect(plan: &Plan, layout: &Layout, i: usize) -> anyhow::Result<Ws> {
         &layout.user(i),
         Duration::from_secs(3600),
     );
-    let url = format!("ws://{server}{}", plan.dialect.path(&token));
+    let mut url = format!("ws://{server}{}", plan.dialect.path(&token));
+    if plan.scenario == Scenario::Huddle {
+        // Huddle participants are devices: each socket names its own.
+        url.push_str(&format!("&deviceId={}", layout.device(i)));
+    }
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
