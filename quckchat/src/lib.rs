@@ -207,8 +207,7 @@ pub async fn run(
     let push_devices: Arc<dyn Devices> = Arc::new(
         EmbeddedDevices::open(&config.data_dir).map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
     );
-    let push_apps =
-        Arc::new(quckchat_push::apps::build(&config.push.apps)?);
+    let push_apps = Arc::new(quckchat_push::apps::build(&config.push.apps)?);
     let push_worker = if push_apps.is_empty() {
         tracing::info!("no FCM or APNS credentials: push is off (the device registry still works)");
         None
