@@ -575,6 +575,45 @@ for(const mode of modes){
       }
     })
 
+    it("escalation: call:escalate turns a connected call into a huddle of its conversation; both get call:escalated, then call:ended escalated, and meet in the huddle", {timeout: 60_000}, async () => {
+      const [a, b] = [ids.user("a"), ids.user("b")]
+      const conv = ids.conv()
+      await srv.putConversation(conv, [a, b])
+      const lobbyDevice = async (user, deviceId) => {
+        const socket = await srv.connect(user, {params: {deviceId}})
+        const channel = socket.channel("webrtc:lobby")
+        const inbox = Object.fromEntries(["call:incoming", "call:answered", "call:escalated", "call:ended"].map((e) => [e, listen(channel, e)]))
+        assertOk(await join(channel), `${user}/${deviceId} joining webrtc:lobby`)
+        const events = () => socket.frames.filter((f) => f.topic === "webrtc:lobby" && !f.event.startsWith("phx_")).map((f) => [f.event, f.payload])
+        return {user, deviceId, socket, channel, inbox, events, push: (e, p) => push(channel, e, p), frames: () => dumpFrames(socket, "webrtc:lobby")}
+      }
+      const A = await lobbyDevice(a, "a1")
+      const B = await lobbyDevice(b, "b1")
+      const {callId} = assertOk(await A.push("call:initiate", {calleeId: b, conversationId: conv}), "call:initiate")
+      await B.inbox["call:incoming"].next({where: (p) => p.callId === callId})
+      assertOk(await B.push("call:answer", {callId}), "call:answer")
+      await A.inbox["call:answered"].next({where: (p) => p.callId === callId})
+      const reply = assertOk(await B.push("call:escalate", {callId}), "call:escalate")
+      assert.match(String(reply.huddleId), HUDDLE_ID, JSON.stringify(reply))
+      const escalated = {callId, huddleId: reply.huddleId, conversationId: conv}
+      assert.deepEqual(reply, escalated)
+      for(const dev of [A, B]){
+        assert.deepEqual(await dev.inbox["call:escalated"].next({where: (p) => p.callId === callId}), escalated)
+        const ended = await dev.inbox["call:ended"].next({where: (p) => p.callId === callId})
+        assert.equal(ended.reason, "escalated", `${dev.user}: ${JSON.stringify(ended)}`)
+        const order = dev.events().filter(([e, p]) => p.callId === callId && (e === "call:escalated" || e === "call:ended")).map(([e]) => e)
+        assert.deepEqual(order, ["call:escalated", "call:ended"], `${dev.user}'s lobby:\n${dev.frames()}`)
+      }
+      assertError(await A.push("call:escalate", {callId}), {reason: "call_ended"}, "escalating twice")
+      // both join the huddle and see each other
+      const HA = await device(a, reply.huddleId, "a1")
+      const HB = await device(b, reply.huddleId, "b1")
+      assert.equal(HB.reply.huddle.conversationId, conv)
+      assert.equal(HB.reply.huddle.createdBy, b)
+      assert.deepEqual(HB.reply.participants.map((p) => p.userId).sort(), [a, b].sort())
+      assert.deepEqual(await HA.next("huddle:participant:joined", {where: (p) => p.participant.userId === b}), {participant: HB.me, version: 2})
+    })
+
     it("moderation: the creator mutes and removes (participant:updated / left, then phx_close on the removed device); others are forbidden", {timeout: 60_000}, async () => {
       const {users: [a, b], huddle: h} = await setup(["a", "b"])
       const A = await device(a, h.id, "a1")
