@@ -42,7 +42,7 @@ fi
 
 # Debug build on purpose: cargo test and the e2e suite reuse these artifacts. --workspace --bins
 # builds every binary the e2e harness starts: quckchat, gateway, chat-svc, presence-svc, signaling-svc,
-# huddle-svc.
+# huddle-svc, push-svc.
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
 
