@@ -32,6 +32,8 @@ pub mod ephemeral;
 pub mod errors;
 pub mod grpc;
 pub mod ids;
+#[cfg(feature = "mongo")]
+pub mod mongo;
 pub mod presence;
 pub mod process;
 pub mod publish;

@@ -56,9 +56,9 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Collection, Database, IndexModel};
+use quckchat_runtime::mongo::is_duplicate_key;
 
 use crate::turns::Turns;
 
@@ -129,15 +129,6 @@ struct Failpoint {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    let code = match &*e.kind {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
-        ErrorKind::Command(c) => Some(c.code),
-        _ => None,
-    };
-    code == Some(11000) || e.to_string().contains("E11000")
 }
 
 /// Values matching a string id or the ObjectId it spells.
