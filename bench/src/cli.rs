@@ -44,6 +44,12 @@ pub enum Command {
     /// relays to a random other participant. Checks huddle versions at every
     /// receiver. Ignores --connections (= rooms × participants).
     Huddle(RunArgs),
+    /// Push notifications (needs --spawn allinone): --connections senders,
+    /// each in a conversation of its own with --recipients offline members
+    /// with a device each (FCM and APNS alternately, provider stand-ins run
+    /// by the bench); --rate messages per second in total. Measures
+    /// notifications/s and message:send → provider request.
+    Push(RunArgs),
     /// Regenerate RESULTS.md from the JSON results of earlier runs.
     Report(ReportArgs),
 }
@@ -166,6 +172,9 @@ pub struct RunArgs {
     /// huddle: the share of pushes that are toggles (the rest are relays).
     #[arg(long, default_value_t = 0.5)]
     pub toggle_share: f64,
+    /// push: offline members per conversation, one device each.
+    #[arg(long, default_value_t = 4)]
+    pub recipients: usize,
     /// Conversations already exist: skip the gRPC membership setup.
     #[arg(long)]
     pub no_setup: bool,

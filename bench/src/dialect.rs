@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// Marker at the start of every content the bench sends.
-const CONTENT_PREFIX: &str = "bench:";
+pub const CONTENT_PREFIX: &str = "bench:";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

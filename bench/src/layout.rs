@@ -23,6 +23,9 @@ pub enum Scenario {
     Calls,
     /// Huddle rooms of `group_max` participants, one room per conversation.
     Huddle,
+    /// One connected sender per conversation; its other members are offline
+    /// with a device each, so every message becomes push notifications.
+    Push,
 }
 
 impl Scenario {
@@ -33,6 +36,7 @@ impl Scenario {
             Scenario::Chat => "chat",
             Scenario::Calls => "calls",
             Scenario::Huddle => "huddle",
+            Scenario::Push => "push",
         }
     }
 
@@ -76,7 +80,9 @@ impl Layout {
     /// `idle` groups connections into conversations of `group_max`; `fanout`
     /// puts all of them in one; `chat` cycles sizes `group_min..=group_max`;
     /// `calls` pairs them (each pair a caller and a callee, no conversation
-    /// is created); `huddle` groups them by `group_max`, one room each.
+    /// is created); `huddle` groups them by `group_max`, one room each;
+    /// `push` gives each its own conversation (its offline members are
+    /// not connections: see `push::recipients`).
     pub fn new(
         scenario: Scenario,
         run_id: &str,
@@ -96,6 +102,7 @@ impl Layout {
                 Scenario::Chat => group_min + k % (group_max - group_min + 1),
                 Scenario::Calls => 2,
                 Scenario::Huddle => group_max,
+                Scenario::Push => 1,
             };
             let size = want.min(connections - placed);
             sizes.push(size);
@@ -103,7 +110,7 @@ impl Layout {
             k += 1;
         }
         // A trailing conversation smaller than group_min joins the one before.
-        if sizes.len() > 1 && sizes[sizes.len() - 1] < group_min {
+        if scenario != Scenario::Push && sizes.len() > 1 && sizes[sizes.len() - 1] < group_min {
             let last = sizes.pop().unwrap_or(0);
             if let Some(prev) = sizes.last_mut() {
                 *prev += last;
@@ -127,6 +134,11 @@ impl Layout {
             conversations,
             conversation_of,
         }
+    }
+
+    /// The run's id (hex digits), in every user and conversation name.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     pub fn user(&self, connection: usize) -> String {
@@ -162,7 +174,7 @@ impl Layout {
         match self.scenario {
             Scenario::Idle => false,
             Scenario::Fanout => connection == 0,
-            Scenario::Chat => true,
+            Scenario::Chat | Scenario::Push => true,
             // The caller of each pair: the pacer hands it the calls to start.
             Scenario::Calls => {
                 connection.is_multiple_of(2) && connection + 1 < self.conversation_of.len()
@@ -230,5 +242,14 @@ mod tests {
         assert_eq!(layout.topic(3), "huddle:lobby");
         assert_eq!(layout.device(5), "r-d5");
         assert!(Scenario::Huddle.needs_memberships());
+    }
+
+    #[test]
+    fn push_gives_every_sender_a_conversation_of_its_own() {
+        let layout = Layout::new(Scenario::Push, "r", 5, 2, 10);
+        assert_eq!(layout.conversations.len(), 5);
+        assert!(layout.conversations.iter().all(|c| c.size == 1));
+        assert_eq!(layout.senders(), 5);
+        assert_eq!(layout.topic(3), "chat:r-push-c3");
     }
 }

@@ -1,6 +1,6 @@
 //! `bench`: the QuckChat load generator.
 //!
-//! `cargo run --release -p bench -- <idle|fanout|chat|calls|huddle> [options]` runs one
+//! `cargo run --release -p bench -- <idle|fanout|chat|calls|huddle|push> [options]` runs one
 //! scenario end to end and prints a table (stderr) and a JSON summary
 //! (stdout); `bench report <json…>` turns a session's summaries into
 //! `bench/RESULTS.md`.
@@ -17,6 +17,8 @@
 //!   this binary so no process needs more than its 20,000 open files;
 //!   `worker::calls` drives the `calls` scenario's caller/callee pairs,
 //!   `worker::huddle` the `huddle` scenario's rooms;
+//! - [`push`]: the `push` scenario's FCM and APNS stand-ins, devices and
+//!   figures;
 //! - [`dialect`]: Phoenix Channels and Socket.IO framing;
 //! - [`stats`]: counters and HDR histograms, merged across workers;
 //! - [`procfs`]: RSS and CPU of the server from `/proc`;
@@ -28,6 +30,7 @@ mod layout;
 mod mongo;
 mod orchestrate;
 mod procfs;
+mod push;
 mod report;
 mod servers;
 mod setup;
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Some(Command::Chat(args)) => run(Scenario::Chat, &args),
         Some(Command::Calls(args)) => run(Scenario::Calls, &args),
         Some(Command::Huddle(args)) => run(Scenario::Huddle, &args),
+        Some(Command::Push(args)) => run(Scenario::Push, &args),
         Some(Command::Report(args)) => report::write(&args),
         None => Ok(()),
     };

@@ -25,6 +25,7 @@ use tokio::time::timeout;
 use crate::cli::{CallType, RunArgs, Target};
 use crate::layout::{Layout, Scenario};
 use crate::procfs::{self, Machine};
+use crate::push::{self, Providers, PushFigures};
 use crate::servers::{self, ServerEnv, SpawnKind};
 use crate::setup;
 use crate::stats::{Counts, Totals, WorkerReport};
@@ -78,6 +79,10 @@ pub struct Summary {
     /// in summaries written before it.
     #[serde(default)]
     pub huddle: Option<HuddleFigures>,
+    /// The `push` scenario's figures; absent for the other scenarios and in
+    /// summaries written before it.
+    #[serde(default)]
+    pub push: Option<PushFigures>,
 }
 
 /// Call signaling (`calls`): pairs calling, setups, and the latencies of
@@ -236,7 +241,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &hdrhistogram::Histogram<u64>) -> Percentiles {
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Percentiles {
         let ms = |micros: u64| micros as f64 / 1000.0;
         if h.is_empty() {
             return Percentiles::default();
@@ -343,6 +348,22 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         }
     }
 
+    // push: the providers run here, so the server must be ours to configure.
+    let providers = if scenario == Scenario::Push {
+        if args.spawn != Some(SpawnKind::Allinone) {
+            bail!(
+                "push: needs --spawn allinone (the bench runs the FCM and APNS stand-ins and \
+                 gives the server their credentials)"
+            );
+        }
+        if args.recipients == 0 {
+            bail!("push: --recipients must be at least 1");
+        }
+        Some(Providers::start().context("start the provider stand-ins")?)
+    } else {
+        None
+    };
+
     // The server: spawned for this run, or the one at --url.
     let distributed = args.spawn == Some(SpawnKind::Distributed);
     let gateways = if distributed {
@@ -366,6 +387,10 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
                 mongodb_url: &args.mongodb_url,
                 run_id: &run_id,
                 gateways: gateways as u16,
+                extra: providers
+                    .as_ref()
+                    .map(Providers::server_env)
+                    .unwrap_or_default(),
             },
         )?),
         None => None,
@@ -400,8 +425,18 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             "bench: creating {} conversations at {grpc}",
             layout.conversations.len()
         );
-        setup::memberships(&grpc, &layout).await?;
+        let offline = if scenario == Scenario::Push {
+            args.recipients
+        } else {
+            0
+        };
+        setup::memberships(&grpc, &layout, offline).await?;
     }
+    let devices = if providers.is_some() {
+        push::register_devices(&grpc, &layout, args.recipients).await?
+    } else {
+        0
+    };
     let setup_secs = setup_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before: Vec<u64> = pids.iter().map(|(_, p)| rss(*p)).collect();
@@ -516,6 +551,13 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             let _ = w.child.kill().await;
         }
     }
+    // What the providers got by the end of the drain (before the server
+    // stops: a stopping server may still push what it had queued).
+    let push = providers.as_ref().map(|p| {
+        let acked: u64 = reports.iter().map(|r| r.counts.acks_ok).sum();
+        p.figures(args.recipients, devices, acked, args.duration.as_secs_f64())
+    });
+    let push = push.transpose()?;
     if let Some(s) = spawned.as_mut() {
         s.stop();
     }
@@ -658,6 +700,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         counts,
         calls,
         huddle,
+        push,
     })
 }
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::cli::{ReportArgs, Target};
 use crate::orchestrate::{target_name, CallFigures, HuddleFigures, Percentiles, Summary};
+use crate::push::PushFigures;
 
 fn kib(bytes: f64) -> String {
     format!("{:.2} KiB", bytes / 1024.0)
@@ -29,6 +30,9 @@ fn errors(s: &Summary) -> u64 {
         + c.acks_error
         + c.closed
         + s.huddle.as_ref().map_or(0, |h| h.violations)
+        + s.push.as_ref().map_or(0, |p| {
+            p.duplicates + p.rejections + u64::try_from(p.missing).unwrap_or(0)
+        })
 }
 
 /// The human-readable table of one run (stderr, so stdout stays JSON).
@@ -209,6 +213,10 @@ pub fn print_table(s: &Summary) {
         let at = rows.len().saturating_sub(1);
         rows.splice(at..at, huddle_rows(huddle));
     }
+    if let Some(push) = &s.push {
+        let at = rows.len().saturating_sub(1);
+        rows.splice(at..at, push_rows(push));
+    }
     let loud = loud_errors(s);
     for (k, v) in rows {
         eprintln!("{k:>20}  {v}");
@@ -273,6 +281,33 @@ fn call_rows(c: &CallFigures) -> Vec<(&'static str, String)> {
         ("relay", percentiles(&c.relay_ms)),
         ("end→ended", percentiles(&c.ended_ms)),
         ("call start lag", percentiles(&c.start_lag_ms)),
+    ]
+}
+
+/// The table rows of the `push` scenario.
+fn push_rows(p: &PushFigures) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "notifications",
+            format!(
+                "{} ({}/s): FCM {}, APNS {}; expected {} ({} offline members × acked), \
+                 missing {}, duplicates {}, refused {}",
+                p.notifications,
+                rate(p.per_sec),
+                p.fcm,
+                p.apns,
+                p.expected,
+                p.recipients,
+                p.missing,
+                p.duplicates,
+                p.rejections
+            ),
+        ),
+        ("send→provider", percentiles(&p.latency_ms)),
+        (
+            "provider sockets",
+            format!("{} (for {} devices)", p.provider_connections, p.devices),
+        ),
     ]
 }
 
@@ -395,6 +430,14 @@ const GOALS: &[Goal] = &[
         hit: |v| v < 20.0,
     },
     Goal {
+        text: "≥ 5,000 push notifications/s from one push-svc",
+        case: "push",
+        distributed: false,
+        measure: |s| s.push.as_ref().map(|p| p.per_sec),
+        unit: "notifications/s",
+        hit: |v| v >= 5_000.0,
+    },
+    Goal {
         text: "persisted chat ≥ 25k messages/s all-in-one",
         case: "chat-max",
         distributed: false,
@@ -488,6 +531,65 @@ fn render_calls(md: &mut String, results: &[Summary]) {
          sent → `call:answered`. In the figures table, a calls case's sends ok/s are push \
          replies and its deliveries are call events received. Error reasons are in the run's \
          JSON (`error_reasons`).\n"
+    );
+}
+
+/// The `push` cases, if any: notifications the providers accepted.
+fn render_push(md: &mut String, results: &[Summary]) {
+    let runs: Vec<(&Summary, &PushFigures)> = results
+        .iter()
+        .filter_map(|s| s.push.as_ref().map(|p| (s, p)))
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## Push notifications\n");
+    let _ = writeln!(
+        md,
+        "| case | senders × offline members | messages ok/s | notifications/s | send→provider p50 ms | p99 ms | p99.9 ms | server CPU | client CPU | machine CPU | missing | duplicates | refused |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (s, p) in runs {
+        let _ = writeln!(
+            md,
+            "| {} | {} × {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.0}% | {} | {} | {} | {} |",
+            s.case,
+            s.params.connections,
+            p.recipients,
+            rate(s.acked_per_sec),
+            rate(p.per_sec),
+            p.latency_ms.p50,
+            p.latency_ms.p99,
+            p.latency_ms.p999,
+            s.server
+                .iter()
+                .map(|v| format!("{:.0}%", v.cpu_percent))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            s.client_cpu_percent,
+            s.machine_cpu_percent
+                .map_or("-".into(), |m| format!("{m:.0}%")),
+            p.missing,
+            p.duplicates,
+            p.rejections,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEach sender is the one connected member of its own conversation; the other members \
+         never connect and have one device each, FCM and APNS alternately. The bench runs \
+         push-svc's provider stand-ins (FCM with its OAuth2 token endpoint, APNS over HTTP/2; \
+         they verify tokens, signatures, topics and bodies as the real services do) and gives \
+         the all-in-one server their credentials. notifications/s = requests the providers \
+         accepted ÷ the send window; send→provider = the send's due time (open-loop pacer) → \
+         the provider accepting the request, read from the preview in the body. Missing = \
+         offline members × acknowledged sends − distinct (device, message) pushes by the end \
+         of the drain; duplicates = a device pushed the same message again. Server CPU \
+         includes the whole all-in-one server (chat, presence, push); the provider stand-ins \
+         run in the bench process, not counted in client CPU.\n"
     );
 }
 
@@ -642,6 +744,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
 
     render_calls(&mut md, results);
     render_huddles(&mut md, results);
+    render_push(&mut md, results);
 
     let _ = writeln!(md, "## QuckChat ÷ Socket.IO (same session, same client)\n");
     let _ = writeln!(

@@ -54,6 +54,8 @@ pub struct ServerEnv<'a> {
     pub run_id: &'a str,
     /// Gateway processes (distributed only).
     pub gateways: u16,
+    /// More environment for the all-in-one server (push: provider credentials).
+    pub extra: Vec<(String, String)>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -122,7 +124,8 @@ pub fn spawn(kind: SpawnKind, env: &ServerEnv) -> anyhow::Result<Spawned> {
         SpawnKind::Allinone => {
             let mut cmd = Command::new(binary("quckchat")?);
             quckchat_env(&mut cmd, port, env);
-            cmd.env("DATA_DIR", spawned.dir.path().join("data"));
+            cmd.env("DATA_DIR", spawned.dir.path().join("data"))
+                .envs(env.extra.iter().map(|(k, v)| (k, v)));
             spawned.add(
                 "quckchat",
                 start(&mut cmd, spawned.dir.path(), "quckchat.log")?,

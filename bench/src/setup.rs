@@ -18,8 +18,13 @@ pub fn grpc_token() -> String {
     std::env::var("GRPC_AUTH_TOKEN").unwrap_or_else(|_| "quckchat-bench-grpc-token".into())
 }
 
-/// Upserts every conversation of `layout` at `grpc_addr`.
-pub async fn memberships(grpc_addr: &str, layout: &Layout) -> anyhow::Result<()> {
+/// Upserts every conversation of `layout` at `grpc_addr`, with
+/// `offline_members` more members each who never connect (push).
+pub async fn memberships(
+    grpc_addr: &str,
+    layout: &Layout,
+    offline_members: usize,
+) -> anyhow::Result<()> {
     let token =
         GrpcToken::new(&grpc_token()).map_err(|e| anyhow::anyhow!("GRPC_AUTH_TOKEN {e}"))?;
     let channel = client_with_timeouts(
@@ -33,9 +38,15 @@ pub async fn memberships(grpc_addr: &str, layout: &Layout) -> anyhow::Result<()>
     stream::iter(layout.conversations.iter())
         .map(|conversation| {
             let mut client = client.clone();
+            let mut member_ids = layout.members(conversation);
+            member_ids.extend(crate::push::recipients(
+                layout,
+                conversation,
+                offline_members,
+            ));
             let request = UpsertConversationRequest {
                 conversation_id: conversation.id.clone(),
-                member_ids: layout.members(conversation),
+                member_ids,
             };
             async move {
                 client

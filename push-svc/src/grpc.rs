@@ -26,17 +26,32 @@ pub struct PushGrpc {
     devices: Arc<dyn Devices>,
     /// Where `Notify` jobs are queued (the push notices' subject).
     publisher: Publisher,
+    /// Whether any provider credentials are configured: with none, `Notify`
+    /// is refused rather than queued for nobody to send.
+    sending: bool,
 }
 
 impl PushGrpc {
-    pub fn new(devices: Arc<dyn Devices>, publisher: Publisher) -> Self {
-        Self { devices, publisher }
+    pub fn new(devices: Arc<dyn Devices>, publisher: Publisher, sending: bool) -> Self {
+        Self {
+            devices,
+            publisher,
+            sending,
+        }
     }
 
-    pub fn server(devices: Arc<dyn Devices>, publisher: Publisher) -> PushServiceServer<Self> {
-        PushServiceServer::new(Self::new(devices, publisher))
+    pub fn server(
+        devices: Arc<dyn Devices>,
+        publisher: Publisher,
+        sending: bool,
+    ) -> PushServiceServer<Self> {
+        PushServiceServer::new(Self::new(devices, publisher, sending))
     }
 }
+
+/// `Notify` with no provider configured.
+pub const PUSH_OFF: &str = "push is off: no FCM or APNS credentials are configured \
+     (FIREBASE_SERVICE_ACCOUNT and FIREBASE_PROJECT_ID, APNS_KEY_ID/APNS_TEAM_ID/APNS_PRIVATE_KEY/APNS_TOPIC, or PUSH_APPS)";
 
 fn unavailable(err: impl std::fmt::Display) -> Status {
     tracing::warn!(%err, "device registry unavailable");
@@ -134,6 +149,9 @@ impl PushApi for PushGrpc {
         req: Request<NotifyRequest>,
     ) -> Result<Response<NotifyResponse>, Status> {
         let mut req = req.into_inner();
+        if !self.sending {
+            return Err(Status::failed_precondition(PUSH_OFF));
+        }
         if req.user_ids.is_empty() || req.user_ids.len() > MAX_NOTIFY_USERS {
             return Err(Status::invalid_argument(format!(
                 "user_ids must name 1 to {MAX_NOTIFY_USERS} users"
@@ -174,5 +192,60 @@ impl PushApi for PushGrpc {
         Ok(Response::new(NotifyResponse {
             devices: u32::try_from(devices).unwrap_or(u32::MAX),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use quckchat_proto::push::push_service_server::PushService as _;
+    use quckchat_proto::push::Notification as NotificationMessage;
+    use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
+
+    use super::*;
+    use crate::devices::EmbeddedDevices;
+
+    fn notify_request() -> Request<NotifyRequest> {
+        Request::new(NotifyRequest {
+            user_ids: vec!["alice".into()],
+            notification: Some(NotificationMessage {
+                title: "Maintenance".into(),
+                body: "Tonight at 22:00".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn grpc(sending: bool) -> (PushGrpc, Arc<dyn Bus>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let devices = Arc::new(EmbeddedDevices::open(dir.path()).unwrap());
+        let publisher = Publisher::new(bus.clone(), Subjects::new("qc"));
+        (PushGrpc::new(devices, publisher, sending), bus, dir)
+    }
+
+    #[tokio::test]
+    async fn notify_is_refused_when_no_provider_is_configured() {
+        let (grpc, bus, _dir) = grpc(false).await;
+        let mut queued = bus.subscribe("qc.svc.push.>", None).await.unwrap();
+        let status = grpc.notify(notify_request()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("FIREBASE_SERVICE_ACCOUNT"));
+        let nothing = tokio::time::timeout(Duration::from_millis(100), queued.next()).await;
+        assert!(nothing.is_err(), "nothing may be queued for nobody to send");
+    }
+
+    #[tokio::test]
+    async fn notify_is_queued_when_push_is_on() {
+        let (grpc, bus, _dir) = grpc(true).await;
+        let mut queued = bus.subscribe("qc.svc.push.>", None).await.unwrap();
+        grpc.notify(notify_request()).await.unwrap();
+        let job = tokio::time::timeout(Duration::from_secs(1), queued.next())
+            .await
+            .expect("the notification is queued")
+            .expect("the bus is open");
+        assert!(job.subject.ends_with(NOTIFY_NOTICE), "{}", job.subject);
     }
 }

@@ -85,6 +85,7 @@ async fn run(config: PushConfig) -> anyhow::Result<()> {
         health_check("store", devices.clone(), |d| d.ping()),
     ];
     let publisher = Publisher::new(node.bus(), node.subjects().clone());
-    let grpc = tonic::service::Routes::new(PushGrpc::server(devices, publisher));
+    let sending = !apps.is_empty();
+    let grpc = tonic::service::Routes::new(PushGrpc::server(devices, publisher, sending));
     node.serve(checks, grpc, workers).await
 }

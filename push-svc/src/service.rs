@@ -114,20 +114,23 @@ impl PushService {
         let devices = self
             .devices_of(&offline, &[Platform::Fcm, Platform::Apns])
             .await?;
-        // The badge: each recipient's unread count (best effort).
-        let mut badges: HashMap<String, Option<u32>> = HashMap::new();
-        for d in &devices {
-            if !badges.contains_key(&d.user_id) {
-                let badge = match self.chat.unread_total(&d.user_id).await {
+        // The badge: each recipient's unread count (best effort), asked
+        // for all of them at once.
+        let users: HashSet<&str> = devices.iter().map(|d| d.user_id.as_str()).collect();
+        let badges: HashMap<&str, Option<u32>> =
+            join_all(users.into_iter().map(|user| async move {
+                let badge = match self.chat.unread_total(user).await {
                     Ok(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
                     Err(err) => {
                         tracing::debug!(%err, "badge unknown");
                         None
                     }
                 };
-                badges.insert(d.user_id.clone(), badge);
-            }
-        }
+                (user, badge)
+            }))
+            .await
+            .into_iter()
+            .collect();
         let base = Notification {
             kind: Kind::Message,
             title: Some("New message".to_owned()),
@@ -155,7 +158,7 @@ impl PushService {
         Ok(self
             .deliver_all(&job, &devices, |d| {
                 let mut n = base.clone();
-                n.badge = badges.get(&d.user_id).copied().flatten();
+                n.badge = badges.get(d.user_id.as_str()).copied().flatten();
                 n
             })
             .await)

@@ -208,6 +208,7 @@ pub async fn run(
         EmbeddedDevices::open(&config.data_dir).map_err(|e| anyhow::anyhow!("DATA_DIR: {e}"))?,
     );
     let push_apps = Arc::new(quckchat_push::apps::build(&config.push.apps)?);
+    let push_sending = !push_apps.is_empty();
     let push_worker = if push_apps.is_empty() {
         tracing::info!("no FCM or APNS credentials: push is off (the device registry still works)");
         None
@@ -262,6 +263,7 @@ pub async fn run(
             .add_service(PushGrpc::server(
                 push_devices,
                 Publisher::new(bus.clone(), subjects.clone()),
+                push_sending,
             )),
         &grpc_token,
     );

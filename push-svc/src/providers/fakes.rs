@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::{Form, Path, State};
@@ -217,6 +217,8 @@ pub struct FcmRequest {
     pub access_token: String,
     /// The whole JSON body (`{"message": …}`).
     pub body: Value,
+    /// When the fake accepted it (wall clock, for latency figures).
+    pub received_at: SystemTime,
 }
 
 impl FcmRequest {
@@ -557,6 +559,7 @@ async fn fcm_send(
         project: project.clone(),
         access_token: bearer,
         body,
+        received_at: SystemTime::now(),
     });
     Json(json!({ "name": format!("projects/{project}/messages/{id}") })).into_response()
 }
@@ -744,6 +747,8 @@ pub struct ApnsRequest {
     pub body: Value,
     /// Whether it came over HTTP/2.
     pub http2: bool,
+    /// When the fake accepted it (wall clock, for latency figures).
+    pub received_at: SystemTime,
 }
 
 impl ApnsRequest {
@@ -1080,6 +1085,7 @@ async fn apns_push(
             .collect(),
         body: payload,
         http2: true,
+        received_at: SystemTime::now(),
     });
     let mut response = StatusCode::OK.into_response();
     response.headers_mut().insert(
