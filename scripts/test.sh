@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command:
-#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> build -> cargo test -> e2e -> faults -> fuzz
+#   deps (NATS, Redis, SecantusDB) -> fmt -> clippy -> metrics check -> k8s check -> build ->
+#   cargo test -> e2e -> faults -> fuzz
 # Usage: scripts/test.sh [--no-lint] [--no-e2e] [--no-fuzz]   (skips are for local iteration only)
 # The fuzz step runs every target 20 s (scripts/fuzz.sh; longer: scripts/fuzz.sh 600).
 set -euo pipefail
@@ -13,7 +14,7 @@ for arg in "$@"; do
     --no-lint) lint=0 ;;
     --no-e2e) e2e=0 ;;
     --no-fuzz) fuzz=0 ;;
-    -h | --help) sed -n '2,5p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,6p' "$0"; exit 0 ;;
     *) echo "test.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -38,7 +39,12 @@ if ((lint)); then
   cargo fmt --all -- --check
   step "cargo clippy"
   cargo clippy --workspace --all-targets -- -D warnings
+  step "metrics: README table, dashboard and alert queries (scripts/check-metrics.py)"
+  python3 scripts/check-metrics.py
 fi
+
+step "k8s manifests and Dockerfile (scripts/check-k8s.sh)"
+scripts/check-k8s.sh
 
 # Debug build on purpose: cargo test and the e2e suite reuse these artifacts. --workspace --bins
 # builds every binary the e2e harness starts: quckchat, gateway, chat-svc, presence-svc, signaling-svc,

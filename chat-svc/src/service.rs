@@ -140,7 +140,8 @@ impl ChatService {
             .build();
         let publisher = Publisher::new(bus, subjects);
         Self {
-            store,
+            // Every store call is timed (quckchat_store_seconds).
+            store: crate::store::Timed::wrap(store),
             typing: Typing::new(publisher.clone()),
             publisher,
             members,

@@ -442,7 +442,11 @@ fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
         }) {
             Ok(()) => delivered += 1,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
+                // Counted once per socket closed (its later overflows too
+                // find the token cancelled).
+                if !s.slow.is_cancelled() {
+                    metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
+                }
                 s.slow.cancel();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}

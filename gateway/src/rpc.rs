@@ -3,7 +3,7 @@
 //! the leave notices services ask for.
 
 use prost::Message as _;
-use quckchat_proto::bus::{ClientCommand, CommandReply};
+use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
 use quckchat_runtime::bus::BusError;
 use quckchat_runtime::errors::ClientError;
 
@@ -41,9 +41,15 @@ impl Shared {
                 .request(&subject, Vec::new(), payload, timeout)
                 .await;
         }
-        metrics::histogram!("quckchat_gateway_command_seconds", "service" => route.service)
-            .record(started.elapsed().as_secs_f64());
-        match res {
+        let join = command.event == "phx_join";
+        let op = if join { "join" } else { "push" };
+        metrics::histogram!(
+            "quckchat_gateway_command_seconds",
+            "service" => route.service,
+            "op" => op,
+        )
+        .record(started.elapsed().as_secs_f64());
+        let reply = match res {
             Ok(msg) => CommandReply::decode(msg.payload.as_ref()).map_err(|err| {
                 tracing::warn!(%err, service = route.service, "undecodable reply");
                 ClientError::Internal
@@ -53,7 +59,32 @@ impl Shared {
                 tracing::warn!(%err, service = route.service, "command not delivered");
                 Err(ClientError::Unavailable)
             }
+        };
+        let result = match &reply {
+            Ok(r) if r.status() == command_reply::Status::Ok => "ok",
+            // The service answered with an error (for a join: refused).
+            Ok(_) if join => "refused",
+            Ok(_) => "error",
+            Err(ClientError::Timeout) => "timeout",
+            Err(ClientError::Unavailable) => "unavailable",
+            Err(_) => "internal",
+        };
+        if join {
+            metrics::counter!(
+                "quckchat_gateway_joins_total",
+                "kind" => route.kind,
+                "result" => result,
+            )
+            .increment(1);
+        } else {
+            metrics::counter!(
+                "quckchat_gateway_pushes_total",
+                "kind" => route.kind,
+                "result" => result,
+            )
+            .increment(1);
         }
+        reply
     }
 
     /// Fire-and-forget notice to a service (no reply expected).

@@ -496,6 +496,12 @@ where
         let route = match routing::route(&f.topic) {
             Ok(route) => route,
             Err(err) => {
+                metrics::counter!(
+                    "quckchat_gateway_joins_total",
+                    "kind" => "unknown",
+                    "result" => "rejected",
+                )
+                .increment(1);
                 return self
                     .error(f.join_ref.as_deref(), f.ref_.as_deref(), &f.topic, &err)
                     .await;
@@ -507,6 +513,12 @@ where
             self.abandon(&f.topic).await?;
             self.send_close(old_ref.as_deref(), &f.topic).await?;
         } else if self.channels.len() >= self.shared.config.socket.max_channels {
+            metrics::counter!(
+                "quckchat_gateway_joins_total",
+                "kind" => route.kind,
+                "result" => "rejected",
+            )
+            .increment(1);
             return self
                 .error(
                     f.join_ref.as_deref(),
@@ -547,6 +559,12 @@ where
                 Ok(()) => shared.request(route, command).await,
                 Err(err) => {
                     tracing::warn!(%err, %topic, "topic subscription failed");
+                    metrics::counter!(
+                        "quckchat_gateway_joins_total",
+                        "kind" => route.kind,
+                        "result" => "unavailable",
+                    )
+                    .increment(1);
                     Err(ClientError::Unavailable)
                 }
             };
@@ -666,7 +684,6 @@ where
             .map(|r| r.get().to_owned())
             .unwrap_or_else(|| ClientError::Internal.response().to_string());
         if done.join && !ok {
-            metrics::counter!("quckchat_gateway_joins_total", "result" => "refused").increment(1);
             self.abandon(&topic).await?;
             return self
                 .reply(
@@ -716,8 +733,6 @@ where
             Some(ch) => {
                 ch.busy = false;
                 if done.join {
-                    metrics::counter!("quckchat_gateway_joins_total", "result" => "ok")
-                        .increment(1);
                     ch.joined = true;
                 }
                 std::mem::take(&mut ch.held)
@@ -772,6 +787,9 @@ where
         }
         if !channel.joined {
             if channel.held.len() >= self.shared.config.socket.outbound_queue {
+                if !self.slow.is_cancelled() {
+                    metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
+                }
                 self.slow.cancel();
             } else {
                 channel.held.push(d);

@@ -319,7 +319,7 @@ async fn admin_endpoints_report_health_and_metrics_that_follow_activity() {
     assert_eq!(before("quckchat_gateway_connections"), 0.0);
     assert_eq!(before("quckchat_gateway_malformed_frames_total"), 0.0);
     assert_eq!(
-        before("quckchat_gateway_joins_total{result=\"refused\"}"),
+        before("quckchat_gateway_joins_total{kind=\"chat\",result=\"refused\"}"),
         0.0
     );
 
@@ -350,7 +350,7 @@ async fn admin_endpoints_report_health_and_metrics_that_follow_activity() {
     wait_metric(addr, "quckchat_gateway_malformed_frames_total", 1.0).await;
     wait_metric(
         addr,
-        "quckchat_gateway_joins_total{result=\"refused\"}",
+        "quckchat_gateway_joins_total{kind=\"chat\",result=\"refused\"}",
         1.0,
     )
     .await;

@@ -168,11 +168,25 @@ impl Health {
     }
 }
 
+/// Bucket bounds (seconds) of every histogram (all are durations): from
+/// 100 µs (an embedded-store read, a Redis round trip on the same host) to
+/// 10 s (past `REQUEST_TIMEOUT_MS`'s default). Exported as Prometheus
+/// histograms (`_bucket{le}`, `_sum`, `_count`), so replicas aggregate and
+/// `histogram_quantile` works; README.md#metrics lists the metrics.
+pub const HISTOGRAM_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 /// The global Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // `set_buckets` fails only on an empty list.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(HISTOGRAM_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .build_recorder();
         let handle = recorder.handle();
         // Another recorder may exist in tests that embed several servers;
         // then ours still renders what it records through its handle.
@@ -348,11 +362,21 @@ mod tests {
             "{body}"
         );
         metrics::counter!("quckchat_admin_test_events_total", "kind" => "a").increment(2);
+        metrics::histogram!("quckchat_admin_test_seconds", "op" => "x").record(0.003);
         let (_, _, body) = get(app(), "/metrics").await;
         assert!(
             body.lines()
                 .any(|l| l == "quckchat_admin_test_events_total{kind=\"a\"} 5"),
             "the value follows what was recorded: {body}"
         );
+        // Histograms are Prometheus histograms (buckets), not summaries.
+        for line in [
+            "quckchat_admin_test_seconds_bucket{op=\"x\",le=\"0.0025\"} 0",
+            "quckchat_admin_test_seconds_bucket{op=\"x\",le=\"0.005\"} 1",
+            "quckchat_admin_test_seconds_bucket{op=\"x\",le=\"+Inf\"} 1",
+            "quckchat_admin_test_seconds_count{op=\"x\"} 1",
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line} in {body}");
+        }
     }
 }

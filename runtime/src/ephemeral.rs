@@ -19,6 +19,7 @@
 //! `ping`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use deadpool_redis::redis::{FromRedisValue, IntoConnectionInfo, ToRedisArgs, Value};
 use deadpool_redis::{Config, Pool, Runtime};
@@ -126,10 +127,16 @@ impl RedisPool {
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StateError> {
-        let mut conn = self.conn().await?;
-        cmd.query_async(&mut conn)
-            .await
-            .map_err(|e| StateError::from_redis("command", &e))
+        let started = Instant::now();
+        let result = async {
+            let mut conn = self.conn().await?;
+            cmd.query_async(&mut conn)
+                .await
+                .map_err(|e| StateError::from_redis("command", &e))
+        }
+        .await;
+        observe("command", started, &result);
+        result
     }
 
     /// Runs a pipeline in one round trip.
@@ -137,10 +144,16 @@ impl RedisPool {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StateError> {
-        let mut conn = self.conn().await?;
-        pipe.query_async(&mut conn)
-            .await
-            .map_err(|e| StateError::from_redis("pipeline", &e))
+        let started = Instant::now();
+        let result = async {
+            let mut conn = self.conn().await?;
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|e| StateError::from_redis("pipeline", &e))
+        }
+        .await;
+        observe("pipeline", started, &result);
+        result
     }
 
     /// Whether Redis answers (readiness).
@@ -215,11 +228,29 @@ impl ScriptCall<'_> {
 
     /// Runs the script on `redis`.
     pub async fn run<T: FromRedisValue>(&self, redis: &RedisPool) -> Result<T, StateError> {
-        let mut conn = redis.conn().await?;
-        self.invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| StateError::from_redis(&format!("script {}", self.name), &e))
+        let started = Instant::now();
+        let result = async {
+            let mut conn = redis.conn().await?;
+            self.invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| StateError::from_redis(&format!("script {}", self.name), &e))
+        }
+        .await;
+        observe(self.name, started, &result);
+        result
+    }
+}
+
+/// Records one Redis call (waiting for a pooled connection included) in
+/// `quckchat_redis_seconds{op}`, and a failed one in
+/// `quckchat_redis_errors_total{op}`. `op` is `command`, `pipeline` or a
+/// script's name: static, so recording allocates nothing.
+fn observe<T>(op: &'static str, started: Instant, result: &Result<T, StateError>) {
+    metrics::histogram!("quckchat_redis_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics::counter!("quckchat_redis_errors_total", "op" => op).increment(1);
     }
 }
 
@@ -362,6 +393,8 @@ mod tests {
 
     #[tokio::test]
     async fn kit_against_redis_prefixes_keys_runs_scripts_and_pings() {
+        // Installed first: what is recorded before it is lost.
+        let metrics = crate::admin::metrics_handle();
         let prefix = format!("test{}", uuid::Uuid::new_v4().simple());
         let redis = RedisPool::connect(&redis_url(), &prefix)
             .await
@@ -436,6 +469,20 @@ mod tests {
         assert_eq!(keys.len(), 2, "{keys:?}");
         assert_eq!(redis.clear().await.unwrap(), 2);
         assert_eq!(redis.clear().await.unwrap(), 0);
+
+        // Every call is timed by its op, failures counted.
+        let rendered = metrics.render();
+        let value = |series: &str| -> f64 {
+            rendered
+                .lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{series} in {rendered}"))
+        };
+        assert!(value("quckchat_redis_seconds_count{op=\"incr_pair\"}") >= 3.0);
+        assert!(value("quckchat_redis_seconds_count{op=\"pipeline\"}") >= 1.0);
+        assert!(value("quckchat_redis_seconds_count{op=\"command\"}") >= 4.0);
+        assert!(value("quckchat_redis_errors_total{op=\"broken\"}") >= 1.0);
+        assert!(value("quckchat_redis_errors_total{op=\"incr_pair\"}") >= 1.0);
 
         // The generic readiness adapter over the pool's ping.
         let check = health_check("redis", redis.clone(), |r| r.ping().boxed());

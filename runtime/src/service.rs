@@ -212,6 +212,7 @@ pub trait Service: Send + Sync + 'static {
 /// what tests call to drive a service without a bus.
 pub async fn answer<S: Service + ?Sized>(service: &S, cmd: ClientCommand) -> CommandReply {
     let event = event_label(service, &cmd.event);
+    let started = std::time::Instant::now();
     let result = match Command::from_bus(service.name(), cmd) {
         Ok(cmd)
             if !cmd.is_join()
@@ -233,6 +234,12 @@ pub async fn answer<S: Service + ?Sized>(service: &S, cmd: ClientCommand) -> Com
         },
     )
     .increment(1);
+    metrics::histogram!(
+        "quckchat_command_seconds",
+        "service" => service.name(),
+        "event" => event,
+    )
+    .record(started.elapsed().as_secs_f64());
     encode_reply(result)
 }
 

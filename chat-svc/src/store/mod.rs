@@ -22,6 +22,7 @@
 
 mod embedded;
 mod mongo;
+mod timed;
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
@@ -35,6 +36,7 @@ use serde::Serialize;
 
 pub use embedded::EmbeddedStore;
 pub use mongo::MongoStore;
+pub use timed::Timed;
 
 /// A conversation as the chat service needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{subject_matches, validate_subject, Bus, BusError, BusMessage, Headers, Subscription};
+use super::{
+    count_request_timeout, subject_matches, validate_subject, Bus, BusError, BusMessage, Headers,
+    Subscription,
+};
 
 /// Messages buffered per subscription before newer ones are dropped (as a
 /// NATS slow consumer would lose them).
@@ -250,7 +253,10 @@ impl Bus for MemoryBus {
         match tokio::time::timeout(timeout, reply_rx).await {
             Ok(Ok(msg)) => Ok(msg),
             Ok(Err(_)) => Err(BusError::Unavailable("reply waiter dropped".into())),
-            Err(_) => Err(BusError::TimedOut(subject.to_owned())),
+            Err(_) => {
+                count_request_timeout("memory", subject);
+                Err(BusError::TimedOut(subject.to_owned()))
+            }
         }
     }
 
@@ -311,5 +317,36 @@ mod tests {
             .await;
         assert!(matches!(timed_out, Err(BusError::TimedOut(_))));
         assert!(bus.inner.waiting.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn request_timeouts_are_counted_by_subject_kind() {
+        let metrics = crate::admin::metrics_handle();
+        let bus = MemoryBus::new();
+        let _sub = bus.subscribe("qc.cmd.silent", None).await.unwrap();
+        let series = "quckchat_bus_request_timeouts_total{bus=\"memory\",subject=\"cmd\"}";
+        let count = || {
+            metrics
+                .render()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(series)?
+                        .strip_prefix(' ')?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let before = count();
+        let timed_out = bus
+            .request(
+                "qc.cmd.silent",
+                Vec::new(),
+                Bytes::new(),
+                Duration::from_millis(10),
+            )
+            .await;
+        assert!(matches!(timed_out, Err(BusError::TimedOut(_))));
+        assert_eq!(count(), before + 1);
     }
 }

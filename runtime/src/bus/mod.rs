@@ -12,7 +12,8 @@
 //! - delivery is at-most-once: a subscriber that falls behind by more than its
 //!   buffer loses messages (counted in `quckchat_bus_dropped_total`);
 //! - `request` fails fast with [`BusError::NoResponders`] when nobody listens,
-//!   and with [`BusError::TimedOut`] when nobody answers in time;
+//!   and with [`BusError::TimedOut`] when nobody answers in time (counted in
+//!   `quckchat_bus_request_timeouts_total`);
 //! - dropping a [`Subscription`] unsubscribes.
 
 mod memory;
@@ -155,6 +156,19 @@ pub(crate) fn validate_subject(subject: &str, pattern: bool) -> Result<(), BusEr
         }
     }
     Ok(())
+}
+
+/// Counts a request that got no reply in time, labelled by the bus and the
+/// subject's kind (`cmd`, `gateway`, … — never ids). Off the hot path: only
+/// timeouts come here.
+pub(crate) fn count_request_timeout(bus: &'static str, subject: &str) {
+    const KINDS: [&str; 6] = ["cmd", "gateway", "svc", "topic", "user", "conn"];
+    let kind = subject
+        .split('.')
+        .find_map(|t| KINDS.into_iter().find(|k| *k == t))
+        .unwrap_or("other");
+    metrics::counter!("quckchat_bus_request_timeouts_total", "bus" => bus, "subject" => kind)
+        .increment(1);
 }
 
 /// Whether `subject` matches the subscription `pattern`.

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{validate_subject, Bus, BusError, BusMessage, Headers, Subscription};
+use super::{
+    count_request_timeout, validate_subject, Bus, BusError, BusMessage, Headers, Subscription,
+};
 
 /// Messages buffered per subscription in the client before NATS counts us a
 /// slow consumer and drops.
@@ -188,7 +190,10 @@ impl Bus for NatsBus {
             Ok(msg) => Ok(from_nats(msg)),
             Err(e) => Err(match e.kind() {
                 RequestErrorKind::NoResponders => BusError::NoResponders(subject.to_owned()),
-                RequestErrorKind::TimedOut => BusError::TimedOut(subject.to_owned()),
+                RequestErrorKind::TimedOut => {
+                    count_request_timeout("nats", subject);
+                    BusError::TimedOut(subject.to_owned())
+                }
                 RequestErrorKind::Other => unavailable(e),
             }),
         }
