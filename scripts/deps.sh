@@ -4,6 +4,8 @@
 #   NATS (JetStream) 127.0.0.1:$NATS_PORT     (default 4222)
 #   Redis            127.0.0.1:$REDIS_PORT    (default 6379)
 #   SecantusDB       127.0.0.1:$SECANTUS_PORT (default 27018; MongoDB wire protocol)
+# and installs Chromium (/usr/bin/chromium, Debian's package) for the browser
+# test of /dev/dashboard (e2e/test/dashboard.test.js), if it is missing.
 # Servers started here are left running: tests (and later runs) share them.
 # shellcheck disable=SC2016  # bash -c snippets below expand $0 themselves, on purpose
 set -euo pipefail
@@ -104,6 +106,26 @@ else
   fi
 fi
 echo "redis     redis://127.0.0.1:$REDIS_PORT  ($redis_state)"
+
+# --- Chromium (e2e/test/dashboard.test.js drives it headless) -------------------
+# Debian's package, no recommends (no fonts/extras beyond its dependencies).
+if [[ -x /usr/bin/chromium ]]; then
+  chromium_state="already installed"
+else
+  if [[ $(id -u) -eq 0 ]]; then
+    as_root=()
+  elif command -v sudo >/dev/null; then
+    as_root=(sudo)
+  else
+    die "/usr/bin/chromium is missing and installing it needs root or sudo: apt-get install --no-install-recommends chromium"
+  fi
+  { "${as_root[@]}" apt-get update -qq &&
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+    >>"$STATE_DIR/apt.log" 2>&1 || die "apt-get install chromium failed (see $STATE_DIR/apt.log)"
+  [[ -x /usr/bin/chromium ]] || die "the chromium package is installed but /usr/bin/chromium is missing"
+  chromium_state="installed"
+fi
+echo "chromium  /usr/bin/chromium  ($chromium_state)"
 
 # --- SecantusDB (MongoDB wire protocol) -------------------------------------------
 MONGO_URL="mongodb://127.0.0.1:$SECANTUS_PORT/?directConnection=true"

@@ -5,6 +5,7 @@ use std::time::Duration;
 use quckchat_runtime::config::{
     BusConfig, ConfigError, ConfigReader, ServerConfig, JWT_SECRET, SECRET_KEY_BASE,
 };
+use quckchat_runtime::dashboard::DashboardConfig;
 use quckchat_runtime::server::ServeLimits;
 
 pub use crate::admission::{
@@ -36,6 +37,9 @@ pub struct GatewayConfig {
     pub admission: AdmissionConfig,
     /// Connections of the listener: header-read timeout and global cap.
     pub connections: ServeLimits,
+    /// `/dev/dashboard` (`DASHBOARD_ENABLED`, `DASHBOARD_TOKEN`): on by
+    /// default all-in-one, off by default in a distributed gateway.
+    pub dashboard: DashboardConfig,
 }
 
 /// Limits of one client socket.
@@ -106,6 +110,9 @@ impl SocketConfig {
 impl GatewayConfig {
     /// Reads the gateway's settings. `dev_secret` is the fallback for a missing
     /// `JWT_SECRET` (all-in-one only); without it the secret is required.
+    /// The all-in-one (the caller with a `dev_secret`) also serves the
+    /// dashboard unless `DASHBOARD_ENABLED=false`; a distributed gateway only
+    /// with `DASHBOARD_ENABLED=true`.
     pub fn read(r: &mut ConfigReader<'_>, dev_secret: Option<&str>) -> Result<Self, ConfigError> {
         let server = ServerConfig::read(r, 4000)?;
         let bus = BusConfig::read(r)?;
@@ -129,6 +136,7 @@ impl GatewayConfig {
             jwt_secret,
             socket: SocketConfig::read(r)?,
             node_heartbeat: r.secs(NODE_HEARTBEAT_SECS, 10)?,
+            dashboard: DashboardConfig::read(r, dev_secret.is_some())?,
         })
     }
 }
@@ -146,6 +154,27 @@ mod tests {
         let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), Some("dev")).unwrap();
         assert_eq!(cfg.jwt_secret, "dev");
         assert_eq!(cfg.socket.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn dashboard_is_on_all_in_one_and_off_distributed_by_default() {
+        use quckchat_runtime::dashboard::{DASHBOARD_ENABLED, DASHBOARD_TOKEN};
+        let env: HashMap<&str, &str> = HashMap::from([(JWT_SECRET, "k")]);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+        assert!(!cfg.dashboard.enabled);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), Some("dev")).unwrap();
+        assert!(cfg.dashboard.enabled);
+        let env: HashMap<&str, &str> = HashMap::from([
+            (JWT_SECRET, "k"),
+            (DASHBOARD_ENABLED, "true"),
+            (DASHBOARD_TOKEN, "0123456789abcdef"),
+        ]);
+        let cfg = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap();
+        assert!(cfg.dashboard.enabled && cfg.dashboard.token.is_some());
+        let env: HashMap<&str, &str> =
+            HashMap::from([(JWT_SECRET, "k"), (DASHBOARD_TOKEN, "short")]);
+        let err = GatewayConfig::read(&mut ConfigReader::new(&env), None).unwrap_err();
+        assert_eq!(err.key, DASHBOARD_TOKEN);
     }
 
     #[test]

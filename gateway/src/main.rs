@@ -6,6 +6,7 @@ use std::sync::Arc;
 use quckchat_gateway::{Gateway, GatewayConfig};
 use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::bus::{Bus, NatsBus};
+use quckchat_runtime::dashboard::{self, Scope};
 use quckchat_runtime::{process, server, shutdown};
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +29,14 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         vec![Arc::new(BusHealth(bus.clone()))],
     );
     let gateway = Gateway::new(config.clone(), bus, token.clone());
-    let router = gateway.router().merge(admin::router(health.clone()));
+    let router = gateway
+        .router()
+        .merge(admin::router(health.clone()))
+        .merge(dashboard::router(
+            config.dashboard.clone(),
+            health.clone(),
+            Scope::Gateway,
+        ));
     let listener = server::bind(config.server.listen_addr()).await?;
     tracing::info!(addr = %config.server.listen_addr(), "gateway listening");
     server::serve_with_health_limited(

@@ -34,6 +34,7 @@ use quckchat_runtime::admin::{self, BusHealth, Health};
 use quckchat_runtime::auth::DEV_JWT_SECRET;
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
 use quckchat_runtime::config::{ConfigError, ConfigReader, DATA_DIR};
+use quckchat_runtime::dashboard::{self, Scope};
 use quckchat_runtime::grpc::GrpcToken;
 use quckchat_runtime::publish::Publisher;
 use quckchat_runtime::server;
@@ -270,6 +271,11 @@ pub async fn run(
     let router = gateway
         .router()
         .merge(admin::router(health.clone()))
+        .merge(dashboard::router(
+            config.gateway.dashboard.clone(),
+            health.clone(),
+            Scope::AllInOne,
+        ))
         .merge(grpc);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "quckchat listening (all-in-one)");
     server::serve_with_health_limited(

@@ -14,6 +14,7 @@
 //! - [`publish`] — typed publishing to topics, users and connections;
 //! - [`grpc`] — clients of other services' gRPC APIs;
 //! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
+//! - [`dashboard`] — `/dev/dashboard`, a live page of the process's figures;
 //! - [`ephemeral`] — short-lived shared state in Redis (pool, key prefix,
 //!   scripts, safe reply decoding, one error type) for presence and the like;
 //! - [`telemetry`] — logging;
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod dashboard;
 pub mod ephemeral;
 pub mod errors;
 pub mod grpc;
