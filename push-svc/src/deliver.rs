@@ -14,6 +14,7 @@ use crate::apps::Apps;
 use crate::devices::{Device, Devices};
 use crate::providers::{Notification, Outcome};
 use crate::sent::{SentLog, CLAIM};
+use tracing::Instrument as _;
 
 /// How retries go.
 #[derive(Debug, Clone, Copy)]
@@ -137,7 +138,21 @@ impl Deliverer {
                 let Ok(_permit) = limit.acquire().await else {
                     break Delivered::GaveUp("shutting down".into());
                 };
-                provider.send(device, notification).await
+                let span = tracing::info_span!(
+                    target: quckchat_runtime::telemetry::TRACE,
+                    "push",
+                    otel.name = %format_args!("push.{}", provider.name()),
+                    otel.kind = "client",
+                    platform = device.platform.as_str(),
+                    attempt,
+                    outcome = tracing::field::Empty,
+                );
+                let outcome = provider
+                    .send(device, notification)
+                    .instrument(span.clone())
+                    .await;
+                span.record("outcome", outcome.label());
+                outcome
             };
             metrics::counter!(
                 "quckchat_push_total",

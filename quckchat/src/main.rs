@@ -143,15 +143,23 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn run_server() -> i32 {
-    let config = process::start("quckchat", ServeConfig::read);
+    let runtime = runtime();
+    // Inside the runtime: the trace exporter (if any) starts its client.
+    let config = {
+        let _in_runtime = runtime.enter();
+        process::start("quckchat", ServeConfig::read)
+    };
     if config.gateway.jwt_secret == DEV_JWT_SECRET {
         tracing::warn!(
             "JWT_SECRET is not set: using the DEVELOPMENT secret. Anyone can mint tokens for this server. \
              Set JWT_SECRET to the backend's HS256 secret before exposing it."
         );
     }
-    let served = runtime().block_on(async { serve(config, quckchat::shutdown_on_signal()).await });
-    process::finish("quckchat", served);
+    let served = runtime.block_on(async { serve(config, quckchat::shutdown_on_signal()).await });
+    {
+        let _in_runtime = runtime.enter();
+        process::finish("quckchat", served);
+    }
     0
 }
 

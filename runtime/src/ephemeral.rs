@@ -21,6 +21,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument as _;
+
 use deadpool_redis::redis::{FromRedisValue, IntoConnectionInfo, ToRedisArgs, Value};
 use deadpool_redis::{Config, Pool, Runtime};
 
@@ -134,6 +136,7 @@ impl RedisPool {
                 .await
                 .map_err(|e| StateError::from_redis("command", &e))
         }
+        .instrument(redis_span("command"))
         .await;
         observe("command", started, &result);
         result
@@ -151,6 +154,7 @@ impl RedisPool {
                 .await
                 .map_err(|e| StateError::from_redis("pipeline", &e))
         }
+        .instrument(redis_span("pipeline"))
         .await;
         observe("pipeline", started, &result);
         result
@@ -236,10 +240,23 @@ impl ScriptCall<'_> {
                 .await
                 .map_err(|e| StateError::from_redis(&format!("script {}", self.name), &e))
         }
+        .instrument(redis_span(self.name))
         .await;
         observe(self.name, started, &result);
         result
     }
+}
+
+/// A Redis call's span (`redis.<op>`).
+fn redis_span(op: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        target: crate::telemetry::TRACE,
+        "redis",
+        otel.name = %format_args!("redis.{op}"),
+        otel.kind = "client",
+        db.system = "redis",
+        db.operation = op,
+    )
 }
 
 /// Records one Redis call (waiting for a pooled connection included) in

@@ -9,7 +9,9 @@ pub fn start<T>(
     process: &str,
     read: impl FnOnce(&mut ConfigReader<'_>) -> Result<T, ConfigError>,
 ) -> T {
-    crate::telemetry::init();
+    if let Err(e) = crate::telemetry::init(process) {
+        exit_on_config_error(process, &e);
+    }
     let mut reader = ConfigReader::new(&ProcessEnv);
     let config = read(&mut reader).unwrap_or_else(|e| exit_on_config_error(process, &e));
     reader.log(process);
@@ -18,6 +20,7 @@ pub fn start<T>(
 
 /// Ends the process: exit 1 with one line naming the failure.
 pub fn finish(process: &str, result: anyhow::Result<()>) {
+    crate::telemetry::shutdown();
     if let Err(err) = result {
         eprintln!("{process}: {err:#}");
         std::process::exit(1);

@@ -18,11 +18,13 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::bus::{respond, Bus, BusError, BusMessage, Subjects};
 use crate::errors::ClientError;
 use crate::ids::valid_id;
 use crate::routes;
+use crate::telemetry;
 
 /// Commands handled at once per replica; more wait on the bus.
 pub const MAX_IN_FLIGHT: usize = 1024;
@@ -322,7 +324,29 @@ pub async fn serve<S: Service>(
 
 async fn handle_message<S: Service>(service: &S, bus: &dyn Bus, msg: BusMessage) {
     let reply = match ClientCommand::decode(msg.payload.as_ref()) {
-        Ok(cmd) => answer(service, cmd).await,
+        Ok(cmd) => {
+            // The command's span, a child of the gateway's (bus headers).
+            let event = event_label(service, &cmd.event);
+            let span = tracing::info_span!(
+                target: telemetry::TRACE,
+                "command",
+                otel.name = %format_args!("{}.{event}", service.name()),
+                otel.kind = "server",
+                service = service.name(),
+                event,
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            telemetry::follow(&span, &msg.headers);
+            let reply = answer(service, cmd).instrument(span.clone()).await;
+            let ok = reply.status() == command_reply::Status::Ok;
+            span.record("outcome", if ok { "ok" } else { "error" });
+            if !ok {
+                span.record("otel.status_code", "ERROR");
+            }
+            reply
+        }
         Err(err) => {
             // Not from a gateway of this version: answer, never leave it hanging.
             tracing::warn!(service = service.name(), %err, "undecodable command");

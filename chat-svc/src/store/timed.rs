@@ -62,7 +62,13 @@ fn observe<T>(
 macro_rules! timed {
     ($self:ident, $op:literal, $call:expr) => {{
         let started = Instant::now();
-        let result = $call.await;
+        let span = tracing::info_span!(
+            target: quckchat_runtime::telemetry::TRACE,
+            "store",
+            otel.name = concat!("store.", $op),
+            db.system = $self.backend,
+        );
+        let result = tracing::Instrument::instrument($call, span).await;
         observe($self.backend, $op, started, &result);
         result
     }};
@@ -102,12 +108,21 @@ impl ChatStore for Timed {
         // The call starts the append (its seq turn): time from here.
         let started = Instant::now();
         let backend = self.backend;
-        let append = self.inner.append_message(new);
-        Box::pin(async move {
-            let result = append.await;
-            observe(backend, "append_message", started, &result);
-            result
-        })
+        let span = tracing::info_span!(
+            target: quckchat_runtime::telemetry::TRACE,
+            "store",
+            otel.name = "store.append_message",
+            db.system = backend,
+        );
+        let append = span.in_scope(|| self.inner.append_message(new));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let result = append.await;
+                observe(backend, "append_message", started, &result);
+                result
+            },
+            span,
+        ))
     }
 
     async fn message(
