@@ -227,6 +227,13 @@ where
         let drain = sleep_until(far);
         tokio::pin!(drain);
         let mut draining = false;
+        // The socket's close time came with pushes in flight: it reads
+        // nothing more and closes once they are answered (their messages may
+        // be stored: the client must get the ack), or at the end of the
+        // drain window.
+        let mut closing = false;
+        let mut drain_started = Instant::now();
+        let restart = || Some(Close(close_code::RESTART, "server restart"));
         loop {
             tokio::select! {
                 biased;
@@ -234,12 +241,20 @@ where
                 () = shutdown.cancelled(), if !draining => {
                     // Spread reconnects over the drain window.
                     draining = true;
+                    drain_started = Instant::now();
                     let window = self.shared.config.server.drain.mul_f64(0.8);
-                    drain.as_mut().reset(Instant::now() + window.mul_f64(rand::random::<f64>()));
+                    drain.as_mut().reset(drain_started + window.mul_f64(rand::random::<f64>()));
                 }
-                () = &mut drain, if draining => return Some(Close(close_code::RESTART, "server restart")),
-                () = &mut idle => return Some(Close(close_code::NORMAL, "idle timeout")),
-                incoming = self.ws.next() => {
+                () = &mut drain, if draining => {
+                    if closing || self.inflight.is_empty() {
+                        return restart();
+                    }
+                    closing = true;
+                    let last = drain_started + self.shared.config.server.drain.mul_f64(0.95);
+                    drain.as_mut().reset(last.max(Instant::now()));
+                }
+                () = &mut idle, if !closing => return Some(Close(close_code::NORMAL, "idle timeout")),
+                incoming = self.ws.next(), if !closing => {
                     let msg = match incoming {
                         Some(Ok(msg)) => msg,
                         Some(Err(err)) => return read_error_close(&err),
@@ -271,6 +286,9 @@ where
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
                     if self.on_completion(done).await.is_err() {
                         return None;
+                    }
+                    if closing && self.inflight.is_empty() {
+                        return restart();
                     }
                 }
             }

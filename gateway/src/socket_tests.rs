@@ -498,6 +498,43 @@ async fn shutdown_closes_sockets_with_1012() {
 }
 
 #[tokio::test]
+async fn a_push_in_flight_at_shutdown_is_answered_before_the_1012() {
+    let f = fixture(SocketConfig::default()).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    c.send(json!(["1", "2", "chat:c1", "hold", {}]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.gateway.shared.shutdown.cancel();
+    // Past the latest close time of a socket (80% of the 1 s window), the
+    // push still in flight keeps this one open: its message may be stored.
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    f.release.notify_one();
+    assert_eq!(
+        c.recv_within(PROMPTLY).await,
+        json!(["1", "2", "chat:c1", "phx_reply", {"status": "ok", "response": {"held": true}}]),
+        "the ack comes before the close"
+    );
+    assert_eq!(c.recv_close().await, 1012);
+}
+
+#[tokio::test]
+async fn a_push_never_answered_does_not_hold_the_close_past_the_drain_window() {
+    let f = fixture_with(config_from_env(&[("REQUEST_TIMEOUT_MS", "600000")])).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    c.send(json!(["1", "2", "chat:c1", "never", {}]));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    f.gateway.shared.shutdown.cancel();
+    assert_eq!(c.recv_close().await, 1012);
+    let took = started.elapsed();
+    assert!(
+        took <= Duration::from_millis(1_100),
+        "closed {took:?} after shutdown began: within the 1 s drain window"
+    );
+}
+
+#[tokio::test]
 async fn join_left_before_it_completes_leaves_no_subscription_and_is_answered() {
     let f = fixture(SocketConfig::default()).await;
     let mut c = connect(&f, "alice", 64);
