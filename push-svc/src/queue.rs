@@ -16,14 +16,33 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use futures::StreamExt as _;
-use quckchat_runtime::bus::{Bus, BusError, Subjects};
-use quckchat_runtime::routes;
+use quckchat_runtime::bus::{Bus, BusError, Headers, Subjects};
+use quckchat_runtime::{routes, telemetry};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::jobs::Job;
-use crate::service::PushService;
+use crate::service::{JobError, PushService, Tally};
+
+/// Handles `job` in a span continuing the trace its notice came with (the
+/// message's send, the call's event), so its pushes join that trace.
+async fn handle_traced(
+    service: &PushService,
+    job: &Job,
+    headers: &Headers,
+) -> Result<Tally, JobError> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        target: telemetry::TRACE,
+        "push.job",
+        otel.name = %format_args!("push.{}", job.notice()),
+        otel.kind = "consumer",
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::follow(&span, headers);
+    service.handle(job).instrument(span).await
+}
 
 /// How long a delivered job may stay unacked before JetStream gives it to
 /// another replica (longer than a push's retries, see
@@ -137,6 +156,17 @@ pub async fn run_jetstream(
                 break 'outer;
             };
             let service = service.clone();
+            // The trace context the notice was published with.
+            let headers: Headers = msg
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .flat_map(|(name, values)| {
+                    values
+                        .iter()
+                        .map(move |v| (name.to_string(), v.as_str().to_owned()))
+                })
+                .collect();
             tasks.spawn(async move {
                 let _slot = slot;
                 let ack = match Job::decode(notice_of(&msg.subject), &msg.payload) {
@@ -144,7 +174,7 @@ pub async fn run_jetstream(
                         tracing::warn!(%err, "push job dropped");
                         AckKind::Term
                     }
-                    Ok(job) => match service.handle(&job).await {
+                    Ok(job) => match handle_traced(&service, &job, &headers).await {
                         Ok(tally) => {
                             tracing::debug!(notice = job.notice(), ?tally, "push job done");
                             AckKind::Ack
@@ -180,7 +210,7 @@ pub async fn run_memory(
     let mut notices = bus
         .subscribe(&subjects.service_event(routes::PUSH, ">"), None)
         .await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(settings.capacity.max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Job, Headers)>(settings.capacity.max(1));
     let intake_stop = shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -190,7 +220,7 @@ pub async fn run_memory(
             };
             match Job::decode(notice_of(&msg.subject), &msg.payload) {
                 Ok(job) => {
-                    if tx.try_send(job).is_err() {
+                    if tx.try_send((job, msg.headers)).is_err() {
                         metrics::counter!("quckchat_push_dropped_total").increment(1);
                         tracing::warn!("push queue full: notification dropped");
                     }
@@ -203,7 +233,7 @@ pub async fn run_memory(
         let slots = Arc::new(Semaphore::new(settings.concurrency));
         let tasks = TaskTracker::new();
         loop {
-            let job = tokio::select! {
+            let (job, headers) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
@@ -214,7 +244,7 @@ pub async fn run_memory(
             tasks.spawn(async move {
                 let _slot = slot;
                 for attempt in 1..=3 {
-                    match service.handle(&job).await {
+                    match handle_traced(&service, &job, &headers).await {
                         Ok(_) => return,
                         Err(err) if attempt < 3 => {
                             tracing::warn!(%err, "push job failed: retrying");

@@ -26,9 +26,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::UpsertConversationRequest;
+use quckchat_proto::push::push_service_client::PushServiceClient;
+use quckchat_proto::push::RegisterDeviceRequest;
+use quckchat_push::providers::fakes::{FakeFcm, TEST_PROJECT_ID};
 use quckchat_runtime::auth::mint_token;
 use quckchat_runtime::ephemeral::RedisPool;
-use quckchat_runtime::grpc::{client_with_timeouts, GrpcToken};
+use quckchat_runtime::grpc::{client_with_timeouts, AuthChannel, GrpcToken};
 use quckchat_runtime::testkit;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
@@ -200,16 +203,20 @@ async fn wait_ready(port: u16) {
     }
 }
 
-/// Creates conversation `c1` of alice and bob over `grpc`'s chat API.
-async fn conversation(grpc: &str) {
-    let channel = client_with_timeouts(
+/// An authenticated gRPC channel to `grpc`.
+fn channel(grpc: &str) -> AuthChannel {
+    client_with_timeouts(
         grpc,
         &GrpcToken::new(GRPC_TOKEN).unwrap(),
         Duration::from_secs(5),
         Duration::from_secs(10),
     )
-    .unwrap();
-    ChatServiceClient::new(channel)
+    .unwrap()
+}
+
+/// Creates conversation `c1` of alice and bob over `grpc`'s chat API.
+async fn conversation(grpc: &str) {
+    ChatServiceClient::new(channel(grpc))
         .upsert_conversation(UpsertConversationRequest {
             conversation_id: "c1".into(),
             member_ids: vec!["alice".into(), "bob".into()],
@@ -317,18 +324,60 @@ fn assert_connected(trace: &[Got], gateway_service: &str, chat_service: &str) {
 async fn one_send_is_one_trace_in_the_all_in_one_server() {
     let receiver = Receiver::default();
     let otlp = receiver.start().await;
+    // bob is offline with an FCM device: the send's push joins its trace.
+    let fcm = FakeFcm::start().await.unwrap();
     let port = free_port();
     let data = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quckchat"));
     traced(&mut cmd, &otlp);
     cmd.env("PORT", port.to_string())
-        .env("DATA_DIR", data.path());
+        .env("DATA_DIR", data.path())
+        .env("FIREBASE_SERVICE_ACCOUNT", fcm.service_account_json())
+        .env("FIREBASE_PROJECT_ID", TEST_PROJECT_ID)
+        .env("FCM_API_URL", fcm.api_url());
     let _server: Child = cmd.spawn().unwrap();
     wait_ready(port).await;
-    conversation(&format!("http://127.0.0.1:{port}")).await;
+    let grpc = format!("http://127.0.0.1:{port}");
+    conversation(&grpc).await;
+    PushServiceClient::new(channel(&grpc))
+        .register_device(RegisterDeviceRequest {
+            user_id: "bob".into(),
+            platform: "fcm".into(),
+            token: "bob-phone-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     send_one(port).await;
     let trace = receiver.one_send_trace().await;
     assert_connected(&trace, "quckchat", "quckchat");
+
+    // The push: a job span and the provider's, in the same trace.
+    let trace_id = trace[0].trace_id.clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (job, provider) = loop {
+        let got = receiver.0.lock().unwrap().clone();
+        let find = |name: &str| {
+            got.iter()
+                .find(|s| s.name == name && s.trace_id == trace_id)
+                .cloned()
+        };
+        if let (Some(job), Some(provider)) = (find("push.message"), find("push.fcm")) {
+            break (job, provider);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no push spans in the send's trace: {:#?}",
+            got.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(provider.parent, job.span_id, "push.fcm is the job's child");
+    assert_eq!(
+        provider.attributes.get("outcome").map(String::as_str),
+        Some("sent")
+    );
+    assert_eq!(fcm.requests().len(), 1, "bob's device pushed once");
 }
 
 #[tokio::test]

@@ -46,8 +46,12 @@ impl Publisher {
     }
 
     async fn send(&self, subject: &str, payload: Vec<u8>) -> Result<(), BusError> {
+        let mut headers = self.headers.clone();
+        // With traces on, what a traced operation publishes carries its
+        // trace (push jobs continue it).
+        crate::telemetry::inject(&mut headers);
         self.bus
-            .publish(subject, None, self.headers.clone(), Bytes::from(payload))
+            .publish(subject, None, headers, Bytes::from(payload))
             .await
     }
 
