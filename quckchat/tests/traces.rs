@@ -422,6 +422,33 @@ async fn one_send_is_one_trace_across_gateway_and_chat_svc_over_nats() {
     let trace = receiver.one_send_trace().await;
     assert_connected(&trace, "gateway", "chat-svc");
 
+    // gRPC carries the trace too: the join's presence state, asked of
+    // presence-svc, is a child of chat's join span.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = receiver.0.lock().unwrap().clone();
+        let joined = got.iter().find(|s| s.name == "chat.phx_join");
+        let asked = joined.and_then(|j| {
+            got.iter().find(|s| {
+                s.service == "presence-svc"
+                    && s.name.starts_with("quckchat.presence.v1.PresenceService/")
+                    && s.trace_id == j.trace_id
+            })
+        });
+        if let (Some(joined), Some(asked)) = (joined, asked) {
+            assert_eq!(asked.parent, joined.span_id, "{asked:?} under {joined:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no presence-svc gRPC span in the join's trace: {:#?}",
+            got.iter()
+                .map(|s| (&s.service, &s.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Leave nothing behind: the run's database and Redis keys.
     drop(_procs);
     let client = mongodb::Client::with_uri_str(&mongodb_url).await.unwrap();

@@ -137,6 +137,15 @@ impl tonic::service::Interceptor for Bearer {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        // The caller's trace continues in the service it calls.
+        for (key, value) in crate::telemetry::current_headers() {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::<Ascii>::from_bytes(key.as_bytes()),
+                MetadataValue::<Ascii>::try_from(value.as_str()),
+            ) {
+                request.metadata_mut().insert(key, value);
+            }
+        }
         Ok(request)
     }
 }
@@ -163,7 +172,28 @@ async fn check(
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     if token.accepts(authorization) {
-        next.run(request).await
+        if !crate::telemetry::enabled() {
+            return next.run(request).await;
+        }
+        // A call's span (`<package.Service>/<Method>`), continuing the
+        // caller's trace from its metadata.
+        let span = tracing::info_span!(
+            target: crate::telemetry::TRACE,
+            "grpc",
+            otel.name = %request.uri().path().trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            trace_id = tracing::field::Empty,
+        );
+        let context: crate::bus::Headers = ["traceparent", "tracestate"]
+            .into_iter()
+            .filter_map(|name| {
+                let value = request.headers().get(name)?.to_str().ok()?;
+                Some((name.to_owned(), value.to_owned()))
+            })
+            .collect();
+        crate::telemetry::follow(&span, &context);
+        tracing::Instrument::instrument(next.run(request), span).await
     } else {
         metrics::counter!("quckchat_grpc_unauthenticated_total").increment(1);
         tonic::Status::unauthenticated(

@@ -11,8 +11,10 @@
 //!   exported and the spans are disabled where they are written (a cached
 //!   check, no allocation).
 //! - **Propagation**: W3C trace context (`traceparent`, `tracestate`) in bus
-//!   headers ([`inject`], [`follow`]), so one client push is one trace from
-//!   the gateway through the service to its store and Redis.
+//!   headers ([`inject`], [`follow`]) and gRPC metadata (the client
+//!   interceptor and the server's token check in [`crate::grpc`]), so one
+//!   client push is one trace from the gateway through the services to their
+//!   stores, Redis and the push providers.
 //!
 //! Spans use the target [`TRACE`] and are named for what they do
 //! (`gateway.push`, `chat.message:send`, `store.append_message`,
@@ -153,6 +155,14 @@ pub fn inject(headers: &mut Headers) {
     }
     let cx = Span::current().context();
     TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// The current span's trace context as headers (`traceparent`,
+/// `tracestate`); empty when traces are off.
+pub fn current_headers() -> Headers {
+    let mut headers = Headers::new();
+    inject(&mut headers);
+    headers
 }
 
 /// Makes `span` a child of the trace context in `headers` (if any), and
