@@ -10,7 +10,7 @@
 //! They run on a runtime of their own, off the orchestrator's thread.
 
 use std::collections::HashSet;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -24,13 +24,11 @@ use quckchat_push::providers::fakes::{
     FakeApns, FakeFcm, TEST_APNS_KEY_ID, TEST_APNS_TEAM_ID, TEST_BUNDLE_ID,
     TEST_P256_PRIVATE_KEY_PEM, TEST_PROJECT_ID,
 };
-use quckchat_runtime::grpc::{client_with_timeouts, GrpcToken};
 use serde::{Deserialize, Serialize};
 
 use crate::dialect::CONTENT_PREFIX;
 use crate::layout::{Conversation, Layout};
 use crate::orchestrate::Percentiles;
-use crate::setup::grpc_token;
 
 /// FCM and APNS stand-ins, serving until dropped.
 pub struct Providers {
@@ -185,16 +183,7 @@ pub fn recipients(layout: &Layout, conversation: &Conversation, n: usize) -> Vec
 /// Registers one device for each recipient (even: FCM, odd: APNS);
 /// returns how many.
 pub async fn register_devices(grpc_addr: &str, layout: &Layout, n: usize) -> anyhow::Result<usize> {
-    let token =
-        GrpcToken::new(&grpc_token()).map_err(|e| anyhow::anyhow!("GRPC_AUTH_TOKEN {e}"))?;
-    let channel = client_with_timeouts(
-        grpc_addr,
-        &token,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .map_err(|e| anyhow::anyhow!("gRPC address {e}"))?;
-    let client = PushServiceClient::new(channel);
+    let client = PushServiceClient::new(crate::setup::channel(grpc_addr)?);
     let requests: Vec<RegisterDeviceRequest> = layout
         .conversations
         .iter()

@@ -8,7 +8,7 @@ use anyhow::Context;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
 use quckchat_proto::chat::UpsertConversationRequest;
-use quckchat_runtime::grpc::{client_with_timeouts, GrpcToken};
+use quckchat_runtime::grpc::{client_with_timeouts, AuthChannel, GrpcToken};
 
 use crate::layout::Layout;
 
@@ -18,6 +18,19 @@ pub fn grpc_token() -> String {
     std::env::var("GRPC_AUTH_TOKEN").unwrap_or_else(|_| "quckchat-bench-grpc-token".into())
 }
 
+/// An authenticated channel to the servers' gRPC API at `grpc_addr`.
+pub fn channel(grpc_addr: &str) -> anyhow::Result<AuthChannel> {
+    let token =
+        GrpcToken::new(&grpc_token()).map_err(|e| anyhow::anyhow!("GRPC_AUTH_TOKEN {e}"))?;
+    client_with_timeouts(
+        grpc_addr,
+        &token,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .map_err(|e| anyhow::anyhow!("gRPC address {e}"))
+}
+
 /// Upserts every conversation of `layout` at `grpc_addr`, with
 /// `offline_members` more members each who never connect (push).
 pub async fn memberships(
@@ -25,16 +38,7 @@ pub async fn memberships(
     layout: &Layout,
     offline_members: usize,
 ) -> anyhow::Result<()> {
-    let token =
-        GrpcToken::new(&grpc_token()).map_err(|e| anyhow::anyhow!("GRPC_AUTH_TOKEN {e}"))?;
-    let channel = client_with_timeouts(
-        grpc_addr,
-        &token,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .map_err(|e| anyhow::anyhow!("gRPC address {e}"))?;
-    let client = ChatServiceClient::new(channel);
+    let client = ChatServiceClient::new(channel(grpc_addr)?);
     stream::iter(layout.conversations.iter())
         .map(|conversation| {
             let mut client = client.clone();
