@@ -146,6 +146,24 @@ impl Receiver {
     }
 }
 
+/// `line` without ANSI colour sequences (ESC [ … letter).
+fn without_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The common environment of a traced process.
 fn traced(cmd: &mut Command, otlp: &str) {
     cmd.env_clear()
@@ -330,12 +348,27 @@ async fn one_send_is_one_trace_in_the_all_in_one_server() {
     let data = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quckchat"));
     traced(&mut cmd, &otlp);
+    // Log lines written inside a traced operation carry its trace id.
+    cmd.env("RUST_LOG", "warn,quckchat_runtime::service=debug")
+        .stderr(Stdio::piped());
     cmd.env("PORT", port.to_string())
         .env("DATA_DIR", data.path())
         .env("FIREBASE_SERVICE_ACCOUNT", fcm.service_account_json())
         .env("FIREBASE_PROJECT_ID", TEST_PROJECT_ID)
         .env("FCM_API_URL", fcm.api_url());
-    let _server: Child = cmd.spawn().unwrap();
+    let mut server: Child = cmd.spawn().unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stderr = server.stderr.take().unwrap();
+    tokio::spawn({
+        let log = log.clone();
+        async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.lock().unwrap().push(without_ansi(&line));
+            }
+        }
+    });
     wait_ready(port).await;
     let grpc = format!("http://127.0.0.1:{port}");
     conversation(&grpc).await;
@@ -351,6 +384,24 @@ async fn one_send_is_one_trace_in_the_all_in_one_server() {
     send_one(port).await;
     let trace = receiver.one_send_trace().await;
     assert_connected(&trace, "quckchat", "quckchat");
+    let hex: String = trace[0]
+        .trace_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !log.lock().unwrap().iter().any(|l| {
+        l.contains("command answered")
+            && l.contains("message:send")
+            && l.contains(&format!("trace_id={hex}"))
+    }) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log line of the send with trace_id={hex}:\n{}",
+            log.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The push: a job span and the provider's, in the same trace.
     let trace_id = trace[0].trace_id.clone();

@@ -341,10 +341,16 @@ async fn handle_message<S: Service>(service: &S, bus: &dyn Bus, msg: BusMessage)
             telemetry::follow(&span, &msg.headers);
             let reply = answer(service, cmd).instrument(span.clone()).await;
             let ok = reply.status() == command_reply::Status::Ok;
-            span.record("outcome", if ok { "ok" } else { "error" });
+            let outcome = if ok { "ok" } else { "error" };
+            span.record("outcome", outcome);
             if !ok {
                 span.record("otel.status_code", "ERROR");
             }
+            // RUST_LOG=quckchat_runtime::service=debug: one line per command,
+            // with its trace id when traces are on.
+            span.in_scope(|| {
+                tracing::debug!(service = service.name(), event, outcome, "command answered");
+            });
             reply
         }
         Err(err) => {
