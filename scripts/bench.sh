@@ -113,13 +113,14 @@ run() {
 
 if ((quick)); then
   IDLE=2000; FAN=500; FAN_RATE=100; P2P=500; CHAT=500; DUR=3s
-  CALLS=200; CALLS_RATE=200; PUSH_RATE=250
+  CALLS=200; CALLS_RATE=200; PUSH_RATE=250; BIGROOM=1000
   IDLE_D=3000; IDLE_GW=3; FAN_D=500
 else
   IDLE=19000; FAN=2000; FAN_RATE=125; P2P=2000; CHAT=2000; DUR=10s
   # The call target: 1,000 setups/s (500 caller/callee pairs).
   CALLS=1000; CALLS_RATE=1000
   PUSH_RATE=1250
+  BIGROOM=10000
   # 100k over 6 gateways: ~16.7k sockets each, under the 20,000 open files of
   # every process (bench refuses more than 18k per gateway).
   IDLE_D=100000; IDLE_GW=6; FAN_D=1000
@@ -135,6 +136,9 @@ run calls quckchat calls --connections "$CALLS" --rate "$CALLS_RATE" --duration 
 # The push target: 5,000 notifications/s (1,250 messages/s × 4 offline members), against the
 # FCM and APNS stand-ins the bench runs.
 run push quckchat push --connections 200 --recipients 4 --rate "$PUSH_RATE" --duration "$DUR"
+# Big conversations: every member of one conversation connected and joined (the join time is
+# connect_secs), then a message every 0.5 s delivered to all of them.
+RUN_TIMEOUT=600 run bigroom quckchat fanout --connections "$BIGROOM" --rate 2 --duration "$DUR"
 
 # Distributed: gateway processes + one chat-svc over NATS, SecantusDB as the
 # MongoDB (a slow correctness surrogate, not a production store). Only if both
