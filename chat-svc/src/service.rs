@@ -50,6 +50,11 @@ pub const HISTORY_DEFAULT: usize = 50;
 pub const HISTORY_MAX: usize = 100;
 /// How long a replica trusts its cached membership of a conversation.
 pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(10);
+/// Conversations with more members get an empty `presence_state` at join:
+/// a full one lists every online member, so a room's joins would cost
+/// O(members²). Their members still get `presence_diff`s from then on
+/// (docs/protocol.md#presence).
+pub const PRESENCE_STATE_MAX_MEMBERS: usize = 1_000;
 
 /// Name of this service on the bus.
 pub const SERVICE: &str = routes::CHAT;
@@ -302,7 +307,11 @@ impl ChatService {
             "readUpTo": read_up_to,
         });
         let mut followups = Vec::new();
-        if let Some(presence) = &self.presence {
+        if self.presence.is_some() && conv.member_ids.len() > PRESENCE_STATE_MAX_MEMBERS {
+            // Too many to list: an empty state, so Phoenix Presence clients
+            // sync and apply the diffs that follow.
+            followups.push(("presence_state".to_owned(), json!({})));
+        } else if let Some(presence) = &self.presence {
             match tokio::time::timeout(PRESENCE_TIMEOUT, presence.presence_state(&conv.member_ids))
                 .await
             {

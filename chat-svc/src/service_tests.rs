@@ -767,3 +767,60 @@ async fn a_retried_send_is_published_again_with_its_seq_and_gaps_can_be_read() {
     assert!(f.service.missed("c1", 5, 6).await.unwrap().is_empty());
     assert!(f.service.missed("c1", 6, 2).await.unwrap().is_empty());
 }
+
+/// Everyone is online, one device each.
+struct AllOnline;
+
+#[async_trait::async_trait]
+impl crate::presence::PresenceLookup for AllOnline {
+    async fn presence_state(
+        &self,
+        user_ids: &[String],
+    ) -> Result<Value, quckchat_runtime::grpc::CallError> {
+        Ok(user_ids
+            .iter()
+            .map(|u| (u.clone(), json!({"metas": [{"phx_ref": "r"}]})))
+            .collect::<serde_json::Map<_, _>>()
+            .into())
+    }
+}
+
+async fn join_as_alice(service: &ChatService, topic: &str) -> testkit::Decoded {
+    let mut cmd = testkit::command(topic, "phx_join", "alice", &json!({}));
+    (cmd.conn_id, cmd.device_id) = ("k".into(), "d".into());
+    testkit::decode(&answer(service, cmd).await)
+}
+
+#[tokio::test]
+async fn a_join_lists_presence_only_in_conversations_up_to_the_size_bound() {
+    let f = fixture().await;
+    let service = f.service.with_presence(Arc::new(AllOnline));
+    let state = |followups: &[(String, Value)]| {
+        followups
+            .iter()
+            .find(|(event, _)| event == "presence_state")
+            .map(|(_, state)| state.clone())
+            .expect("a presence_state")
+    };
+    let small = join_as_alice(&service, "chat:c1").await;
+    assert!(small.ok);
+    assert_eq!(state(&small.followups).as_object().unwrap().len(), 2);
+
+    let members: Vec<String> = (0..=PRESENCE_STATE_MAX_MEMBERS)
+        .map(|i| {
+            if i == 0 {
+                "alice".into()
+            } else {
+                format!("m{i}")
+            }
+        })
+        .collect();
+    service.set_members("big", &members).await.unwrap();
+    let big = join_as_alice(&service, "chat:big").await;
+    assert!(big.ok);
+    assert_eq!(
+        state(&big.followups),
+        json!({}),
+        "past {PRESENCE_STATE_MAX_MEMBERS} members the state is empty (diffs follow)"
+    );
+}
