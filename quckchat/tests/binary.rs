@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use quckchat_runtime::auth::mint_token;
+use quckchat_runtime::testkit;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -37,24 +38,6 @@ struct Server {
     _data: tempfile::TempDir,
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn spawn(env: &[(&str, &str)]) -> Server {
     let data = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quckchat"));
@@ -74,7 +57,7 @@ fn spawn(env: &[(&str, &str)]) -> Server {
     tokio::spawn(async move {
         let mut reader = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = reader.next_line().await {
-            if tx.send(strip_ansi(&line)).is_err() {
+            if tx.send(testkit::strip_ansi(&line)).is_err() {
                 return;
             }
         }

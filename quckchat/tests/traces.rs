@@ -146,24 +146,6 @@ impl Receiver {
     }
 }
 
-/// `line` without ANSI colour sequences (ESC [ … letter).
-fn without_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The common environment of a traced process.
 fn traced(cmd: &mut Command, otlp: &str) {
     cmd.env_clear()
@@ -365,7 +347,7 @@ async fn one_send_is_one_trace_in_the_all_in_one_server() {
             use tokio::io::AsyncBufReadExt;
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                log.lock().unwrap().push(without_ansi(&line));
+                log.lock().unwrap().push(testkit::strip_ansi(&line));
             }
         }
     });
