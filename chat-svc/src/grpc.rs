@@ -215,6 +215,7 @@ impl ChatApi for ChatGrpc {
             .await
             .map_err(store_status)?;
         Ok(Response::new(ListConversationsResponse {
+            member_counts: conversations.iter().map(|c| c.members).collect(),
             conversation_ids: conversations.into_iter().map(|c| c.id).collect(),
         }))
     }
@@ -236,7 +237,7 @@ impl ChatApi for ChatGrpc {
             for id in &req.conversation_ids {
                 check_id("conversation_ids", id)?;
                 match store.conversation(id).await.map_err(store_status)? {
-                    Some(c) if c.has_member(&req.user_id) => out.push(c),
+                    Some(c) if c.has_member(&req.user_id) => out.push((&c).into()),
                     _ => {
                         return Err(Status::not_found(format!(
                             "{id}: no such conversation of this user"

@@ -18,6 +18,7 @@ use quckchat_proto::bus::MessagePush;
 use quckchat_runtime::bus::{Bus, Subjects};
 use quckchat_runtime::errors::ClientError;
 use quckchat_runtime::ids::valid_id;
+use quckchat_runtime::presence::MAX_PRESENCE_MEMBERS;
 use quckchat_runtime::publish::Publisher;
 use quckchat_runtime::push;
 use quckchat_runtime::routes;
@@ -50,11 +51,9 @@ pub const HISTORY_DEFAULT: usize = 50;
 pub const HISTORY_MAX: usize = 100;
 /// How long a replica trusts its cached membership of a conversation.
 pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(10);
-/// Conversations with more members get an empty `presence_state` at join:
-/// a full one lists every online member, so a room's joins would cost
-/// O(members²). Their members still get `presence_diff`s from then on
-/// (docs/protocol.md#presence).
-pub const PRESENCE_STATE_MAX_MEMBERS: usize = 1_000;
+
+/// Most users one `presence:get` asks about.
+pub const MAX_PRESENCE_GET: usize = 100;
 
 /// Name of this service on the bus.
 pub const SERVICE: &str = routes::CHAT;
@@ -243,6 +242,7 @@ impl ChatService {
             }
             "message:read" => self.read(conversation_id, user, p).await?,
             "message:history" => self.history_event(conversation_id, p).await?,
+            "presence:get" => self.presence_get(conversation_id, p).await?,
             other => return Err(ClientError::UnknownEvent(other.to_owned()).into()),
         };
         Ok(response.into())
@@ -260,28 +260,32 @@ impl ChatService {
     }
 
     async fn authorize(&self, conversation_id: &str, user_id: &str) -> Result<(), ChatError> {
-        let members = match self.members.get(conversation_id).await {
-            Some(m) => m,
-            None => {
-                let conv = self
-                    .store
-                    .conversation(conversation_id)
-                    .await?
-                    .ok_or(ChatError::Unauthorized)?;
-                self.remember(&conv).await
-            }
-        };
-        if members.contains(user_id) {
+        if self.members(conversation_id).await?.contains(user_id) {
             Ok(())
         } else {
             Err(ChatError::Unauthorized)
         }
     }
 
-    async fn remember(&self, conv: &Conversation) -> Arc<HashSet<String>> {
-        let members = Arc::new(conv.member_ids.iter().cloned().collect::<HashSet<_>>());
-        self.members.insert(conv.id.clone(), members.clone()).await;
-        members
+    /// The conversation's members, cached ([`MEMBERSHIP_TTL`], dropped on
+    /// membership changes). Concurrent misses read the store once: the
+    /// first joins of a 10,000-member conversation do not each read its
+    /// 10,000 members.
+    async fn members(&self, conversation_id: &str) -> Result<Arc<HashSet<String>>, ChatError> {
+        let store = &self.store;
+        self.members
+            .try_get_with_by_ref(conversation_id, async move {
+                let conv = store
+                    .conversation(conversation_id)
+                    .await?
+                    .ok_or(StoreError::ConversationNotFound)?;
+                Ok(Arc::new(conv.member_ids.into_iter().collect()))
+            })
+            .await
+            .map_err(|err: Arc<StoreError>| match &*err {
+                StoreError::ConversationNotFound => ChatError::Unauthorized,
+                other => other.clone().into(),
+            })
     }
 
     async fn join(
@@ -291,35 +295,40 @@ impl ChatService {
         p: &Payload,
     ) -> Result<Reply, ChatError> {
         let last_seen = p.opt_u64("lastSeq")?;
-        let conv = self
+        // Membership is read fresh (a point lookup, whatever the size): a
+        // member added a moment ago joins at once.
+        let state = self
             .store
-            .conversation(conversation_id)
+            .join_state(conversation_id, user_id)
             .await?
             .ok_or(ChatError::Unauthorized)?;
-        self.remember(&conv).await;
-        if !conv.has_member(user_id) {
-            return Err(ChatError::Unauthorized);
+        if let Some(cached) = self.members.get(conversation_id).await {
+            if !cached.contains(user_id) {
+                // Cached before this member was added.
+                self.members.invalidate(conversation_id).await;
+            }
         }
-        let read_up_to = self.store.read_up_to(conversation_id, user_id).await?;
         let mut response = json!({
-            "conversationId": conv.id,
-            "lastSeq": conv.last_seq,
-            "readUpTo": read_up_to,
+            "conversationId": conversation_id,
+            "lastSeq": state.last_seq,
+            "readUpTo": state.read_up_to,
         });
         let mut followups = Vec::new();
-        if self.presence.is_some() && conv.member_ids.len() > PRESENCE_STATE_MAX_MEMBERS {
-            // Too many to list: an empty state, so Phoenix Presence clients
-            // sync and apply the diffs that follow.
-            followups.push(("presence_state".to_owned(), json!({})));
-        } else if let Some(presence) = &self.presence {
-            match tokio::time::timeout(PRESENCE_TIMEOUT, presence.presence_state(&conv.member_ids))
-                .await
-            {
-                Ok(Ok(state)) => followups.push(("presence_state".to_owned(), state)),
-                Ok(Err(err)) => {
-                    tracing::warn!(%err, "presence unavailable: join without presence_state")
+        if let Some(presence) = &self.presence {
+            let members = self.members(conversation_id).await?;
+            if members.len() > MAX_PRESENCE_MEMBERS {
+                // Too many to list: an empty state, so Phoenix Presence
+                // clients sync (see docs/protocol.md#presence).
+                followups.push(("presence_state".to_owned(), json!({})));
+            } else {
+                let ids: Vec<String> = members.iter().cloned().collect();
+                match tokio::time::timeout(PRESENCE_TIMEOUT, presence.presence_state(&ids)).await {
+                    Ok(Ok(state)) => followups.push(("presence_state".to_owned(), state)),
+                    Ok(Err(err)) => {
+                        tracing::warn!(%err, "presence unavailable: join without presence_state")
+                    }
+                    Err(_) => tracing::warn!("presence timed out: join without presence_state"),
                 }
-                Err(_) => tracing::warn!("presence timed out: join without presence_state"),
             }
         }
         if let Some(last_seen) = last_seen {
@@ -528,6 +537,51 @@ impl ChatService {
                 .await;
         }
         Ok(json!({ "readUpTo": state.read_up_to }))
+    }
+
+    /// `presence:get {userIds}`: the presence of up to [`MAX_PRESENCE_GET`]
+    /// members, in `presence_state`'s shape; ids of non-members and of
+    /// members offline are absent. How members of a conversation too big for
+    /// per-member presence on its topic see who is online.
+    async fn presence_get(&self, conversation_id: &str, p: &Payload) -> Result<Value, ChatError> {
+        let invalid = || {
+            ChatError::InvalidPayload(format!(
+                "userIds must be an array of 1 to {MAX_PRESENCE_GET} user ids"
+            ))
+        };
+        let asked = p
+            .get("userIds")
+            .and_then(Value::as_array)
+            .ok_or_else(invalid)?;
+        if asked.is_empty() || asked.len() > MAX_PRESENCE_GET {
+            return Err(invalid());
+        }
+        let members = self.members(conversation_id).await?;
+        let mut ids = Vec::with_capacity(asked.len());
+        for id in asked {
+            let id = id.as_str().filter(|id| valid_id(id)).ok_or_else(invalid)?;
+            if members.contains(id) && !ids.iter().any(|known: &String| known == id) {
+                ids.push(id.to_owned());
+            }
+        }
+        let Some(presence) = &self.presence else {
+            tracing::warn!("presence:get with no presence service configured");
+            return Err(ChatError::Unavailable);
+        };
+        if ids.is_empty() {
+            return Ok(json!({ "presence": {} }));
+        }
+        match tokio::time::timeout(PRESENCE_TIMEOUT, presence.presence_state(&ids)).await {
+            Ok(Ok(state)) => Ok(json!({ "presence": state })),
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "presence unavailable: presence:get not answered");
+                Err(ChatError::Unavailable)
+            }
+            Err(_) => {
+                tracing::warn!("presence timed out: presence:get not answered");
+                Err(ChatError::Unavailable)
+            }
+        }
     }
 
     async fn history_event(&self, conversation_id: &str, p: &Payload) -> Result<Value, ChatError> {
@@ -741,6 +795,7 @@ const KNOWN_EVENTS: &[&str] = &[
     "typing:stop",
     "message:read",
     "message:history",
+    "presence:get",
 ];
 
 fn deleted_payload(m: &Message) -> Value {

@@ -806,7 +806,7 @@ async fn a_join_lists_presence_only_in_conversations_up_to_the_size_bound() {
     assert!(small.ok);
     assert_eq!(state(&small.followups).as_object().unwrap().len(), 2);
 
-    let members: Vec<String> = (0..=PRESENCE_STATE_MAX_MEMBERS)
+    let members: Vec<String> = (0..=MAX_PRESENCE_MEMBERS)
         .map(|i| {
             if i == 0 {
                 "alice".into()
@@ -821,6 +821,57 @@ async fn a_join_lists_presence_only_in_conversations_up_to_the_size_bound() {
     assert_eq!(
         state(&big.followups),
         json!({}),
-        "past {PRESENCE_STATE_MAX_MEMBERS} members the state is empty (diffs follow)"
+        "past {MAX_PRESENCE_MEMBERS} members the state is empty"
     );
+}
+
+#[tokio::test]
+async fn presence_get_answers_for_members_only() {
+    let f = fixture().await;
+    let reason = f
+        .reason("alice", "presence:get", json!({"userIds": ["bob"]}))
+        .await;
+    assert_eq!(
+        reason, "service unavailable",
+        "no presence service configured"
+    );
+
+    let f = Fixture {
+        service: f.service.with_presence(Arc::new(AllOnline)),
+        ..f
+    };
+    let got = f
+        .ok(
+            "alice",
+            "presence:get",
+            json!({"userIds": ["bob", "stranger", "bob", "alice"]}),
+        )
+        .await;
+    let mut shown: Vec<&String> = got["presence"].as_object().unwrap().keys().collect();
+    shown.sort();
+    assert_eq!(
+        shown,
+        ["alice", "bob"],
+        "non-members are absent, repeats once"
+    );
+
+    let too_many: Vec<String> = (0..=MAX_PRESENCE_GET).map(|i| format!("u{i}")).collect();
+    for bad in [
+        json!({}),
+        json!({"userIds": []}),
+        json!({"userIds": "bob"}),
+        json!({"userIds": [7]}),
+        json!({"userIds": ["bad id!"]}),
+        json!({"userIds": too_many}),
+    ] {
+        let reason = f.reason("alice", "presence:get", bad.clone()).await;
+        assert!(
+            reason.starts_with("invalid payload: userIds"),
+            "{bad}: {reason}"
+        );
+    }
+    let reason = f
+        .reason("mallory", "presence:get", json!({"userIds": ["bob"]}))
+        .await;
+    assert_eq!(reason, "unauthorized");
 }

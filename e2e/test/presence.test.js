@@ -8,7 +8,7 @@ import assert from "node:assert/strict"
 import {Presence} from "phoenix"
 
 import {modes, useServerSet, ids} from "../lib/harness.js"
-import {join, listen, dumpFrames, disconnectPhoenix} from "../lib/phx.js"
+import {join, listen, push, dumpFrames, disconnectPhoenix} from "../lib/phx.js"
 import {ISO_UTC, waitUntil, sleep} from "../lib/util.js"
 
 const GRACE_SECS = 1
@@ -105,6 +105,34 @@ for(const mode of modes){
       await waitUntil(() => A.metasOf(b) === null, {timeoutMs: SLACK_MS, what: "B to leave A's Presence"})
         .catch((err) => { throw new Error(`${err.message}; devices ${JSON.stringify(A.devicesOf(b))}\n${A.frames()}`) })
       assert.deepEqual(A.devicesOf(a), ["desk"])
+    })
+
+    it("a conversation of 1,001 members: presence_state {}, no presence broadcast on its topic, presence:get answers; a small one of the same users still hears", {timeout: 60_000}, async () => {
+      const [a, b] = [ids.user("a"), ids.user("b")]
+      const [big, small] = [ids.conv(), ids.conv()]
+      const others = Array.from({length: 999}, (_, i) => `${b}_m${i}`)
+      await srv.putConversation(big, [a, b, ...others])
+      await srv.putConversation(small, [a, b])
+      const A = await observer(srv, a, big)
+      const As = await observer(srv, a, small)
+      assert.deepEqual(A.presence.list(), [], `A's Presence of the big conversation lists someone:\n${A.frames()}`)
+
+      await device(srv, b, small, "phone")
+      await waitUntil(() => JSON.stringify(As.devicesOf(b)) === JSON.stringify(["phone"]), {
+        timeoutMs: SLACK_MS, what: "B's phone in A's Presence of the small conversation",
+      }).catch((err) => { throw new Error(`${err.message}\n${As.frames()}`) })
+      // Announcements go to a user's topics one after another: give the big one time to show up.
+      await sleep(500)
+      assert.deepEqual(A.about(b), {online: [], offline: [], diffs: []}, `B's presence on the big topic:\n${A.frames()}`)
+      assert.deepEqual(A.presence.list(), [])
+
+      const got = await push(A.channel, "presence:get", {userIds: [b, others[0], "not_a_member"]})
+      assert.equal(got.status, "ok", JSON.stringify(got.response))
+      assert.deepEqual(Object.keys(got.response.presence), [b], JSON.stringify(got.response))
+      assert.deepEqual(got.response.presence[b].metas.map((m) => m.deviceId), ["phone"])
+      const bad = await push(A.channel, "presence:get", {userIds: []})
+      assert.equal(bad.status, "error")
+      assert.match(bad.response.reason, /^invalid payload: userIds/)
     })
 
     it("user:online {userId} for B when B connects (socket only, no join) after A joined", {timeout: 20_000}, async () => {

@@ -12,10 +12,12 @@ use quckchat_proto::bus::{
     connection_lifecycle, ConnectionAudit, ConnectionLifecycle, NodeHeartbeat, TopicEvent,
 };
 use quckchat_proto::chat::chat_service_client::ChatServiceClient;
-use quckchat_proto::chat::ListConversationsRequest;
+use quckchat_proto::chat::{ListConversationsRequest, ListConversationsResponse};
 use quckchat_runtime::bus::{Bus, BusError, Subjects};
 use quckchat_runtime::grpc::CallError;
-use quckchat_runtime::presence::{entries, meta, MAX_AUDITED_CONNECTIONS, OFFLINE_NOTICE};
+use quckchat_runtime::presence::{
+    entries, meta, MAX_AUDITED_CONNECTIONS, MAX_PRESENCE_MEMBERS, OFFLINE_NOTICE,
+};
 use quckchat_runtime::routes;
 use quckchat_runtime::time::{iso, now_ms};
 use serde_json::{json, Value};
@@ -33,9 +35,11 @@ const AUDIT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a user's conversation list is trusted.
 const MEMBERSHIP_TTL: Duration = Duration::from_secs(30);
 
-/// Which conversations a user is in (from chat-svc).
+/// Which conversations hear a user's presence (from chat-svc).
 #[async_trait]
 pub trait Memberships: Send + Sync {
+    /// The user's conversations of at most [`MAX_PRESENCE_MEMBERS`] members:
+    /// bigger ones carry no per-member presence on their topic.
     async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, CallError>;
 }
 
@@ -79,12 +83,26 @@ impl Memberships for ChatMemberships {
             })
             .await
             .map_err(|s| CallError::new(routes::CHAT, &s))?
-            .into_inner()
-            .conversation_ids;
-        let ids = Arc::new(ids);
+            .into_inner();
+        let ids = Arc::new(presence_conversations(ids));
         self.cache.insert(user_id.to_owned(), ids.clone()).await;
         Ok(ids)
     }
+}
+
+/// The listed conversations that carry per-member presence. A chat-svc
+/// that gives no member counts (older than the field) lists them all.
+fn presence_conversations(listed: ListConversationsResponse) -> Vec<String> {
+    if listed.member_counts.len() != listed.conversation_ids.len() {
+        return listed.conversation_ids;
+    }
+    listed
+        .conversation_ids
+        .into_iter()
+        .zip(listed.member_counts)
+        .filter(|(_, members)| *members <= MAX_PRESENCE_MEMBERS as u64)
+        .map(|(id, _)| id)
+        .collect()
 }
 
 pub struct PresenceService {
@@ -498,6 +516,24 @@ mod tests {
         async fn conversations_of(&self, _user_id: &str) -> Result<Arc<Vec<String>>, CallError> {
             Ok(Arc::new(Vec::new()))
         }
+    }
+
+    #[test]
+    fn conversations_over_the_size_bound_hear_no_presence() {
+        let listed = |counts: Vec<u64>| ListConversationsResponse {
+            conversation_ids: vec!["small".into(), "edge".into(), "big".into()],
+            member_counts: counts,
+        };
+        let bound = MAX_PRESENCE_MEMBERS as u64;
+        assert_eq!(
+            presence_conversations(listed(vec![2, bound, bound + 1])),
+            vec!["small", "edge"]
+        );
+        assert_eq!(
+            presence_conversations(listed(Vec::new())),
+            vec!["small", "edge", "big"],
+            "no counts (an older chat-svc): every conversation, as before"
+        );
     }
 
     /// One conversation, answered slowly (a busy chat-svc).

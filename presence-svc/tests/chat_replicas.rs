@@ -1,6 +1,7 @@
 //! presence-svc asks chat-svc for a user's conversations through every
 //! address in `CHAT_GRPC_URL`: a replica that is down (or goes down) costs
-//! one failed attempt, not the announcement.
+//! one failed attempt, not the announcement. Conversations over the
+//! presence size bound are left out.
 
 #![allow(
     clippy::unwrap_used,
@@ -15,6 +16,7 @@ use quckchat_presence::service::{ChatMemberships, Memberships};
 use quckchat_proto::chat::chat_service_server::{ChatService, ChatServiceServer};
 use quckchat_proto::chat::*;
 use quckchat_runtime::grpc::{authenticated, GrpcToken};
+use quckchat_runtime::presence::MAX_PRESENCE_MEMBERS;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -67,8 +69,11 @@ impl ChatService for FakeChat {
         request: Request<ListConversationsRequest>,
     ) -> Result<Response<ListConversationsResponse>, Status> {
         self.answered.fetch_add(1, Ordering::SeqCst);
+        let small = format!("{}-{}", self.name, request.into_inner().user_id);
+        // The big one carries no per-member presence: never listed.
         Ok(Response::new(ListConversationsResponse {
-            conversation_ids: vec![format!("{}-{}", self.name, request.into_inner().user_id)],
+            conversation_ids: vec![small.clone(), format!("{small}-big")],
+            member_counts: vec![2, MAX_PRESENCE_MEMBERS as u64 + 1],
         }))
     }
     async fn get_unread_counts(

@@ -13,6 +13,14 @@ pub const OFFLINE_NOTICE: &str = "offline";
 /// gateway which of them are closed; ~33 KB, far under the bus's limit).
 pub const MAX_AUDITED_CONNECTIONS: usize = 1_000;
 
+/// Largest conversation whose topic carries per-member presence. A bigger
+/// one gets an empty `presence_state` at join and no `presence_diff`,
+/// `user:online` or `user:offline` on its topic: each member's coming and
+/// going told to every other member costs the room O(members²) deliveries
+/// (10,000 members: 50 million at their morning connect). Its members ask
+/// for the presence of the people they show (`presence:get`).
+pub const MAX_PRESENCE_MEMBERS: usize = 1_000;
+
 /// One device's meta: `{phx_ref, deviceId, onlineAt}`.
 pub fn meta(device_id: &str, phx_ref: &str, online_at_ms: i64) -> Value {
     let online_at = chrono::DateTime::from_timestamp_millis(online_at_ms).unwrap_or_default();

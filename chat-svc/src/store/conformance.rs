@@ -11,11 +11,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{ChatStore, MessageChange, MessageRef, NewMessage, StoreError};
+use super::{ChatStore, JoinState, MessageChange, MessageRef, NewMessage, StoreError};
 
 pub async fn run_all(store: Arc<dyn ChatStore>) {
     conversations_upsert_and_read(store.as_ref()).await;
     members_are_removed_and_listed(store.as_ref()).await;
+    join_state_is_for_members_only(store.as_ref()).await;
     messages_are_found_by_id_and_seq(store.as_ref()).await;
     edits_only_by_the_sender_and_not_after_delete(store.as_ref()).await;
     delete_is_an_idempotent_tombstone(store.as_ref()).await;
@@ -248,15 +249,15 @@ pub async fn members_are_removed_and_listed(store: &dyn ChatStore) {
     let user = id("u");
     let (c1, _) = conversation_with(store, &[&user, "x"], 0).await;
     let (c2, _) = conversation_with(store, &["y", &user], 1).await;
-    let mut mine: Vec<(String, u64)> = store
+    let mut mine: Vec<(String, u64, u64)> = store
         .conversations_of(&user)
         .await
         .unwrap()
         .into_iter()
-        .map(|c| (c.id, c.last_seq))
+        .map(|c| (c.id, c.last_seq, c.members))
         .collect();
     mine.sort();
-    let mut expected = vec![(c1.clone(), 0), (c2.clone(), 1)];
+    let mut expected = vec![(c1.clone(), 0, 2), (c2.clone(), 1, 2)];
     expected.sort();
     assert_eq!(mine, expected);
     let conv = store.remove_member(&c1, &user).await.unwrap();
@@ -267,9 +268,50 @@ pub async fn members_are_removed_and_listed(store: &dyn ChatStore) {
         "removing twice is harmless"
     );
     assert_eq!(store.conversations_of(&user).await.unwrap().len(), 1);
+    let theirs = store.conversations_of("x").await.unwrap();
+    let c1_of_x = theirs
+        .iter()
+        .find(|c| c.id == c1)
+        .expect("x is still in c1");
+    assert_eq!(c1_of_x.members, 1, "the count follows removals");
     assert_eq!(
         store.remove_member(&id("nope"), &user).await.unwrap_err(),
         StoreError::ConversationNotFound
+    );
+}
+
+pub async fn join_state_is_for_members_only(store: &dyn ChatStore) {
+    let (c, _) = conversation_with(store, &["a", "b"], 3).await;
+    assert_eq!(
+        store.join_state(&c, "a").await.unwrap(),
+        Some(JoinState {
+            last_seq: 3,
+            read_up_to: 0
+        })
+    );
+    store.mark_read(&c, "a", 2).await.unwrap();
+    assert_eq!(
+        store.join_state(&c, "a").await.unwrap(),
+        Some(JoinState {
+            last_seq: 3,
+            read_up_to: 2
+        })
+    );
+    assert_eq!(store.join_state(&c, "stranger").await.unwrap(), None);
+    assert_eq!(store.join_state(&id("nope"), "a").await.unwrap(), None);
+    store
+        .upsert_conversation(&c, &["b".to_owned(), "new".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(store.join_state(&c, "a").await.unwrap(), None, "removed");
+    assert_eq!(
+        store
+            .join_state(&c, "new")
+            .await
+            .unwrap()
+            .map(|s| s.last_seq),
+        Some(3),
+        "added"
     );
 }
 

@@ -19,8 +19,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::oneshot;
 
 use super::{
-    materialize, now_millis, Appended, ChatStore, Conversation, Message, MessageChange, MessageRef,
-    NewMessage, Page, ReadState, Replay, StoreError, Updated,
+    materialize, now_millis, Appended, ChatStore, Conversation, ConversationSummary, JoinState,
+    Message, MessageChange, MessageRef, NewMessage, Page, ReadState, Replay, StoreError, Updated,
 };
 
 /// Most operations committed together.
@@ -378,21 +378,59 @@ impl ChatStore for EmbeddedStore {
         self.tx(move |tx| read_conversation(tx, &id)).await
     }
 
-    async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError> {
+    async fn conversations_of(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
         let user_id = user_id.to_owned();
         self.tx(move |tx| {
-            let ids = {
-                let mut stmt = tx
-                    .prepare_cached("SELECT conversation_id FROM conversation_members WHERE user_id = ?1 ORDER BY conversation_id")
-                    .map_err(unavailable)?;
-                let rows = stmt.query_map([&user_id], |r| r.get::<_, String>(0)).map_err(unavailable)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)?
-            };
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                out.extend(read_conversation(tx, &id)?);
-            }
-            Ok(out)
+            // Counting a conversation's members walks its primary-key range
+            // only: no member row is read into memory.
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT c.id, c.last_seq, \
+                     (SELECT COUNT(*) FROM conversation_members n WHERE n.conversation_id = c.id) \
+                     FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
+                     WHERE m.user_id = ?1 ORDER BY c.id",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([&user_id], |r| {
+                    Ok(ConversationSummary {
+                        id: r.get(0)?,
+                        last_seq: to_u64(r.get(1)?),
+                        members: to_u64(r.get(2)?),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn join_state(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<Option<JoinState>, StoreError> {
+        let (conversation_id, user_id) = (conversation_id.to_owned(), user_id.to_owned());
+        self.tx(move |tx| {
+            row(
+                tx,
+                "SELECT c.last_seq, COALESCE(r.read_up_to, 0) FROM conversations c \
+                 JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = ?2 \
+                 LEFT JOIN read_states r ON r.conversation_id = c.id AND r.user_id = ?2 \
+                 WHERE c.id = ?1",
+                params![conversation_id, user_id],
+                |r| {
+                    Ok(JoinState {
+                        last_seq: to_u64(r.get(0)?),
+                        read_up_to: to_u64(r.get(1)?),
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
         })
         .await
     }

@@ -53,6 +53,37 @@ impl Conversation {
     }
 }
 
+/// A conversation as listed for one of its members: no member list, so a
+/// listing costs the same in a conversation of 2 members and of 10,000.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub id: String,
+    /// How many members it has.
+    pub members: u64,
+    /// `seq` of the newest message, 0 when there is none.
+    pub last_seq: u64,
+}
+
+impl From<&Conversation> for ConversationSummary {
+    fn from(c: &Conversation) -> Self {
+        Self {
+            id: c.id.clone(),
+            members: c.member_ids.len() as u64,
+            last_seq: c.last_seq,
+        }
+    }
+}
+
+/// What a member's join needs of a conversation, read by point lookups (no
+/// member list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinState {
+    /// `seq` of the newest message, 0 when there is none.
+    pub last_seq: u64,
+    /// The member's read position, 0 when it never read.
+    pub read_up_to: u64,
+}
+
 /// Kinds of message a client may send.
 pub const MESSAGE_TYPES: &[&str] = &["text", "image", "file", "audio", "video", "system"];
 
@@ -340,8 +371,18 @@ pub trait ChatStore: Send + Sync + 'static {
 
     async fn conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
 
-    /// Every conversation `user_id` is a member of.
-    async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError>;
+    /// Every conversation `user_id` is a member of, by id.
+    async fn conversations_of(&self, user_id: &str)
+        -> Result<Vec<ConversationSummary>, StoreError>;
+
+    /// `user_id`'s view of the conversation at join; `None` when there is no
+    /// such conversation or `user_id` is not a member. Never reads the member
+    /// list: a join costs the same whatever the conversation's size.
+    async fn join_state(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<Option<JoinState>, StoreError>;
 
     /// Stores a message with the next `seq` (idempotent by `clientMessageId`).
     ///

@@ -63,8 +63,9 @@ use quckchat_runtime::mongo::is_duplicate_key;
 use crate::turns::Turns;
 
 use super::{
-    materialize, now_millis, Appended, ChatStore, Conversation, MembershipChange, Message,
-    MessageChange, MessageRef, NewMessage, Page, ReadState, Replay, StoreError, Updated,
+    materialize, now_millis, Appended, ChatStore, Conversation, ConversationSummary, JoinState,
+    MembershipChange, Message, MessageChange, MessageRef, NewMessage, Page, ReadState, Replay,
+    StoreError, Updated,
 };
 
 #[derive(Clone)]
@@ -700,10 +701,17 @@ impl ChatStore for MongoStore {
         Ok(Some(self.to_conversation(&d, id.to_owned(), last_seq)))
     }
 
-    async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError> {
+    async fn conversations_of(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        // The server counts the members: no member list crosses the wire.
         let docs: Vec<Document> = self
             .conversations()
-            .find(doc! { "participants": { "$in": id_values(user_id) } })
+            .aggregate([
+                doc! { "$match": { "participants": { "$in": id_values(user_id) } } },
+                doc! { "$project": { "members": { "$size": "$participants" } } },
+            ])
             .await
             .map_err(unavailable)?
             .try_collect()
@@ -714,11 +722,40 @@ impl ChatStore for MongoStore {
             let Some(id) = d.get("_id").and_then(bson_to_string) else {
                 continue;
             };
-            let last_seq = self.last_seq(&id).await?;
-            out.push(self.to_conversation(&d, id, last_seq));
+            out.push(ConversationSummary {
+                last_seq: self.last_seq(&id).await?,
+                members: bson_u64(d.get("members")).unwrap_or(0),
+                id,
+            });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    async fn join_state(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<Option<JoinState>, StoreError> {
+        let mut filter = id_filter(conversation_id);
+        filter.insert("participants", doc! { "$in": id_values(user_id) });
+        let member = self
+            .conversations()
+            .find_one(filter)
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(unavailable)?;
+        if member.is_none() {
+            return Ok(None);
+        }
+        let (last_seq, read_up_to) = tokio::try_join!(
+            self.last_seq(conversation_id),
+            self.read_up_to(conversation_id, user_id)
+        )?;
+        Ok(Some(JoinState {
+            last_seq,
+            read_up_to,
+        }))
     }
 
     fn append_message(&self, new: NewMessage) -> BoxFuture<'static, Result<Appended, StoreError>> {

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 
 use super::{
-    Appended, ChatStore, Conversation, MembershipChange, Message, MessageChange, MessageRef,
-    NewMessage, Page, ReadState, Replay, StoreError, Updated,
+    Appended, ChatStore, Conversation, ConversationSummary, JoinState, MembershipChange, Message,
+    MessageChange, MessageRef, NewMessage, Page, ReadState, Replay, StoreError, Updated,
 };
 
 /// A [`ChatStore`] that times the one it wraps.
@@ -96,11 +96,26 @@ impl ChatStore for Timed {
         timed!(self, "conversation", self.inner.conversation(id))
     }
 
-    async fn conversations_of(&self, user_id: &str) -> Result<Vec<Conversation>, StoreError> {
+    async fn conversations_of(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
         timed!(
             self,
             "conversations_of",
             self.inner.conversations_of(user_id)
+        )
+    }
+
+    async fn join_state(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<Option<JoinState>, StoreError> {
+        timed!(
+            self,
+            "join_state",
+            self.inner.join_state(conversation_id, user_id)
         )
     }
 
