@@ -10,6 +10,7 @@
 #   scripts/bench.sh --quick    # small sizes, a smoke test (~1 min)
 #   BENCH_SKIP_DISTRIBUTED=1 scripts/bench.sh
 #   scripts/bench.sh --ab A B [N]   # compare two builds (below)
+#   scripts/bench.sh --report       # only regenerate bench/RESULTS.md from bench/results/*.json
 #
 # --ab A B [N]: builds git revisions A and B (`WORKTREE` = the working tree
 # as it is now), runs one case N times each (default 5), alternating A, B,
@@ -87,6 +88,25 @@ quick=0
 [[ ${1:-} == --quick ]] && quick=1
 
 OUT=bench/results
+BENCH=target/release/bench
+
+# report: bench/RESULTS.md from this session's JSON and bench/ANALYSIS.md.
+report() {
+  "$BENCH" report "$OUT"/*.json --analysis bench/ANALYSIS.md --out bench/RESULTS.md \
+  --note "server settings raised for load by \`--spawn\`: SOCKET_RATE_LIMIT_PER_SEC=100000 (default 50), MAX_CONNECTIONS_PER_IP=0 and MAX_SOCKETS_PER_USER=0 (no caps), SOCKET_IDLE_TIMEOUT_SECS=120, SHUTDOWN_DRAIN_SECS=1; nothing raised in the OS (the open-files limit cannot be)" \
+  --note "client and server share the 2 cores: the client CPU column shows what the load generator took; the figures are lower bounds for a server on its own box; other engineers' test processes may have run concurrently" \
+  --note "latency is stamped when a send was due (open-loop pacer on a 1 ms timer), so it includes up to ~1 ms of pacer lag and any client-side queueing" \
+  --note "idle-distributed, fanout-distributed: --gateways gateway processes (each its own port and NODE_NAME) and one chat-svc over NATS; connection i goes to gateway i % N; RSS/conn sums the gateways' RSS, chat-svc not counted; setup and connect times are bounded by SecantusDB (every join reads it twice through chat-svc)" \
+  --note "the *-distributed cases use SecantusDB (MongoDB wire protocol, Python) at 127.0.0.1:27018 as the store: a correctness surrogate, far slower than MongoDB; their figures are not MongoDB's (sends that time out after 5 s may still be stored and delivered later, giving negative drops)"
+}
+
+if [[ ${1:-} == --report ]]; then
+  cargo build --release -p bench >&2
+  report
+  echo "bench.sh: wrote bench/RESULTS.md" >&2
+  exit 0
+fi
+
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
@@ -95,7 +115,6 @@ cargo build --release -p bench -p quckchat -p quckchat-gateway -p quckchat-chat 
 if [[ ! -d bench/socketio-peer/node_modules ]]; then
   (cd bench/socketio-peer && npm ci --no-audit --no-fund >&2)
 fi
-BENCH=target/release/bench
 
 # run CASE TARGET SCENARIO ARGS...: one bounded run (RUN_TIMEOUT s, default
 # 300) writing $OUT/CASE-TARGET.json.
@@ -113,7 +132,7 @@ run() {
 
 if ((quick)); then
   IDLE=2000; FAN=500; FAN_RATE=100; P2P=500; CHAT=500; DUR=3s
-  CALLS=200; CALLS_RATE=200; PUSH_RATE=250; BIGROOM=1000
+  CALLS=200; CALLS_RATE=200; PUSH_RATE=250; BIGROOM=1000; HUDDLE_ROOMS=10; HUDDLE_RATE=1000
   IDLE_D=3000; IDLE_GW=3; FAN_D=500
 else
   IDLE=19000; FAN=2000; FAN_RATE=125; P2P=2000; CHAT=2000; DUR=10s
@@ -121,6 +140,9 @@ else
   CALLS=1000; CALLS_RATE=1000
   PUSH_RATE=1250
   BIGROOM=10000
+  # Huddles: 50 rooms of 8, toggles and relays at 8,000 pushes/s (the rate sweep is in
+  # bench/ANALYSIS.md).
+  HUDDLE_ROOMS=50; HUDDLE_RATE=8000
   # 100k over 6 gateways: ~16.7k sockets each, under the 20,000 open files of
   # every process (bench refuses more than 18k per gateway).
   IDLE_D=100000; IDLE_GW=6; FAN_D=1000
@@ -133,6 +155,7 @@ for target in quckchat socketio; do
 done
 run chat-max quckchat chat --connections "$CHAT" --group-min 2 --group-max 10 --rate 30000 --duration "$DUR"
 run calls quckchat calls --connections "$CALLS" --rate "$CALLS_RATE" --duration "$DUR"
+run huddle quckchat huddle --rooms "$HUDDLE_ROOMS" --rate "$HUDDLE_RATE" --duration "$DUR"
 # The push target: 5,000 notifications/s (1,250 messages/s × 4 offline members), against the
 # FCM and APNS stand-ins the bench runs.
 run push quckchat push --connections 200 --recipients 4 --rate "$PUSH_RATE" --duration "$DUR"
@@ -156,10 +179,5 @@ else
   echo "bench.sh: NATS (4222) or SecantusDB (27018) not up: skipping the distributed case" >&2
 fi
 
-"$BENCH" report "$OUT"/*.json --analysis bench/ANALYSIS.md --out bench/RESULTS.md \
-  --note "server settings raised for load by \`--spawn\`: SOCKET_RATE_LIMIT_PER_SEC=100000 (default 50), MAX_CONNECTIONS_PER_IP=0 and MAX_SOCKETS_PER_USER=0 (no caps), SOCKET_IDLE_TIMEOUT_SECS=120, SHUTDOWN_DRAIN_SECS=1; nothing raised in the OS (the open-files limit cannot be)" \
-  --note "client and server share the 2 cores: the client CPU column shows what the load generator took; the figures are lower bounds for a server on its own box; other engineers' test processes may have run concurrently" \
-  --note "latency is stamped when a send was due (open-loop pacer on a 1 ms timer), so it includes up to ~1 ms of pacer lag and any client-side queueing" \
-  --note "idle-distributed, fanout-distributed: --gateways gateway processes (each its own port and NODE_NAME) and one chat-svc over NATS; connection i goes to gateway i % N; RSS/conn sums the gateways' RSS, chat-svc not counted; setup and connect times are bounded by SecantusDB (every join reads it twice through chat-svc)" \
-  --note "the *-distributed cases use SecantusDB (MongoDB wire protocol, Python) at 127.0.0.1:27018 as the store: a correctness surrogate, far slower than MongoDB; their figures are not MongoDB's (sends that time out after 5 s may still be stored and delivered later, giving negative drops)"
+report
 echo "bench.sh: wrote bench/RESULTS.md" >&2

@@ -227,39 +227,48 @@ impl ChatApi for ChatGrpc {
         let req = request.into_inner();
         check_id("user_id", &req.user_id)?;
         let store = self.service.store();
-        let conversations = if req.conversation_ids.is_empty() {
-            store
+        // (conversation, last seq, read position if already known)
+        let mut conversations: Vec<(String, u64, Option<u64>)> = Vec::new();
+        if req.conversation_ids.is_empty() {
+            for c in store
                 .conversations_of(&req.user_id)
                 .await
                 .map_err(store_status)?
+            {
+                conversations.push((c.id, c.last_seq, None));
+            }
         } else {
-            let mut out = Vec::new();
             for id in &req.conversation_ids {
                 check_id("conversation_ids", id)?;
-                match store.conversation(id).await.map_err(store_status)? {
-                    Some(c) if c.has_member(&req.user_id) => out.push((&c).into()),
-                    _ => {
-                        return Err(Status::not_found(format!(
-                            "{id}: no such conversation of this user"
-                        )))
-                    }
-                }
+                let Some(state) = store
+                    .join_state(id, &req.user_id)
+                    .await
+                    .map_err(store_status)?
+                else {
+                    return Err(Status::not_found(format!(
+                        "{id}: no such conversation of this user"
+                    )));
+                };
+                conversations.push((id.clone(), state.last_seq, Some(state.read_up_to)));
             }
-            out
-        };
+        }
         let mut counts = Vec::with_capacity(conversations.len());
-        for c in conversations {
+        for (id, last_seq, read_up_to) in conversations {
+            let read_up_to = match read_up_to {
+                Some(read) => read,
+                None => store
+                    .read_up_to(&id, &req.user_id)
+                    .await
+                    .map_err(store_status)?,
+            };
             counts.push(UnreadCount {
                 unread: store
-                    .unread_count(&c.id, &req.user_id)
+                    .unread_count(&id, &req.user_id)
                     .await
                     .map_err(store_status)?,
-                read_up_to: store
-                    .read_up_to(&c.id, &req.user_id)
-                    .await
-                    .map_err(store_status)?,
-                last_seq: c.last_seq,
-                conversation_id: c.id,
+                read_up_to,
+                last_seq,
+                conversation_id: id,
             });
         }
         Ok(Response::new(GetUnreadCountsResponse { counts }))
