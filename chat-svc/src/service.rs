@@ -22,7 +22,7 @@ use quckchat_runtime::presence::MAX_PRESENCE_MEMBERS;
 use quckchat_runtime::publish::Publisher;
 use quckchat_runtime::push;
 use quckchat_runtime::routes;
-use quckchat_runtime::service::{Command, Payload, Reply, Service};
+use quckchat_runtime::service::{Command, Payload, Reply, Response, Service};
 use serde_json::{json, Value};
 
 use crate::payload::{content_field, emoji_field};
@@ -187,7 +187,8 @@ impl ChatService {
         }
         self.authorize(conversation_id, user).await?;
         let response = match cmd.event.as_str() {
-            "message:send" => self.send(conversation_id, user, p).await?,
+            // The reply is the broadcast's body, encoded once for both.
+            "message:send" => return Ok(Reply::new(self.send(conversation_id, user, p).await?)),
             "message:edit" => {
                 let content = content_field(p)?;
                 self.change(
@@ -344,7 +345,7 @@ impl ChatService {
             }
         }
         Ok(Reply {
-            response,
+            response: response.into(),
             followups,
         })
     }
@@ -354,9 +355,9 @@ impl ChatService {
         conversation_id: &str,
         user_id: &str,
         p: &Payload,
-    ) -> Result<Value, ChatError> {
+    ) -> Result<Response, ChatError> {
         let new = parse_send(conversation_id, user_id, p)?;
-        Ok(self.store_and_broadcast(new).await?.1)
+        Ok(Response::Encoded(self.store_and_broadcast(new).await?.1))
     }
 
     /// Stores a message (after checking `replyTo`) and broadcasts it when new.
@@ -365,8 +366,11 @@ impl ChatService {
     }
 
     /// [`Self::post`], also returning the `{message}` body the broadcast
-    /// carried, built once for the broadcast and the sender's reply.
-    async fn store_and_broadcast(&self, new: NewMessage) -> Result<(Message, Value), ChatError> {
+    /// carried (JSON), encoded once for the broadcast and the sender's reply.
+    async fn store_and_broadcast(
+        &self,
+        new: NewMessage,
+    ) -> Result<(Message, Vec<u8>), ChatError> {
         if let Some(reply_to) = &new.reply_to {
             if self
                 .store
@@ -389,14 +393,20 @@ impl ChatService {
             .send_turns
             .take(&conversation_id, || self.store.append_message(new));
         let appended = appending.await?;
-        let body = json!({ "message": appended.message });
+        let body = message_body(&appended.message)?;
         turn.wait().await;
         // A retried send (deduplicated: `created` false) is published again:
         // its first broadcast may be what got lost. Clients dedupe by id.
         let topic = format!("chat:{conversation_id}");
         if let Err(err) = self
             .publisher
-            .to_topic_sequenced(&topic, "message:new", &body, None, appended.message.seq)
+            .to_topic_sequenced(
+                &topic,
+                "message:new",
+                body.clone(),
+                None,
+                appended.message.seq,
+            )
             .await
         {
             tracing::warn!(%err, %topic, "message:new not published");
@@ -803,6 +813,22 @@ fn deleted_payload(m: &Message) -> Value {
         "messageId": m.id,
         "conversationId": m.conversation_id,
         "deletedAt": m.deleted_at.map(quckchat_runtime::time::iso),
+    })
+}
+
+/// `{"message": ...}`, encoded: the body of `message:new` and of the
+/// sender's reply, serialized from the message itself (no `Value` tree built
+/// first). Cannot fail for a stored message (string keys only); if it did,
+/// the send is answered as unavailable and the client's retry (same
+/// `clientMessageId`) publishes the stored message.
+fn message_body(message: &Message) -> Result<Vec<u8>, ChatError> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        message: &'a Message,
+    }
+    serde_json::to_vec(&Body { message }).map_err(|err| {
+        tracing::error!(%err, "message body not encoded");
+        ChatError::Unavailable
     })
 }
 

@@ -10,6 +10,11 @@ use quckchat_runtime::dashboard::{self, Scope};
 use quckchat_runtime::{process, server, shutdown};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, not the system allocator: a message's path allocates a lot, and
+/// glibc's malloc cost ~1.35× in throughput (bench/ANALYSIS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     let config = process::start("gateway", |r| GatewayConfig::read(r, None));

@@ -14,6 +14,11 @@ use quckchat_runtime::config::{MONGODB_URL, REDIS_URL};
 use quckchat_runtime::process::{self, Node};
 use quckchat_signaling::chat::GrpcConversations;
 
+/// jemalloc, not the system allocator: a message's path allocates a lot, and
+/// glibc's malloc cost ~1.35× in throughput (bench/ANALYSIS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     let config = process::start("huddle-svc", HuddleConfig::read);

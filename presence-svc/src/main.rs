@@ -12,6 +12,11 @@ use quckchat_runtime::admin::health_check;
 use quckchat_runtime::config::REDIS_URL;
 use quckchat_runtime::process::{self, Node};
 
+/// jemalloc, not the system allocator: a message's path allocates a lot, and
+/// glibc's malloc cost ~1.35× in throughput (bench/ANALYSIS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     let config = process::start("presence-svc", PresenceConfig::read);

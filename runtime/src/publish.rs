@@ -64,25 +64,31 @@ impl Publisher {
         payload: &Value,
         except_user: Option<&str>,
     ) -> Result<(), BusError> {
-        self.to_topic_sequenced(topic, event, payload, except_user, 0)
-            .await
+        self.to_topic_sequenced(
+            topic,
+            event,
+            payload.to_string().into_bytes(),
+            except_user,
+            0,
+        )
+        .await
     }
 
     /// [`Publisher::to_topic`] for an event with its place `seq` in the
     /// topic's gap-free sequence: gateways that notice a gap fetch what they
-    /// missed (`TopicEvent.seq`).
+    /// missed (`TopicEvent.seq`). `payload` is the event's JSON, encoded.
     pub async fn to_topic_sequenced(
         &self,
         topic: &str,
         event: &str,
-        payload: &Value,
+        payload: Vec<u8>,
         except_user: Option<&str>,
         seq: u64,
     ) -> Result<(), BusError> {
         let ev = TopicEvent {
             topic: topic.to_owned(),
             event: event.to_owned(),
-            payload: payload.to_string().into_bytes(),
+            payload,
             exclude_user_id: except_user.unwrap_or_default().to_owned(),
             seq,
         };

@@ -167,14 +167,37 @@ impl Payload {
 /// replay).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
-    pub response: Value,
+    pub response: Response,
     pub followups: Vec<(String, Value)>,
 }
 
+/// A reply's response: a JSON value, or JSON already encoded (a body the
+/// service encoded once for a broadcast and the reply).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    Json(Value),
+    Encoded(Vec<u8>),
+}
+
+impl From<Value> for Response {
+    fn from(value: Value) -> Self {
+        Self::Json(value)
+    }
+}
+
+impl Response {
+    fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Self::Json(value) => value.to_string().into_bytes(),
+            Self::Encoded(bytes) => bytes,
+        }
+    }
+}
+
 impl Reply {
-    pub fn new(response: Value) -> Self {
+    pub fn new(response: impl Into<Response>) -> Self {
         Self {
-            response,
+            response: response.into(),
             followups: Vec::new(),
         }
     }
@@ -261,7 +284,7 @@ pub fn encode_reply(result: Result<Reply, ClientError>) -> CommandReply {
     match result {
         Ok(reply) => CommandReply {
             status: command_reply::Status::Ok as i32,
-            response: reply.response.to_string().into_bytes(),
+            response: reply.response.into_bytes(),
             followups: reply
                 .followups
                 .into_iter()

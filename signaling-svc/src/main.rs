@@ -15,6 +15,11 @@ use quckchat_signaling::log::{CallLog, MongoCallLog};
 use quckchat_signaling::service::SignalingService;
 use quckchat_signaling::state::{CallState, RedisCallState};
 
+/// jemalloc, not the system allocator: a message's path allocates a lot, and
+/// glibc's malloc cost ~1.35× in throughput (bench/ANALYSIS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     let config = process::start("signaling-svc", SignalingConfig::read);
