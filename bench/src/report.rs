@@ -471,6 +471,22 @@ const GOALS: &[Goal] = &[
     },
 ];
 
+/// CPU time of every server process over the send window and drain, per
+/// 1,000 acknowledged sends ("-" when nothing was sent).
+fn cpu_per_1k_sends(s: &Summary) -> String {
+    let sends = s.acked_per_sec * s.params.duration_secs;
+    if sends < 1.0 {
+        return "-".into();
+    }
+    let window = s.params.duration_secs + s.params.drain_secs;
+    let cpu_secs: f64 = s
+        .server
+        .iter()
+        .map(|v| v.cpu_percent / 100.0 * window)
+        .sum();
+    format!("{:.0} ms", cpu_secs / sends * 1000.0 * 1000.0)
+}
+
 pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for path in &args.inputs {
@@ -703,11 +719,11 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
     let _ = writeln!(md, "## Figures\n");
     let _ = writeln!(
         md,
-        "| case | server | conns held | RSS/conn | server RSS held | server CPU | client CPU | sends ok/s | deliveries/s | p50 ms | p99 ms | p99.9 ms | errors | drops |"
+        "| case | server | conns held | RSS/conn | server RSS held | server CPU | client CPU | sends ok/s | server CPU per 1k sends | deliveries/s | p50 ms | p99 ms | p99.9 ms | errors | drops |"
     );
     let _ = writeln!(
         md,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in results {
         let mode = match s.spawn {
@@ -732,7 +748,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
         };
         let _ = writeln!(
             md,
-            "| {} | {}{} | {} / {} | {} | {} | {} | {:.0}% | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            "| {} | {}{} | {} / {} | {} | {} | {} | {:.0}% | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
             s.case,
             target_name(s.target),
             mode,
@@ -747,6 +763,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
                 .join(" + "),
             s.client_cpu_percent,
             rate(s.acked_per_sec),
+            cpu_per_1k_sends(s),
             rate(s.deliveries_per_sec),
             s.latency_ms.p50,
             s.latency_ms.p99,
@@ -759,7 +776,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
         md,
         "\nRSS/conn = (server RSS with every connection joined − RSS before connecting) ÷ \
          connections; with several gateways, RSS is summed over them (server RSS held: the sum, \
-         and the largest gateway); chat-svc is not counted. CPU: 100% = one core, over the send window plus drain. Latency: from the \
+         and the largest gateway); chat-svc is not counted. CPU: 100% = one core, over the send window plus drain; server CPU per 1k sends = the server processes' CPU time over that window ÷ thousands of acknowledged sends. Latency: from the \
          moment a send was *due* (open-loop pacer) to its `message:new` / `message` arriving at \
          each member, sender included. Drops = members × acknowledged sends − deliveries \
          received by the end of the drain. Errors = connect/join failures + error replies + \

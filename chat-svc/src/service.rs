@@ -367,10 +367,7 @@ impl ChatService {
 
     /// [`Self::post`], also returning the `{message}` body the broadcast
     /// carried (JSON), encoded once for the broadcast and the sender's reply.
-    async fn store_and_broadcast(
-        &self,
-        new: NewMessage,
-    ) -> Result<(Message, Vec<u8>), ChatError> {
+    async fn store_and_broadcast(&self, new: NewMessage) -> Result<(Message, Vec<u8>), ChatError> {
         if let Some(reply_to) = &new.reply_to {
             if self
                 .store
