@@ -572,7 +572,7 @@ impl ChatService {
             }
         }
         let Some(presence) = &self.presence else {
-            tracing::warn!("presence:get with no presence service configured");
+            tracing::debug!("presence:get with no presence service configured");
             return Err(ChatError::Unavailable);
         };
         if ids.is_empty() {
