@@ -227,15 +227,19 @@ impl ChatApi for ChatGrpc {
         let req = request.into_inner();
         check_id("user_id", &req.user_id)?;
         let store = self.service.store();
-        // (conversation, last seq, read position if already known)
-        let mut conversations: Vec<(String, u64, Option<u64>)> = Vec::new();
+        // (conversation, last seq, read position)
+        let mut conversations: Vec<(String, u64, u64)> = Vec::new();
         if req.conversation_ids.is_empty() {
             for c in store
                 .conversations_of(&req.user_id)
                 .await
                 .map_err(store_status)?
             {
-                conversations.push((c.id, c.last_seq, None));
+                let read_up_to = store
+                    .read_up_to(&c.id, &req.user_id)
+                    .await
+                    .map_err(store_status)?;
+                conversations.push((c.id, c.last_seq, read_up_to));
             }
         } else {
             for id in &req.conversation_ids {
@@ -249,18 +253,11 @@ impl ChatApi for ChatGrpc {
                         "{id}: no such conversation of this user"
                     )));
                 };
-                conversations.push((id.clone(), state.last_seq, Some(state.read_up_to)));
+                conversations.push((id.clone(), state.last_seq, state.read_up_to));
             }
         }
         let mut counts = Vec::with_capacity(conversations.len());
         for (id, last_seq, read_up_to) in conversations {
-            let read_up_to = match read_up_to {
-                Some(read) => read,
-                None => store
-                    .read_up_to(&id, &req.user_id)
-                    .await
-                    .map_err(store_status)?,
-            };
             counts.push(UnreadCount {
                 unread: store
                     .unread_count(&id, &req.user_id)

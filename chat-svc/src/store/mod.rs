@@ -64,16 +64,6 @@ pub struct ConversationSummary {
     pub last_seq: u64,
 }
 
-impl From<&Conversation> for ConversationSummary {
-    fn from(c: &Conversation) -> Self {
-        Self {
-            id: c.id.clone(),
-            members: c.member_ids.len() as u64,
-            last_seq: c.last_seq,
-        }
-    }
-}
-
 /// What a member's join needs of a conversation, read by point lookups (no
 /// member list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
