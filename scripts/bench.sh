@@ -9,6 +9,7 @@
 #   scripts/bench.sh            # everything
 #   scripts/bench.sh --quick    # small sizes, a smoke test (~1 min)
 #   BENCH_SKIP_DISTRIBUTED=1 scripts/bench.sh
+#   BENCH_SKIP_SCALE=1 scripts/bench.sh   # without idle-500k (~6 min, ~21 GiB of memory)
 #   scripts/bench.sh --ab A B [N]   # compare two builds (below)
 #   scripts/bench.sh --report       # only regenerate bench/RESULTS.md from bench/results/*.json
 #
@@ -97,6 +98,7 @@ report() {
   --note "client and server share the 2 cores: the client CPU column shows what the load generator took; the figures are lower bounds for a server on its own box; other engineers' test processes may have run concurrently" \
   --note "latency is stamped when a send was due (open-loop pacer on a 1 ms timer), so it includes up to ~1 ms of pacer lag and any client-side queueing" \
   --note "idle-distributed, fanout-distributed: --gateways gateway processes (each its own port and NODE_NAME) and one chat-svc over NATS; connection i goes to gateway i % N; RSS/conn sums the gateways' RSS, chat-svc not counted; setup and connect times are bounded by SecantusDB (every join reads it twice through chat-svc)" \
+  --note "idle-500k: 28 gateway processes and one chat-svc on its embedded SQLite store (\`CHAT_STORE=embedded\`) over NATS, 28 load-generator processes binding 16 loopback source addresses; run only when 21 GiB are available" \
   --note "the *-distributed cases use SecantusDB (MongoDB wire protocol, Python) at 127.0.0.1:27018 as the store: a correctness surrogate, far slower than MongoDB; their figures are not MongoDB's (sends that time out after 5 s may still be stored and delivered later, giving negative drops)"
 }
 
@@ -147,6 +149,10 @@ else
   # every process (bench refuses more than 18k per gateway).
   IDLE_D=100000; IDLE_GW=6; FAN_D=1000
 fi
+# 500k: 28 gateways of < 18k sockets; ~40 KiB of machine memory per connection (gateway,
+# load generator and kernel, bench/ANALYSIS.md), so it runs only with that much available.
+SCALE=500000; SCALE_GW=28; SCALE_NEED_KIB=$((21 * 1024 * 1024))
+((quick)) && { SCALE=20000; SCALE_GW=2; SCALE_NEED_KIB=$((2 * 1024 * 1024)); }
 
 for target in quckchat socketio; do
   run idle "$target" idle --connections "$IDLE" --duration "$DUR"
@@ -170,6 +176,20 @@ RUN_TIMEOUT=600 run bigroom quckchat fanout --connections "$BIGROOM" --rate 2 --
 # and joins fewer connections at once per worker (the gateway's bus request
 # times out after 5 s).
 port_open() { timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$1" 2>/dev/null; }
+# 500k idle joined sockets across gateway processes over NATS, chat-svc on its embedded
+# store (joins bounded by the machine, not by SecantusDB). Needs only NATS.
+avail_kib=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+if [[ -n ${BENCH_SKIP_SCALE:-} ]]; then
+  echo "bench.sh: BENCH_SKIP_SCALE set: skipping idle-500k" >&2
+elif ! port_open 4222; then
+  echo "bench.sh: NATS (4222) not up: skipping idle-500k" >&2
+elif ((avail_kib < SCALE_NEED_KIB)); then
+  echo "bench.sh: $((avail_kib / 1024)) MiB available, idle-500k needs $((SCALE_NEED_KIB / 1024)): skipping it" >&2
+else
+  RUN_TIMEOUT=1500 run idle-500k distributed idle --connections "$SCALE" --gateways "$SCALE_GW" \
+    --chat-store embedded --per-worker 18000 --group-min 50 --group-max 50 --sources 16 \
+    --connect-concurrency 100 --duration 30s
+fi
 if [[ -z ${BENCH_SKIP_DISTRIBUTED:-} ]] && port_open 4222 && port_open 27018; then
   run fanout-distributed distributed fanout --connections "$FAN_D" --gateways 2 --rate 50 --duration "$DUR"
   run chat-distributed distributed chat --connections 200 --rate 200 --duration "$DUR"

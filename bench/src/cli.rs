@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::dialect::Dialect;
-use crate::servers::SpawnKind;
+use crate::servers::{ChatStore, SpawnKind};
 
 #[derive(Parser)]
 #[command(
@@ -157,6 +157,10 @@ pub struct RunArgs {
         default_value = "mongodb://127.0.0.1:27018/bench_{run}?directConnection=true"
     )]
     pub mongodb_url: String,
+    /// Store of --spawn distributed's chat-svc: `mongodb` (--mongodb-url) or
+    /// `embedded` (its SQLite store: joins not bounded by the test MongoDB).
+    #[arg(long, value_enum, default_value_t = ChatStore::Mongodb)]
+    pub chat_store: ChatStore,
     /// calls: ICE candidates each party sends per call.
     #[arg(long, default_value_t = 3)]
     pub ice_candidates: u32,

@@ -71,6 +71,10 @@ pub struct Summary {
     pub drops: i64,
     pub latency_ms: Percentiles,
     pub ack_latency_ms: Percentiles,
+    /// The load generator's and the kernel's memory with every connection
+    /// joined; absent in summaries written before it.
+    #[serde(default)]
+    pub memory: Option<MemoryFigures>,
     /// The `calls` scenario's figures; absent for the other scenarios and in
     /// summaries written before it.
     #[serde(default)]
@@ -231,6 +235,25 @@ pub struct GatewayFigures {
     pub cpu_percent_max: f64,
 }
 
+/// Memory outside the server with every connection joined: the load
+/// generator (it must be as lean as the server to hold as many sockets on
+/// the same box) and the kernel (each loopback connection is two sockets).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemoryFigures {
+    /// RSS of all worker processes together.
+    pub client_rss_held_kib: u64,
+    /// That ÷ connections held (each worker's few MiB of runtime included).
+    pub client_rss_per_connection_bytes: f64,
+    /// Growth of the machine's slab (`/proc/meminfo`) from before the
+    /// workers started: socket, file, epoll objects of both ends.
+    pub kernel_slab_kib: i64,
+    /// Growth of TCP buffer pages (`/proc/net/sockstat`), in KiB.
+    pub kernel_tcp_buffers_kib: i64,
+    /// (slab + TCP buffer growth) ÷ connections held. Machine-wide: other
+    /// work on the box moves it too.
+    pub kernel_per_connection_bytes: f64,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
@@ -385,6 +408,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
                 jwt_secret: &args.jwt_secret,
                 nats_url: &args.nats_url,
                 mongodb_url: &args.mongodb_url,
+                chat_store: args.chat_store,
                 run_id: &run_id,
                 gateways: gateways as u16,
                 extra: providers
@@ -441,6 +465,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before: Vec<u64> = pids.iter().map(|(_, p)| rss(*p)).collect();
     let sockets_before: Vec<u64> = pids.iter().map(|(_, p)| sockets(*p)).collect();
+    let kernel_before = procfs::kernel_kib().ok();
     // The first `ws_processes` sampled processes are the WebSocket servers.
     let ws_processes = servers_ws.len().min(pids.len());
 
@@ -511,6 +536,8 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
     let sockets_held: Vec<u64> = pids.iter().map(|(_, p)| sockets(*p)).collect();
     let cpu_start: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
     let worker_pids: Vec<u32> = workers.iter().filter_map(|w| w.child.id()).collect();
+    let client_rss_held: u64 = worker_pids.iter().map(|p| rss(*p)).sum();
+    let kernel_held = procfs::kernel_kib().ok();
     let client_cpu_start: f64 = worker_pids.iter().map(|p| cpu(*p)).sum();
     let machine_start = procfs::machine_cpu_secs().ok();
     let started = Instant::now();
@@ -598,6 +625,19 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             .reduce(f64::max),
         cpu_percent_sum: ws_figures.iter().map(|s| s.cpu_percent).sum(),
         cpu_percent_max: ws_figures.iter().map(|s| s.cpu_percent).fold(0.0, f64::max),
+    });
+    let kernel = kernel_before.zip(kernel_held).filter(|_| held > 0);
+    let memory = kernel.map(|((slab0, tcp0), (slab1, tcp1))| {
+        let kernel_slab_kib = slab1 as i64 - slab0 as i64;
+        let kernel_tcp_buffers_kib = tcp1 as i64 - tcp0 as i64;
+        MemoryFigures {
+            client_rss_held_kib: client_rss_held,
+            client_rss_per_connection_bytes: client_rss_held as f64 * 1024.0 / held as f64,
+            kernel_slab_kib,
+            kernel_tcp_buffers_kib,
+            kernel_per_connection_bytes: (kernel_slab_kib + kernel_tcp_buffers_kib) as f64 * 1024.0
+                / held as f64,
+        }
     });
     let send_secs = args.duration.as_secs_f64().max(1e-9);
     if counts.connected == 0 {
@@ -691,6 +731,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
         client_cpu_percent: client_cpu,
         machine_cpu_percent,
         rss_per_connection_bytes,
+        memory,
         acked_per_sec: counts.acks_ok as f64 / send_secs,
         deliveries_per_sec: counts.deliveries as f64 / send_secs,
         drops: counts.expected_deliveries as i64 - counts.deliveries as i64,

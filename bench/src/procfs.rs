@@ -68,6 +68,36 @@ fn machine_cpu_of_stat(stat: &str) -> anyhow::Result<(f64, f64)> {
     Ok(((total - idle) / CLK_TCK, total / CLK_TCK))
 }
 
+/// Kernel memory of the whole machine that sockets grow: slab (socket,
+/// inode, dentry, epoll objects; `Slab:` of `/proc/meminfo`) and TCP buffer
+/// pages (`mem` of the `TCP:` line of `/proc/net/sockstat`), both in KiB.
+pub fn kernel_kib() -> anyhow::Result<(u64, u64)> {
+    let meminfo = fs::read_to_string("/proc/meminfo").context("read /proc/meminfo")?;
+    let sockstat = fs::read_to_string("/proc/net/sockstat").context("read /proc/net/sockstat")?;
+    kernel_kib_of(&meminfo, &sockstat)
+}
+
+fn kernel_kib_of(meminfo: &str, sockstat: &str) -> anyhow::Result<(u64, u64)> {
+    let slab = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .context("no Slab in /proc/meminfo")?;
+    // "TCP: inuse 5 orphan 0 tw 0 alloc 7 mem 1": pairs after the name.
+    let tcp_pages = sockstat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.chunks(2)
+                .find(|kv| kv[0] == "mem")
+                .and_then(|kv| kv.get(1)?.parse::<u64>().ok())
+        })
+        .context("no TCP mem in /proc/net/sockstat")?;
+    Ok((slab, tcp_pages * 4))
+}
+
 /// Open file descriptors of a process, and how many of them are sockets.
 pub fn open_fds(pid: u32) -> anyhow::Result<(u64, u64)> {
     let mut fds = 0;
@@ -211,6 +241,16 @@ mod tests {
         assert!((busy - 1.6).abs() < 1e-9, "{busy}");
         assert!((total - 10.0).abs() < 1e-9, "{total}");
         assert!(machine_cpu_secs().is_ok());
+    }
+
+    #[test]
+    fn kernel_memory_is_slab_and_tcp_pages() {
+        let meminfo = "MemTotal: 100 kB\nSlab:             123456 kB\nSReclaimable: 5 kB\n";
+        let sockstat =
+            "sockets: used 9\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 300\nUDP: inuse 1 mem 8\n";
+        assert_eq!(kernel_kib_of(meminfo, sockstat).unwrap(), (123456, 1200));
+        assert!(kernel_kib_of("MemTotal: 1 kB\n", sockstat).is_err());
+        assert!(kernel_kib().is_ok());
     }
 
     #[test]

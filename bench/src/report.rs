@@ -8,7 +8,10 @@ use std::fmt::Write as _;
 use anyhow::Context;
 
 use crate::cli::{ReportArgs, Target};
-use crate::orchestrate::{target_name, CallFigures, HuddleFigures, Percentiles, Summary};
+use crate::layout::Scenario;
+use crate::orchestrate::{
+    target_name, CallFigures, HuddleFigures, MemoryFigures, Percentiles, Summary,
+};
 use crate::push::PushFigures;
 
 fn kib(bytes: f64) -> String {
@@ -398,6 +401,17 @@ const GOALS: &[Goal] = &[
         hit: |v| v >= 100_000.0,
     },
     Goal {
+        text: "500,000 idle joined connections on this machine, gateways over NATS",
+        case: "idle-500k",
+        distributed: true,
+        measure: |s| {
+            let several = s.gateways.as_ref().map_or(s.params.gateways, |g| g.count) > 1;
+            Some(if several { s.held as f64 } else { 0.0 })
+        },
+        unit: "connections",
+        hit: |v| v >= 500_000.0,
+    },
+    Goal {
         text: "fan-out ≥ 400k deliveries/s sustained, every message persisted",
         case: "fanout",
         distributed: false,
@@ -518,6 +532,54 @@ fn find_distributed<'a>(results: &'a [Summary], case: &str) -> Option<&'a Summar
     results
         .iter()
         .find(|s| s.case == case && s.spawn == Some(crate::servers::SpawnKind::Distributed))
+}
+
+/// The idle cases' memory per connection on every side of the socket:
+/// server, load generator, kernel.
+fn render_memory(md: &mut String, results: &[Summary]) {
+    let runs: Vec<(&Summary, &MemoryFigures)> = results
+        .iter()
+        .filter(|s| s.scenario == Scenario::Idle)
+        .filter_map(|s| s.memory.as_ref().map(|m| (s, m)))
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Memory per idle connection
+"
+    );
+    let _ = writeln!(
+        md,
+        "| case | server | conns held | connect+join s | joins/s | server RSS/conn | load generator RSS/conn | kernel/conn (slab + TCP buffers) | machine total/conn |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (s, m) in runs {
+        let server = s.rss_per_connection_bytes.unwrap_or(0.0);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            s.case,
+            target_name(s.target),
+            s.held,
+            s.connect_secs,
+            rate(s.held as f64 / s.connect_secs.max(1e-9)),
+            kib(server),
+            kib(m.client_rss_per_connection_bytes),
+            kib(m.kernel_per_connection_bytes),
+            kib(server + m.client_rss_per_connection_bytes + m.kernel_per_connection_bytes),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nLoad generator = RSS of all worker processes with every connection joined ÷ \
+         connections (their runtime included); kernel = growth of the machine's slab \
+         (`/proc/meminfo`) and TCP buffer pages (`/proc/net/sockstat`) from before connecting, \
+         both ends of each loopback connection, ÷ connections (machine-wide: other work on the \
+         box moves it). Joins/s = connections ÷ the time from the first connect to the last \
+         join reply.\n"
+    );
 }
 
 /// The `calls` cases, if any: setups and the latency of each step.
@@ -783,6 +845,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
          sockets closed during the run.\n"
     );
 
+    render_memory(&mut md, results);
     render_calls(&mut md, results);
     render_huddles(&mut md, results);
     render_push(&mut md, results);

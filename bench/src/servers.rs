@@ -32,6 +32,14 @@ pub enum SpawnKind {
     Socketio,
 }
 
+/// chat-svc's store in --spawn distributed (`CHAT_STORE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatStore {
+    Mongodb,
+    Embedded,
+}
+
 /// Where the spawned server listens and what the bench needs to reach it.
 pub struct Spawned {
     /// WebSocket server addresses (one per gateway in distributed mode).
@@ -51,6 +59,7 @@ pub struct ServerEnv<'a> {
     pub jwt_secret: &'a str,
     pub nats_url: &'a str,
     pub mongodb_url: &'a str,
+    pub chat_store: ChatStore,
     pub run_id: &'a str,
     /// Gateway processes (distributed only).
     pub gateways: u16,
@@ -136,16 +145,24 @@ pub fn spawn(kind: SpawnKind, env: &ServerEnv) -> anyhow::Result<Spawned> {
         SpawnKind::Distributed => {
             let chat_port = free_port()?;
             let prefix = format!("bench{}", env.run_id);
-            let mongodb_url = env.mongodb_url.replace("{run}", env.run_id);
-            // Only a per-run database (`{run}` in the URL) is ours to drop.
-            if env.mongodb_url.contains("{run}") {
-                spawned.mongo_db = mongo::database_of(&mongodb_url);
-            }
             let mut chat = Command::new(binary("chat-svc")?);
             quckchat_env(&mut chat, chat_port, env);
             chat.env("NATS_URL", env.nats_url)
-                .env("NATS_SUBJECT_PREFIX", &prefix)
-                .env("MONGODB_URL", &mongodb_url);
+                .env("NATS_SUBJECT_PREFIX", &prefix);
+            match env.chat_store {
+                ChatStore::Mongodb => {
+                    let mongodb_url = env.mongodb_url.replace("{run}", env.run_id);
+                    // Only a per-run database (`{run}` in the URL) is ours to drop.
+                    if env.mongodb_url.contains("{run}") {
+                        spawned.mongo_db = mongo::database_of(&mongodb_url);
+                    }
+                    chat.env("MONGODB_URL", &mongodb_url);
+                }
+                ChatStore::Embedded => {
+                    chat.env("CHAT_STORE", "embedded")
+                        .env("DATA_DIR", spawned.dir.path().join("chat-data"));
+                }
+            }
             // The WebSocket servers are sampled first.
             let gateways = env.gateways.max(1);
             for g in 0..gateways {

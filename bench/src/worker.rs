@@ -319,11 +319,28 @@ async fn connect(plan: &Plan, layout: &Layout, i: usize) -> anyhow::Result<Ws> {
         // Huddle participants are devices: each socket names its own.
         url.push_str(&format!("&deviceId={}", layout.device(i)));
     }
+    // Idle sockets only read heartbeat replies: a small buffer keeps the
+    // load generator as lean per socket as the server it measures.
+    let read_buffer = if plan.scenario == Scenario::Idle {
+        1024
+    } else {
+        4096
+    };
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0);
     timeout(CONNECT_TIMEOUT, async {
         let socket = TcpSocket::new_v4()?;
+        // The port is picked at connect, where only the 4-tuple must be
+        // unique: a bind with port 0 would reserve a port for every socket
+        // and make each further bind scan those (the kernel's bind buckets
+        // took most of the CPU past ~200k sockets).
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+        .context("IP_BIND_ADDRESS_NO_PORT")?;
         socket
             .bind(source(plan, i))
             .context("bind source address")?;

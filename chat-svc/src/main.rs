@@ -1,16 +1,17 @@
 //! `chat-svc`: the chat service as its own process (distributed mode): client
-//! commands from NATS, state in MongoDB, gRPC and admin HTTP on `PORT`.
+//! commands from NATS, state in MongoDB (or, with `CHAT_STORE=embedded`, the
+//! all-in-one SQLite store of a single replica), gRPC and admin HTTP on `PORT`.
 
 use std::sync::Arc;
 
 use quckchat_chat::commands;
-use quckchat_chat::config::{ChatConfig, PRESENCE_GRPC_URL};
+use quckchat_chat::config::{ChatConfig, StoreConfig, PRESENCE_GRPC_URL};
 use quckchat_chat::grpc::ChatGrpc;
 use quckchat_chat::presence::GrpcPresence;
 use quckchat_chat::service::ChatService;
-use quckchat_chat::store::{ChatStore, MongoStore};
+use quckchat_chat::store::{ChatStore, EmbeddedStore, MongoStore};
 use quckchat_runtime::admin::health_check;
-use quckchat_runtime::config::MONGODB_URL;
+use quckchat_runtime::config::{DATA_DIR, MONGODB_URL};
 use quckchat_runtime::process::{self, Node};
 
 /// jemalloc, not the system allocator: a message's path allocates a lot, and
@@ -26,11 +27,16 @@ async fn main() {
 
 async fn run(config: ChatConfig) -> anyhow::Result<()> {
     let node = Node::connect("chat-svc", &config.server, &config.bus, &config.grpc_token).await?;
-    let store: Arc<dyn ChatStore> = Arc::new(
-        MongoStore::connect(&config.mongodb_url)
-            .await
-            .map_err(|e| anyhow::anyhow!("{MONGODB_URL}: {e}"))?,
-    );
+    let store: Arc<dyn ChatStore> = match &config.store {
+        StoreConfig::Mongo { url } => Arc::new(
+            MongoStore::connect(url)
+                .await
+                .map_err(|e| anyhow::anyhow!("{MONGODB_URL}: {e}"))?,
+        ),
+        StoreConfig::Embedded { data_dir } => {
+            Arc::new(EmbeddedStore::open(data_dir).map_err(|e| anyhow::anyhow!("{DATA_DIR}: {e}"))?)
+        }
+    };
     let mut chat = ChatService::new(store.clone(), node.bus(), node.subjects().clone());
     if let Some(url) = &config.presence_grpc_url {
         let presence = GrpcPresence::new(url, node.grpc_token())
