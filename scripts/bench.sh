@@ -188,7 +188,7 @@ elif ((avail_kib < SCALE_NEED_KIB)); then
 else
   RUN_TIMEOUT=1500 run idle-500k distributed idle --connections "$SCALE" --gateways "$SCALE_GW" \
     --chat-store embedded --per-worker 18000 --group-min 50 --group-max 50 --sources 16 \
-    --connect-concurrency 100 --duration 30s
+    --connect-concurrency 100 --connect-attempts 3 --duration 30s
 fi
 if [[ -z ${BENCH_SKIP_DISTRIBUTED:-} ]] && port_open 4222 && port_open 27018; then
   run fanout-distributed distributed fanout --connections "$FAN_D" --gateways 2 --rate 50 --duration "$DUR"
@@ -196,7 +196,8 @@ if [[ -z ${BENCH_SKIP_DISTRIBUTED:-} ]] && port_open 4222 && port_open 27018; th
   # Last: 100k joins leave SecantusDB slow for minutes after (seen: fan-out p50 16 ms before,
   # 2 s after), so the cases above run first.
   RUN_TIMEOUT=900 run idle-distributed distributed idle --connections "$IDLE_D" --gateways "$IDLE_GW" \
-    --group-min 50 --group-max 50 --sources 8 --connect-concurrency 50 --duration "$DUR"
+    --group-min 50 --group-max 50 --sources 8 --connect-concurrency 50 --connect-attempts 3 \
+    --duration "$DUR"
 else
   echo "bench.sh: NATS (4222) or SecantusDB (27018) not up: skipping the distributed case" >&2
 fi

@@ -141,6 +141,11 @@ pub struct RunArgs {
     /// Connections per worker process (each process may hold 20,000 files).
     #[arg(long, default_value_t = 9000)]
     pub per_worker: usize,
+    /// Tries per connection: after a failed connect or join, connect and
+    /// join again 1 s, 2 s, then 5 s later, as the Phoenix client does;
+    /// retried tries are counted apart from errors.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub connect_attempts: u32,
     /// Connections being opened at once, per worker.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,

@@ -500,6 +500,7 @@ pub async fn run(scenario: Scenario, args: &RunArgs, command: String) -> anyhow:
             ice_candidates: args.ice_candidates,
             call_type: args.call_type,
             toggle_share: args.toggle_share,
+            connect_attempts: args.connect_attempts,
         };
         workers.push(Worker::start(&plan).await?);
     }

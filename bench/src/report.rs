@@ -534,6 +534,20 @@ fn find_distributed<'a>(results: &'a [Summary], case: &str) -> Option<&'a Summar
         .find(|s| s.case == case && s.spawn == Some(crate::servers::SpawnKind::Distributed))
 }
 
+/// CPU of each server process ("a + b + c"), or their sum when there are
+/// too many to list.
+fn server_cpu(s: &Summary) -> String {
+    if s.server.len() > 8 {
+        let sum: f64 = s.server.iter().map(|v| v.cpu_percent).sum();
+        return format!("{sum:.0}% over {} processes", s.server.len());
+    }
+    s.server
+        .iter()
+        .map(|v| format!("{:.0}%", v.cpu_percent))
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
 /// The idle cases' memory per connection on every side of the socket:
 /// server, load generator, kernel.
 fn render_memory(md: &mut String, results: &[Summary]) {
@@ -552,17 +566,18 @@ fn render_memory(md: &mut String, results: &[Summary]) {
     );
     let _ = writeln!(
         md,
-        "| case | server | conns held | connect+join s | joins/s | server RSS/conn | load generator RSS/conn | kernel/conn (slab + TCP buffers) | machine total/conn |"
+        "| case | server | conns held | tries retried | connect+join s | joins/s | server RSS/conn | load generator RSS/conn | kernel/conn (slab + TCP buffers) | machine total/conn |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (s, m) in runs {
         let server = s.rss_per_connection_bytes.unwrap_or(0.0);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
             s.case,
             target_name(s.target),
             s.held,
+            s.counts.retried,
             s.connect_secs,
             rate(s.held as f64 / s.connect_secs.max(1e-9)),
             kib(server),
@@ -578,7 +593,9 @@ fn render_memory(md: &mut String, results: &[Summary]) {
          (`/proc/meminfo`) and TCP buffer pages (`/proc/net/sockstat`) from before connecting, \
          both ends of each loopback connection, ÷ connections (machine-wide: other work on the \
          box moves it). Joins/s = connections ÷ the time from the first connect to the last \
-         join reply.\n"
+         join reply. Tries retried: connects or joins that failed and were tried again on a \
+         fresh socket 1 s, 2 s, then 5 s later (`--connect-attempts`, as the Phoenix client \
+         rejoins); their reasons are in the run's JSON (`error_reasons`, `retried: …`).\n"
     );
 }
 
@@ -666,11 +683,7 @@ fn render_push(md: &mut String, results: &[Summary]) {
             p.latency_ms.p50,
             p.latency_ms.p99,
             p.latency_ms.p999,
-            s.server
-                .iter()
-                .map(|v| format!("{:.0}%", v.cpu_percent))
-                .collect::<Vec<_>>()
-                .join(" + "),
+            server_cpu(s),
             s.client_cpu_percent,
             s.machine_cpu_percent
                 .map_or("-".into(), |m| format!("{m:.0}%")),
@@ -729,11 +742,7 @@ fn render_huddles(md: &mut String, results: &[Summary]) {
             h.broadcast_ms.p99,
             h.relay_ms.p50,
             h.relay_ms.p99,
-            s.server
-                .iter()
-                .map(|v| format!("{:.0}%", v.cpu_percent))
-                .collect::<Vec<_>>()
-                .join(" + "),
+            server_cpu(s),
             s.client_cpu_percent,
             s.machine_cpu_percent
                 .map_or("-".into(), |m| format!("{m:.0}%")),
@@ -818,11 +827,7 @@ fn render(results: &[Summary], notes: &[String], analysis: Option<&str>) -> Stri
             s.params.connections,
             s.rss_per_connection_bytes.map_or("-".into(), kib),
             rss_held,
-            s.server
-                .iter()
-                .map(|v| format!("{:.0}%", v.cpu_percent))
-                .collect::<Vec<_>>()
-                .join(" + "),
+            server_cpu(s),
             s.client_cpu_percent,
             rate(s.acked_per_sec),
             cpu_per_1k_sends(s),

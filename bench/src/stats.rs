@@ -31,6 +31,8 @@ pub struct Stats {
     pub connected: AtomicU64,
     pub connect_errors: AtomicU64,
     pub join_errors: AtomicU64,
+    /// Connect-and-join tries that failed and were tried again.
+    pub retried: AtomicU64,
     /// Sockets the server closed (or that failed) while the run was going.
     pub closed: AtomicU64,
     pub sends: AtomicU64,
@@ -249,6 +251,7 @@ impl Stats {
                 connected: get(&self.connected),
                 connect_errors: get(&self.connect_errors),
                 join_errors: get(&self.join_errors),
+                retried: get(&self.retried),
                 closed: get(&self.closed),
                 sends: get(&self.sends),
                 send_skipped: get(&self.send_skipped),
@@ -276,6 +279,9 @@ pub struct Counts {
     pub connected: u64,
     pub connect_errors: u64,
     pub join_errors: u64,
+    /// Tries retried (`--connect-attempts`); absent in older summaries.
+    #[serde(default)]
+    pub retried: u64,
     pub closed: u64,
     pub sends: u64,
     pub send_skipped: u64,
@@ -290,6 +296,7 @@ impl Counts {
         self.connected += o.connected;
         self.connect_errors += o.connect_errors;
         self.join_errors += o.join_errors;
+        self.retried += o.retried;
         self.closed += o.closed;
         self.sends += o.sends;
         self.send_skipped += o.send_skipped;

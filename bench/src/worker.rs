@@ -78,10 +78,27 @@ pub struct Plan {
     /// huddle: the share of pushes that are toggles (the rest: relays).
     #[serde(default)]
     pub toggle_share: f64,
+    /// Tries per connection (connect and join), at least 1.
+    #[serde(default = "one_try")]
+    pub connect_attempts: u32,
 }
 
 fn audio() -> CallType {
     CallType::Audio
+}
+
+fn one_try() -> u32 {
+    1
+}
+
+/// Waits before the 2nd, 3rd, ... try of a connection: the Phoenix client's
+/// rejoin schedule (1 s, 2 s, then 5 s).
+fn retry_after(failed_tries: u32) -> Duration {
+    match failed_tries {
+        0 | 1 => Duration::from_secs(1),
+        2 => Duration::from_secs(2),
+        _ => Duration::from_secs(5),
+    }
 }
 
 /// Queue of due sends per sender connection.
@@ -223,25 +240,36 @@ async fn open(
     senders
 }
 
-/// Connects and joins connection `i`; a failure is counted and recorded.
+/// Connects and joins connection `i`, up to `connect_attempts` tries (a
+/// fresh socket each, as a Phoenix client reconnects); a try that is retried
+/// is counted in `retried` with its reason under `retried: …`, a connection
+/// whose last try fails in the connect or join errors.
 async fn open_one(plan: &Plan, layout: &Layout, stats: &Stats, i: usize) -> Option<Connection> {
-    let opened = match connect(plan, layout, i).await {
-        Ok(ws) => join(ws, plan, layout, i)
-            .await
-            .map_err(|e| (&stats.join_errors, format!("join: {}", e.root_cause()))),
-        Err(e) => Err((
-            &stats.connect_errors,
-            format!("connect: {}", e.root_cause()),
-        )),
-    };
-    match opened {
-        Ok(conn) => Some(conn),
-        Err((counter, reason)) => {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            stats.error(&reason);
-            None
+    let tries = plan.connect_attempts.max(1);
+    for attempt in 1..=tries {
+        let opened = match connect(plan, layout, i).await {
+            Ok(ws) => join(ws, plan, layout, i)
+                .await
+                .map_err(|e| (&stats.join_errors, format!("join: {}", e.root_cause()))),
+            Err(e) => Err((
+                &stats.connect_errors,
+                format!("connect: {}", e.root_cause()),
+            )),
+        };
+        match opened {
+            Ok(conn) => return Some(conn),
+            Err((_, reason)) if attempt < tries => {
+                stats.bump(|s| &s.retried);
+                stats.error(&format!("retried: {reason}"));
+                tokio::time::sleep(retry_after(attempt)).await;
+            }
+            Err((counter, reason)) => {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.error(&reason);
+            }
         }
     }
+    None
 }
 
 pub fn now_ns() -> u64 {
