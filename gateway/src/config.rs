@@ -69,7 +69,8 @@ pub struct SocketConfig {
     /// Initial read buffer of a socket. tungstenite zero-fills the whole
     /// buffer on every read and its default is 128 KiB: that was most of an
     /// idle socket's memory and most of the server's CPU (bench/RESULTS.md).
-    /// Larger frames grow it as needed.
+    /// Larger frames grow it as needed; Phoenix frames are mostly far below
+    /// 512 bytes.
     pub read_buffer: usize,
 }
 
@@ -84,7 +85,7 @@ impl Default for SocketConfig {
             max_channels: 100,
             malformed_limit: 20,
             write_timeout: Duration::from_secs(10),
-            read_buffer: 2048,
+            read_buffer: 512,
         }
     }
 }

@@ -16,8 +16,8 @@ use axum::extract::ws::Utf8Bytes;
 use prost::Message as _;
 use quckchat_proto::bus::{DirectEvent, MissedEvents, MissedRequest, TopicEvent};
 use quckchat_runtime::bus::{Bus, BusError, BusMessage, Subjects, Subscription};
+use quckchat_runtime::queue;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, Vsn};
@@ -35,7 +35,7 @@ pub enum SubjectKind {
 #[derive(Clone)]
 pub struct Subscriber {
     pub user_id: Arc<str>,
-    pub tx: mpsc::Sender<Delivery>,
+    pub tx: queue::Sender<Delivery>,
     /// Cancelled when the socket falls behind.
     pub slow: CancellationToken,
 }
@@ -234,16 +234,18 @@ impl Hub {
             .forwarder
             .get_or_try_init(|| async {
                 let sub = self.bus.subscribe(&entry.subject, None).await?;
-                let gaps = GapFill {
-                    bus: self.bus.clone(),
-                    names: self.names.clone(),
-                    last_seq: None,
-                };
-                Ok::<_, BusError>(AbortOnDrop::spawn(forward(
-                    Arc::downgrade(entry),
-                    sub,
-                    gaps,
-                )))
+                let weak = Arc::downgrade(entry);
+                Ok::<_, BusError>(match entry.kind {
+                    SubjectKind::Topic => {
+                        let gaps = GapFill {
+                            bus: self.bus.clone(),
+                            names: self.names.clone(),
+                            last_seq: None,
+                        };
+                        AbortOnDrop::spawn(forward_topic(weak, sub, gaps))
+                    }
+                    SubjectKind::Direct => AbortOnDrop::spawn(forward_direct(weak, sub)),
+                })
             })
             .await;
         match ready {
@@ -289,26 +291,52 @@ impl Hub {
     }
 }
 
-/// Moves one subject's messages from the bus to its local subscribers.
-async fn forward(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapFill) {
+/// Moves a topic's events from the bus to its local subscribers, filling
+/// gaps in their sequence first.
+async fn forward_topic(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapFill) {
+    while let Some(msg) = sub.next().await {
+        let Some(entry) = entry.upgrade() else {
+            return;
+        };
+        let Some((item, exclude_user, seq)) = decode(entry.kind, &msg) else {
+            undecodable(&msg);
+            continue;
+        };
+        if let Item::Broadcast(b) = &item {
+            gaps.before(&entry, &b.topic, seq).await;
+        }
+        fan_out(&entry, Arc::new(item), exclude_user.as_deref());
+    }
+    subscription_ended(&entry);
+}
+
+/// Moves a user's or a connection's events from the bus to its local
+/// subscribers. Every connected user has one of these tasks, so it awaits
+/// nothing but the bus: its future is a few words, where the topic
+/// forwarder's (which may await a gap fill) is about a kilobyte.
+async fn forward_direct(entry: Weak<Entry>, mut sub: Subscription) {
     while let Some(msg) = sub.next().await {
         let Some(entry) = entry.upgrade() else {
             return;
         };
         match decode(entry.kind, &msg) {
-            Some((item, exclude_user, seq)) => {
-                if let Item::Broadcast(b) = &item {
-                    gaps.before(&entry, &b.topic, seq).await;
-                }
+            Some((item, exclude_user, _)) => {
                 fan_out(&entry, Arc::new(item), exclude_user.as_deref());
             }
-            None => {
-                metrics::counter!("quckchat_gateway_bad_events_total").increment(1);
-                tracing::warn!(subject = %msg.subject, "undecodable event dropped");
-            }
+            None => undecodable(&msg),
         }
     }
-    // The bus closed the subscription (e.g. connection lost for good).
+    subscription_ended(&entry);
+}
+
+fn undecodable(msg: &BusMessage) {
+    metrics::counter!("quckchat_gateway_bad_events_total").increment(1);
+    tracing::warn!(subject = %msg.subject, "undecodable event dropped");
+}
+
+/// The bus closed the subscription (e.g. connection lost for good): its
+/// sockets learn it, and the next registration starts a new entry.
+fn subscription_ended(entry: &Weak<Entry>) {
     if let Some(entry) = entry.upgrade() {
         entry.ended.store(true, Ordering::Relaxed);
         fan_out(
@@ -441,7 +469,7 @@ fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
             item: item.clone(),
         }) {
             Ok(()) => delivered += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::TrySendError::Full(_)) => {
                 // Counted once per socket closed (its later overflows too
                 // find the token cancelled).
                 if !s.slow.is_cancelled() {
@@ -449,7 +477,7 @@ fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
                 }
                 s.slow.cancel();
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(queue::TrySendError::Closed(_)) => {}
         }
     }
     metrics::counter!("quckchat_gateway_deliveries_total").increment(delivered);

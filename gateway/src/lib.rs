@@ -53,8 +53,12 @@ pub use config::{GatewayConfig, SocketConfig};
 use frame::Vsn;
 use socket::Peer;
 
-/// Outgoing bytes gathered before a write to the socket.
-const WRITE_BATCH_BYTES: usize = 8 * 1024;
+/// Outgoing bytes gathered before a write to the socket. tungstenite keeps
+/// its write buffer at the largest size it ever reached, for the socket's
+/// life: a batch of 8 KiB left every idle socket holding ~4 KiB (the join
+/// reply, `presence_state` and the diffs of a conversation's members
+/// joining). At 1 KiB a batch of small frames still goes in one write.
+const WRITE_BATCH_BYTES: usize = 1024;
 /// Outgoing bytes buffered for one socket at most; above any one frame the
 /// services send (replies and replays are bounded well below it).
 const MAX_WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -342,11 +346,15 @@ async fn upgrade(
         // A client that stops reading fails its writes past this.
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            tracker.track_future(async move {
+            // The socket lives in a task of its own, so the task that did the
+            // upgrade (hyper's and axum's upgrade state, ~1.5 KiB) ends now
+            // instead of holding that state for the socket's lifetime.
+            tracker.spawn(async move {
                 socket::run(socket, shared, peer).await;
                 // The socket's places in the admission counts end with it.
                 drop(ticket);
-            })
+            });
+            std::future::ready(())
         })
 }
 

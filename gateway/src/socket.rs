@@ -19,7 +19,6 @@ use futures::stream::FuturesUnordered;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use quckchat_proto::bus::{command_reply, direct_event, ClientCommand, CommandReply};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +28,7 @@ use crate::limits::{ControlBudget, PushBudget, Strikes};
 use crate::routing::{self, Route};
 use crate::Shared;
 use quckchat_runtime::errors::ClientError;
+use quckchat_runtime::queue;
 
 /// Close codes (RFC 6455 and IANA registry).
 pub mod close_code {
@@ -122,7 +122,7 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
     E: std::fmt::Display,
 {
-    let (tx, rx) = mpsc::channel(shared.config.socket.outbound_queue);
+    let (tx, rx) = queue::bounded(shared.config.socket.outbound_queue);
     let mut socket = Socket {
         shared: shared.clone(),
         peer,
@@ -144,7 +144,7 @@ struct Socket<S> {
     peer: Peer,
     ws: S,
     channels: HashMap<String, Channel>,
-    tx: mpsc::Sender<Delivery>,
+    tx: queue::Sender<Delivery>,
     slow: CancellationToken,
     inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
     strikes: Strikes,
@@ -167,7 +167,7 @@ where
         }
     }
 
-    async fn serve(&mut self, mut rx: mpsc::Receiver<Delivery>) {
+    async fn serve(&mut self, rx: queue::Receiver<Delivery>) {
         metrics::gauge!("quckchat_gateway_connections").increment(1.0);
         self.shared.opened(&self.peer).await;
         let user_subject = self.shared.subjects.user(&self.peer.user_id);
@@ -184,7 +184,7 @@ where
         {
             tracing::warn!(conn_id = %self.peer.conn_id, %err, "user subscription failed");
         }
-        let close = self.event_loop(&mut rx).await;
+        let close = self.event_loop(&rx).await;
         let limit = self.shared.config.socket.write_timeout;
         let _ = tokio::time::timeout(limit, async {
             if let Some(Close(code, reason)) = close {
@@ -218,7 +218,7 @@ where
         metrics::gauge!("quckchat_gateway_connections").decrement(1.0);
     }
 
-    async fn event_loop(&mut self, rx: &mut mpsc::Receiver<Delivery>) -> Option<Close> {
+    async fn event_loop(&mut self, rx: &queue::Receiver<Delivery>) -> Option<Close> {
         let idle_timeout = self.shared.config.socket.idle_timeout;
         let idle = sleep_until(Instant::now() + idle_timeout);
         tokio::pin!(idle);
@@ -273,7 +273,7 @@ where
                     // Write what else is queued, then flush once.
                     let mut batch = 0;
                     while batch < 64 {
-                        let Ok(delivery) = rx.try_recv() else { break };
+                        let Some(delivery) = rx.try_recv() else { break };
                         if self.on_delivery(delivery).await.is_err() {
                             return None;
                         }

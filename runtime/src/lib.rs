@@ -12,6 +12,8 @@
 //!   implements and the bus consumer that runs it;
 //! - [`errors`] — every reason a client can be refused, once;
 //! - [`publish`] — typed publishing to topics, users and connections;
+//! - [`queue`] — the bounded queue of a socket's deliveries and of an
+//!   in-process bus subscription, free while empty;
 //! - [`grpc`] — clients of other services' gRPC APIs;
 //! - [`admin`] — `/health`, `/health/live`, `/health/ready`, `/metrics`;
 //! - [`dashboard`] — `/dev/dashboard`, a live page of the process's figures;
@@ -40,6 +42,7 @@ pub mod presence;
 pub mod process;
 pub mod publish;
 pub mod push;
+pub mod queue;
 pub mod routes;
 pub mod server;
 pub mod service;

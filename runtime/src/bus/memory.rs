@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures::Stream;
+
+use crate::queue;
 
 use super::{
     count_request_timeout, subject_matches, validate_subject, Bus, BusError, BusMessage, Headers,
@@ -46,9 +48,10 @@ struct Registry {
 struct Entry {
     id: u64,
     queue_group: Option<String>,
-    /// Shared, not cloned, per subscriber: a queue slot is one pointer, so
-    /// an idle subscription costs little.
-    tx: mpsc::Sender<Arc<BusMessage>>,
+    /// Shared, not cloned, per subscriber: a queue slot is one pointer, and
+    /// an empty queue holds no buffer, so an idle subscription (one per
+    /// connected user) costs little.
+    tx: queue::Sender<Arc<BusMessage>>,
 }
 
 impl Default for MemoryBus {
@@ -197,7 +200,7 @@ impl Bus for MemoryBus {
         queue_group: Option<&str>,
     ) -> Result<Subscription, BusError> {
         validate_subject(subject, true)?;
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        let (tx, rx) = queue::bounded(SUBSCRIPTION_CAPACITY);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Entry {
             id,
@@ -271,15 +274,15 @@ impl Bus for MemoryBus {
 
 /// One subscription's messages; dropping it unsubscribes.
 struct MemoryStream {
-    rx: mpsc::Receiver<Arc<BusMessage>>,
+    rx: queue::Receiver<Arc<BusMessage>>,
     _guard: Unsubscribe,
 }
 
-impl futures::Stream for MemoryStream {
+impl Stream for MemoryStream {
     type Item = BusMessage;
 
     fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<BusMessage>> {
         self.rx
