@@ -347,8 +347,8 @@ async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             // The socket lives in a task of its own, so the task that did the
-            // upgrade (hyper's and axum's upgrade state, ~1.5 KiB) ends now
-            // instead of holding that state for the socket's lifetime.
+            // upgrade ends now instead of carrying its state (hyper's upgrade,
+            // axum's closure) for the socket's life.
             tracker.spawn(async move {
                 socket::run(socket, shared, peer).await;
                 // The socket's places in the admission counts end with it.
