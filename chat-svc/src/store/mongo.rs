@@ -56,7 +56,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
-use mongodb::options::{IndexOptions, ReturnDocument};
+use mongodb::options::{CollectionOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Collection, Database, IndexModel};
 use quckchat_runtime::mongo::is_duplicate_key;
 
@@ -302,8 +302,20 @@ impl MongoStore {
         self.db.collection("conversation_seqs")
     }
 
+    /// Messages are written journaled (`j: true`): a message is acknowledged
+    /// to its sender only once it survives the database being killed. With
+    /// the default (`w: 1`, no journal) a standalone server acknowledges
+    /// before its journal reaches the disk, and the fault suite's database
+    /// kill lost the last acknowledged message of a conversation (its seq
+    /// then went to the next message). The seq counters need not be: a lost
+    /// counter update is only a hint behind (see `take_version`).
     fn messages(&self) -> Collection<Document> {
-        self.db.collection("messages")
+        self.db.collection_with_options(
+            "messages",
+            CollectionOptions::builder()
+                .write_concern(WriteConcern::builder().journal(true).build())
+                .build(),
+        )
     }
 
     fn read_states(&self) -> Collection<Document> {
