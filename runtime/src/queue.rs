@@ -158,15 +158,6 @@ impl<T> Receiver<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    /// Items queued now.
-    pub fn len(&self) -> usize {
-        self.shared.items().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Slots the queue's buffer holds now (0 while it holds no memory).
     pub fn allocated_slots(&self) -> usize {
         self.shared.items().capacity()
@@ -203,7 +194,9 @@ mod tests {
         assert_eq!(tx.try_send('c'), Err(TrySendError::Full('c')));
         assert_eq!(rx.try_recv(), Some('a'));
         tx.try_send('c').unwrap();
-        assert_eq!(rx.len(), 2);
+        assert_eq!(rx.try_recv(), Some('b'));
+        assert_eq!(rx.try_recv(), Some('c'));
+        assert_eq!(rx.try_recv(), None);
     }
 
     #[test]

@@ -983,6 +983,17 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn messages_are_written_journaled() {
+        let store = test_store().await;
+        let journaled = store.messages().write_concern().and_then(|w| w.journal);
+        assert_eq!(
+            journaled,
+            Some(true),
+            "an acknowledged message must survive a database kill"
+        );
+    }
+
+    #[tokio::test]
     async fn mongo_store_conformance() {
         let store = test_store().await;
         super::super::conformance::run_all(Arc::new(store.clone())).await;
