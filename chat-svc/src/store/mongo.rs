@@ -56,7 +56,9 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
-use mongodb::options::{CollectionOptions, IndexOptions, ReturnDocument, WriteConcern};
+use mongodb::options::{
+    Acknowledgment, CollectionOptions, IndexOptions, ReturnDocument, WriteConcern,
+};
 use mongodb::{Collection, Database, IndexModel};
 use quckchat_runtime::mongo::is_duplicate_key;
 
@@ -71,6 +73,8 @@ use super::{
 #[derive(Clone)]
 pub struct MongoStore {
     db: Database,
+    /// The write concern of [`MongoStore::messages`]: the URL's, journaled.
+    messages_concern: WriteConcern,
     /// Appends to one conversation run one after another, in call order:
     /// the `seq` order callers rely on (and no seq races within a replica).
     appends: Arc<Turns>,
@@ -130,6 +134,23 @@ struct Failpoint {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// The write concern messages are stored with: the one `MONGODB_URL` gives
+/// (`w=majority`, `wtimeoutMS`, …), or the server's default, with the journal
+/// asked for. `w=0` is refused: a message is acknowledged to its sender only
+/// once the database acknowledged it.
+fn journaled(url_concern: Option<WriteConcern>) -> Result<WriteConcern, StoreError> {
+    let mut concern = url_concern.unwrap_or_default();
+    if concern.w == Some(Acknowledgment::Nodes(0)) {
+        return Err(StoreError::Unavailable(
+            "MONGODB_URL asks for w=0 (unacknowledged writes); chat-svc stores a message \
+             before acknowledging it, so it needs w=1 or more"
+                .into(),
+        ));
+    }
+    concern.journal = Some(true);
+    Ok(concern)
 }
 
 /// Values matching a string id or the ObjectId it spells.
@@ -282,9 +303,11 @@ impl MongoStore {
             .default_database
             .clone()
             .unwrap_or_else(|| "quckchat".into());
+        let messages_concern = journaled(options.write_concern.clone())?;
         let client = mongodb::Client::with_options(options).map_err(unavailable)?;
         let store = Self {
             db: client.database(&database),
+            messages_concern,
             appends: Arc::new(Turns::new(APPEND_STRIPES)),
             #[cfg(any(test, feature = "testsuite"))]
             failpoints: Arc::default(),
@@ -308,12 +331,13 @@ impl MongoStore {
     /// before its journal reaches the disk, and the fault suite's database
     /// kill lost the last acknowledged message of a conversation (its seq
     /// then went to the next message). The seq counters need not be: a lost
-    /// counter update is only a hint behind (see `take_version`).
+    /// counter update is only a hint behind (see `take_version`). The rest
+    /// of the URL's write concern (`w`, `wtimeoutMS`) stays: see [`journaled`].
     fn messages(&self) -> Collection<Document> {
         self.db.collection_with_options(
             "messages",
             CollectionOptions::builder()
-                .write_concern(WriteConcern::builder().journal(true).build())
+                .write_concern(self.messages_concern.clone())
                 .build(),
         )
     }
@@ -991,6 +1015,25 @@ pub(crate) mod tests {
             Some(true),
             "an acknowledged message must survive a database kill"
         );
+    }
+
+    #[test]
+    fn messages_keep_the_urls_write_concern_and_add_the_journal() {
+        let majority = WriteConcern::builder()
+            .w(Acknowledgment::Majority)
+            .w_timeout(std::time::Duration::from_secs(2))
+            .build();
+        let concern = journaled(Some(majority)).expect("w=majority is acknowledged");
+        assert_eq!(concern.w, Some(Acknowledgment::Majority));
+        assert_eq!(concern.w_timeout, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(concern.journal, Some(true));
+
+        let plain = journaled(None).expect("the server's default");
+        assert_eq!((plain.w, plain.journal), (None, Some(true)));
+
+        let unacknowledged = WriteConcern::builder().w(Acknowledgment::Nodes(0)).build();
+        let refused = journaled(Some(unacknowledged)).expect_err("w=0 cannot acknowledge");
+        assert!(refused.to_string().contains("w=0"), "{refused}");
     }
 
     #[tokio::test]
