@@ -21,25 +21,29 @@
 # run's JSON, default acked_per_sec) say otherwise, e.g.
 #   AB_ARGS="chat --connections 2000 --group-min 2 --group-max 2 --rate 1000 --duration 10s" \
 #   AB_METRIC=latency_ms.p99 scripts/bench.sh --ab main WORKTREE 6
+# AB_SPAWN=distributed runs each side's gateway and chat-svc instead of its
+# all-in-one (NATS and SecantusDB as in the distributed cases below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# build_rev REV DIR: release bench + all-in-one binaries of REV into DIR.
+# build_rev REV DIR: release bench, all-in-one, gateway and chat-svc binaries
+# of REV into DIR. A revision is built in a worktree into this checkout's own
+# target directory: the dependencies are built once for both sides.
+AB_PACKAGES=(-p bench -p quckchat -p quckchat-gateway -p quckchat-chat)
+AB_BINARIES=(bench quckchat gateway chat-svc)
 build_rev() {
-  local rev=$1 dir=$2
+  local rev=$1 dir=$2 src
   mkdir -p "$dir"
   if [[ $rev == WORKTREE ]]; then
-    cargo build --release -p bench -p quckchat >&2
-    cp target/release/bench target/release/quckchat "$dir/"
-    return
+    cargo build --release "${AB_PACKAGES[@]}" >&2
+  else
+    src=target/ab/src-$(git rev-parse --short "$rev^{commit}")
+    rm -rf "$src"
+    git worktree add --detach --force "$src" "$rev" >&2
+    (cd "$src" && CARGO_TARGET_DIR="$PWD/../../../target" cargo build --release "${AB_PACKAGES[@]}" >&2)
+    git worktree remove --force "$src"
   fi
-  local src
-  src=target/ab/src-$(git rev-parse --short "$rev^{commit}")
-  rm -rf "$src"
-  git worktree add --detach --force "$src" "$rev" >&2
-  (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -p bench -p quckchat >&2)
-  cp target/ab/target/release/bench target/ab/target/release/quckchat "$dir/"
-  git worktree remove --force "$src"
+  for bin in "${AB_BINARIES[@]}"; do cp "target/release/$bin" "$dir/"; done
 }
 
 if [[ ${1:-} == --ab ]]; then
@@ -56,8 +60,8 @@ if [[ ${1:-} == --ab ]]; then
   for ((i = 1; i <= runs; i++)); do
     for side in a b; do
       json=target/ab/run-$side-$i.json
-      timeout "${RUN_TIMEOUT:-300}" "target/ab/bin-$side/bench" "${args[@]}" --spawn allinone \
-        --case ab --json "$json" >/dev/null
+      timeout "${RUN_TIMEOUT:-300}" "target/ab/bin-$side/bench" "${args[@]}" \
+        --spawn "${AB_SPAWN:-allinone}" --case ab --json "$json" >/dev/null
       value=$(python3 -c 'import json, sys
 v = json.load(open(sys.argv[1]))
 for key in sys.argv[2].split("."):
