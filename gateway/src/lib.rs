@@ -37,6 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use base64::Engine as _;
+use futures::FutureExt as _;
 use prost::Message as _;
 use quckchat_proto::bus::{
     connection_lifecycle, ConnectionAudit, ConnectionLifecycle, NodeHeartbeat,
@@ -349,11 +350,11 @@ async fn upgrade(
             // The socket lives in a task of its own, so the task that did the
             // upgrade ends now instead of carrying its state (hyper's upgrade,
             // axum's closure) for the socket's life.
-            tracker.spawn(async move {
-                socket::run(socket, shared, peer).await;
-                // The socket's places in the admission counts end with it.
-                drop(ticket);
-            });
+            // The socket's places in the admission counts end with it. (A
+            // combinator, not an `async` block: awaiting the socket's future
+            // from a block would hold it twice, once captured, once awaited.)
+            let task = socket::run(socket, shared, peer).map(move |()| drop(ticket));
+            tracker.spawn(task);
             std::future::ready(())
         })
 }

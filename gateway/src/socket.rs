@@ -10,6 +10,8 @@
 //! tested without a network.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use futures::stream::FuturesUnordered;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use quckchat_proto::bus::{command_reply, direct_event, ClientCommand, CommandReply};
 use serde_json::value::RawValue;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, InFrame, Vsn};
@@ -46,6 +48,10 @@ pub mod close_code {
 
 /// How long a server-initiated close waits for the client's close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// Most queued deliveries written after the one that woke the socket before
+/// it flushes.
+const DELIVERY_BATCH: usize = 64;
 
 /// The close a read error calls for. The socket sees tungstenite's errors
 /// wrapped by axum, which keeps their text: a message over the size limit
@@ -117,10 +123,13 @@ struct Completion {
 /// Why the loop ended, for the close frame.
 struct Close(u16, &'static str);
 
-pub async fn run<S, E>(ws: S, shared: Arc<Shared>, peer: Peer)
+/// The socket's task: serves `ws` until it closes. Built before it is
+/// awaited, so the future holds the socket's state once (an `async fn`'s
+/// future keeps its arguments beside what is made of them: `ws` twice).
+pub fn run<S, E>(ws: S, shared: Arc<Shared>, peer: Peer) -> impl Future<Output = ()> + Send
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
-    E: std::fmt::Display,
+    E: std::fmt::Display + Send,
 {
     let (tx, rx) = queue::bounded(shared.config.socket.outbound_queue);
     let mut socket = Socket {
@@ -136,7 +145,8 @@ where
         control: ControlBudget::new(shared.config.socket.control_rate_per_sec, Instant::now()),
         user_sub_id: shared.hub.next_sub_id(),
     };
-    socket.serve(rx).await;
+    // Moved in once (`serve` by value would keep a second copy).
+    async move { socket.serve(rx).await }
 }
 
 struct Socket<S> {
@@ -167,8 +177,18 @@ where
         }
     }
 
+    /// The socket's life: opened, its event loop, closed. Opening and
+    /// closing run boxed, so their futures are not carried inline through
+    /// the socket's life (only the event loop's are).
     async fn serve(&mut self, rx: queue::Receiver<Delivery>) {
         metrics::gauge!("quckchat_gateway_connections").increment(1.0);
+        Box::pin(self.open()).await;
+        let close = self.event_loop(&rx).await;
+        Box::pin(self.close(close)).await;
+    }
+
+    /// Announces the socket (presence) and subscribes its user subject.
+    async fn open(&mut self) {
         self.shared.opened(&self.peer).await;
         let user_subject = self.shared.subjects.user(&self.peer.user_id);
         if let Err(err) = self
@@ -184,7 +204,11 @@ where
         {
             tracing::warn!(conn_id = %self.peer.conn_id, %err, "user subscription failed");
         }
-        let close = self.event_loop(&rx).await;
+    }
+
+    /// Ends the socket: the close frame and handshake `close` calls for,
+    /// then its channels, user subject and presence.
+    async fn close(&mut self, close: Option<Close>) {
         let limit = self.shared.config.socket.write_timeout;
         let _ = tokio::time::timeout(limit, async {
             if let Some(Close(code, reason)) = close {
@@ -213,6 +237,7 @@ where
         for topic in topics {
             self.drop_channel(&topic);
         }
+        let user_subject = self.shared.subjects.user(&self.peer.user_id);
         self.shared.hub.unsubscribe(&user_subject, self.user_sub_id);
         self.shared.closed(&self.peer).await;
         metrics::gauge!("quckchat_gateway_connections").decrement(1.0);
@@ -223,10 +248,8 @@ where
         let idle = sleep_until(Instant::now() + idle_timeout);
         tokio::pin!(idle);
         let shutdown = self.shared.shutdown.clone();
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let drain = sleep_until(far);
-        tokio::pin!(drain);
-        let mut draining = false;
+        // Set once the server drains (boxed: most sockets never need it).
+        let mut drain: Option<Pin<Box<Sleep>>> = None;
         // The socket's close time came with pushes in flight: it reads
         // nothing more and closes once they are answered (their messages may
         // be stored: the client must get the ack), or at the end of the
@@ -238,20 +261,28 @@ where
             tokio::select! {
                 biased;
                 () = self.slow.cancelled() => return Some(Close(close_code::TRY_AGAIN_LATER, "slow consumer")),
-                () = shutdown.cancelled(), if !draining => {
+                () = shutdown.cancelled(), if drain.is_none() => {
                     // Spread reconnects over the drain window.
-                    draining = true;
                     drain_started = Instant::now();
                     let window = self.shared.config.server.drain.mul_f64(0.8);
-                    drain.as_mut().reset(drain_started + window.mul_f64(rand::random::<f64>()));
+                    drain = Some(Box::pin(sleep_until(
+                        drain_started + window.mul_f64(rand::random::<f64>()),
+                    )));
                 }
-                () = &mut drain, if draining => {
+                () = async {
+                    match drain.as_mut() {
+                        Some(timer) => timer.await,
+                        None => std::future::pending().await,
+                    }
+                }, if drain.is_some() => {
                     if closing || self.inflight.is_empty() {
                         return restart();
                     }
                     closing = true;
                     let last = drain_started + self.shared.config.server.drain.mul_f64(0.95);
-                    drain.as_mut().reset(last.max(Instant::now()));
+                    if let Some(timer) = drain.as_mut() {
+                        timer.as_mut().reset(last.max(Instant::now()));
+                    }
                 }
                 () = &mut idle, if !closing => return Some(Close(close_code::NORMAL, "idle timeout")),
                 incoming = self.ws.next(), if !closing => {
@@ -261,30 +292,21 @@ where
                         None => return None,
                     };
                     idle.as_mut().reset(Instant::now() + idle_timeout);
-                    match self.on_message(msg).await {
+                    // The handlers run boxed: their futures (a join's, a
+                    // reply's write) would otherwise sit inline in every
+                    // socket's task, idle or not (docs: bench/ANALYSIS.md).
+                    match Box::pin(self.on_message(msg)).await {
                         Ok(()) => {}
                         Err(close) => return close,
                     }
                 }
                 Some(delivery) = rx.recv() => {
-                    if self.on_delivery(delivery).await.is_err() {
-                        return None;
-                    }
-                    // Write what else is queued, then flush once.
-                    let mut batch = 0;
-                    while batch < 64 {
-                        let Some(delivery) = rx.try_recv() else { break };
-                        if self.on_delivery(delivery).await.is_err() {
-                            return None;
-                        }
-                        batch += 1;
-                    }
-                    if self.flush().await.is_err() {
+                    if Box::pin(self.on_deliveries(delivery, rx)).await.is_err() {
                         return None;
                     }
                 }
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if self.on_completion(done).await.is_err() {
+                    if Box::pin(self.on_completion(done)).await.is_err() {
                         return None;
                     }
                     if closing && self.inflight.is_empty() {
@@ -779,10 +801,28 @@ where
         Ok(true)
     }
 
+    /// Writes `first` and what else is queued (up to a batch), then flushes
+    /// once.
+    async fn on_deliveries(
+        &mut self,
+        first: Delivery,
+        rx: &queue::Receiver<Delivery>,
+    ) -> Result<(), ()> {
+        self.on_delivery(first).await?;
+        for _ in 0..DELIVERY_BATCH {
+            let Some(delivery) = rx.try_recv() else { break };
+            self.on_delivery(delivery).await?;
+        }
+        self.flush().await
+    }
+
     /// Writes one fan-out delivery (fed, not flushed).
     async fn on_delivery(&mut self, d: Delivery) -> Result<(), ()> {
-        let topic = match &*d.item {
-            Item::Broadcast(b) => b.topic.clone(),
+        // The item is shared with the topic's other sockets: borrow the
+        // topic from it rather than copy it for every delivery.
+        let item = d.item.clone();
+        let topic = match &*item {
+            Item::Broadcast(b) => b.topic.as_str(),
             // Meant for another connection of this user.
             Item::Direct(ev)
                 if (!ev.conn_id.is_empty() && ev.conn_id != self.peer.conn_id)
@@ -790,13 +830,13 @@ where
             {
                 return Ok(());
             }
-            Item::Direct(ev) => ev.topic.clone(),
+            Item::Direct(ev) => ev.topic.as_str(),
             Item::SubscriptionLost { topic } => match topic {
-                Some(t) => t.clone(),
+                Some(t) => t.as_str(),
                 None => return self.on_subscription_lost(d.sub_id).await,
             },
         };
-        let Some(channel) = self.channels.get_mut(&topic) else {
+        let Some(channel) = self.channels.get_mut(topic) else {
             return Ok(());
         };
         let direct = matches!(&*d.item, Item::Direct(_));
@@ -820,8 +860,7 @@ where
             channel.close_pending = true;
             return Ok(());
         }
-        let join_ref = channel.join_ref.clone();
-        match &*d.item {
+        match &*item {
             Item::Broadcast(b) => {
                 let text = b.frame(self.peer.vsn);
                 self.feed(text).await
@@ -833,17 +872,18 @@ where
                         .unwrap_or_else(|| "{}".into());
                     let text = frame::encode(
                         self.peer.vsn,
-                        join_ref.as_deref(),
+                        channel.join_ref.as_deref(),
                         None,
-                        &topic,
+                        topic,
                         &p.event,
                         &payload,
                     );
                     self.feed(text.into()).await
                 }
                 Some(direct_event::Kind::Close(_)) => {
-                    self.abandon(&topic).await?;
-                    self.send_close(join_ref.as_deref(), &topic).await
+                    let join_ref = channel.join_ref.clone();
+                    self.abandon(topic).await?;
+                    self.send_close(join_ref.as_deref(), topic).await
                 }
                 None => Ok(()),
             },
