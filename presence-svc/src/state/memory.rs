@@ -1,6 +1,6 @@
 //! In-process presence state for the all-in-one server.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -20,8 +20,9 @@ pub struct MemoryState {
 
 #[derive(Default)]
 struct Inner {
-    /// user → device → meta
-    devices: HashMap<String, BTreeMap<String, DeviceMeta>>,
+    /// user → its devices' metas, ordered by device id (a vector: most
+    /// users have one or two, and a map's smallest node holds eleven)
+    devices: HashMap<String, Vec<DeviceMeta>>,
     /// (user, device) → open connection ids
     conns: HashMap<(String, String), HashSet<String>>,
     /// node → its connections
@@ -47,6 +48,11 @@ impl MemoryState {
     }
 }
 
+/// Where `device` is (or would go) among a user's devices.
+fn find(devices: &[DeviceMeta], device: &str) -> Result<usize, usize> {
+    devices.binary_search_by(|m| m.device_id.as_str().cmp(device))
+}
+
 impl Inner {
     fn close(&mut self, node: &str, user: &str, device: &str, conn: &str, now: i64, leave_at: i64) {
         self.closed.insert(conn.to_owned(), now);
@@ -66,7 +72,7 @@ impl Inner {
             let has_device = self
                 .devices
                 .get(user)
-                .is_some_and(|d| d.contains_key(device));
+                .is_some_and(|d| find(d, device).is_ok());
             if has_device {
                 let due = self.pending.entry(key).or_insert(leave_at);
                 *due = (*due).min(leave_at);
@@ -104,7 +110,7 @@ impl PresenceState for MemoryState {
         s.pending.remove(&key);
         if s.devices
             .get(&c.user_id)
-            .is_some_and(|d| d.contains_key(&c.device_id))
+            .is_some_and(|d| find(d, &c.device_id).is_ok())
         {
             return Ok(Joined::Nothing);
         }
@@ -121,7 +127,8 @@ impl PresenceState for MemoryState {
             online_at_ms: now_ms,
             hidden,
         };
-        devices.insert(c.device_id.clone(), meta.clone());
+        let at = find(devices, &c.device_id).unwrap_or_else(|at| at);
+        devices.insert(at, meta.clone());
         Ok(Joined::Device {
             meta,
             user_came_online,
@@ -207,9 +214,10 @@ impl PresenceState for MemoryState {
             let Some(devices) = s.devices.get_mut(&user) else {
                 continue;
             };
-            let Some(meta) = devices.remove(&device) else {
+            let Ok(at) = find(devices, &device) else {
                 continue;
             };
+            let meta = devices.remove(at);
             let user_went_offline = devices.is_empty();
             if !meta.hidden {
                 if let Some(n) = s.shown.get_mut(&user) {
@@ -239,7 +247,7 @@ impl PresenceState for MemoryState {
                 devices: s
                     .devices
                     .get(u)
-                    .map(|d| capped(d.values().cloned().collect()))
+                    .map(|d| capped(d.clone()))
                     .unwrap_or_default(),
                 last_seen_ms: s.last_seen.get(u).copied(),
             })
