@@ -153,7 +153,9 @@ struct Socket<S> {
     shared: Arc<Shared>,
     peer: Peer,
     ws: S,
-    channels: HashMap<String, Channel>,
+    /// Joined (and joining) topics. Boxed: a map's first allocation holds
+    /// four entries, and most sockets have one or two channels.
+    channels: HashMap<String, Box<Channel>>,
     tx: queue::Sender<Delivery>,
     slow: CancellationToken,
     inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
@@ -571,7 +573,7 @@ where
         let sub_id = self.shared.hub.next_sub_id();
         self.channels.insert(
             f.topic.clone(),
-            Channel {
+            Box::new(Channel {
                 join_ref: f.join_ref.clone(),
                 sub_id,
                 route,
@@ -580,7 +582,7 @@ where
                 queue: VecDeque::new(),
                 busy: true,
                 close_pending: false,
-            },
+            }),
         );
         let shared = self.shared.clone();
         // Registered now, so leaving or rejoining before the join completes
@@ -940,7 +942,7 @@ where
 
     /// Forgets a channel: its hub registration, and tells the service when it
     /// wants to know.
-    fn drop_channel(&mut self, topic: &str) -> Option<Channel> {
+    fn drop_channel(&mut self, topic: &str) -> Option<Box<Channel>> {
         let channel = self.channels.remove(topic)?;
         self.shared
             .hub
