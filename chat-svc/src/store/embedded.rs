@@ -98,6 +98,23 @@ fn checkpoint(conn: &Connection, mode: &str) -> Option<(i64, i64)> {
     }
 }
 
+/// How long the writer waits for a lock (rusqlite's default).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// On the writer thread, between batches (every caller so far has its
+/// answer): the checkpointer copied most of the WAL a moment ago; copy the
+/// rest (what was committed since) and start the WAL over. It waits for no
+/// lock: if the checkpointer is copying, or a reader outside this process
+/// holds the WAL, it copies what it can and the WAL starts over after a
+/// later flag (reads of this store run on this thread, so none of them).
+fn restart_wal(conn: &Connection) {
+    let _ = conn.busy_timeout(std::time::Duration::ZERO);
+    checkpoint(conn, "RESTART");
+    if let Err(err) = conn.busy_timeout(BUSY_TIMEOUT) {
+        tracing::warn!(%err, "SQLite busy timeout not restored");
+    }
+}
+
 /// Copies the WAL into the database every [`CHECKPOINT_EVERY`] without
 /// blocking the writer (`PASSIVE`), and sets `restart_due` when the WAL has
 /// grown past `restart_frames`; when the writer thread ends, once more,
@@ -145,11 +162,7 @@ fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Work>>, restart
             }
         }
         if restart_due.swap(false, Ordering::Relaxed) {
-            // Between batches (every caller so far has its answer): the
-            // checkpointer copied most of the WAL a moment ago; copy the rest
-            // (what was committed since) and start the WAL over. No reader
-            // holds it (reads run on this thread): this waits only for the copy.
-            checkpoint(&conn, "RESTART");
+            restart_wal(&conn);
         }
     }
 }
@@ -869,6 +882,35 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_outside_the_process_does_not_stall_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), 64).unwrap();
+        store.upsert_conversation("c", &["a".into()]).await.unwrap();
+        // Another process (a backup, the sqlite3 shell) holds a snapshot of
+        // the WAL: the restart cannot start it over, and must not wait.
+        let reader = Connection::open(dir.path().join("quckchat.db")).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        let until = std::time::Instant::now() + CHECKPOINT_EVERY * 3;
+        let mut slowest = std::time::Duration::ZERO;
+        let mut i = 0;
+        while std::time::Instant::now() < until {
+            let new = super::super::conformance::text("c", "a", &format!("m{i}"), None);
+            let started = std::time::Instant::now();
+            store.append_message(new).await.unwrap();
+            slowest = slowest.max(started.elapsed());
+            i += 1;
+        }
+        assert!(
+            slowest < std::time::Duration::from_secs(1),
+            "an append waited {slowest:?} behind the WAL restart"
+        );
+        reader.execute_batch("COMMIT").unwrap();
     }
 
     #[tokio::test]
