@@ -225,15 +225,54 @@ fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// How long [`EmbeddedStore::open`] waits for another store on the same
+/// directory to close (a process still draining while its successor starts).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes `dir/quckchat.lock`: one store per directory. Two would each order
+/// their own sends and checkpoint the same WAL. The lock ends with the file
+/// (the checkpointer thread holds it), or with the process, however it ends.
+fn lock_dir(dir: &Path, wait: std::time::Duration) -> Result<std::fs::File, StoreError> {
+    let path = dir.join("quckchat.lock");
+    let failed = |e: &dyn std::fmt::Display| unavailable(format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| failed(&e))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(failed(&format!(
+                    "held by another QuckChat store for {wait:?} (one all-in-one or chat-svc per DATA_DIR)"
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(failed(&e)),
+        }
+    }
+}
+
 impl EmbeddedStore {
-    /// Opens (creating) `dir/quckchat.db`.
+    /// Opens (creating) `dir/quckchat.db`, waiting up to [`LOCK_WAIT`] for
+    /// another store on `dir` to close.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, WAL_RESTART_FRAMES)
+        Self::open_with(dir, WAL_RESTART_FRAMES, LOCK_WAIT)
     }
 
     /// [`Self::open`], starting the WAL over past `restart_frames`.
-    fn open_with(dir: &Path, restart_frames: i64) -> Result<Self, StoreError> {
+    fn open_with(
+        dir: &Path,
+        restart_frames: i64,
+        lock_wait: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+        let lock = lock_dir(dir, lock_wait)?;
         let path = dir.join("quckchat.db");
         let conn =
             Connection::open(&path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
@@ -249,7 +288,11 @@ impl EmbeddedStore {
         let due = restart_due.clone();
         std::thread::Builder::new()
             .name("quckchat-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpointer, &stopped, restart_frames, &due))
+            .spawn(move || {
+                checkpoint_loop(&checkpointer, &stopped, restart_frames, &due);
+                // The checkpointer ends last: the directory is free.
+                drop(lock);
+            })
             .map_err(|e| unavailable(format!("checkpoint thread: {e}")))?;
         conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
             .map_err(unavailable)?;
@@ -837,7 +880,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("quckchat.db");
         let wal = dir.path().join("quckchat.db-wal");
-        let store = EmbeddedStore::open_with(dir.path(), 64).unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), 64, LOCK_WAIT).unwrap();
         store.upsert_conversation("c", &["a".into()]).await.unwrap();
         let before = wal_restarts(&wal);
         // Sixteen senders keep the writer busy for three checkpoint periods:
@@ -887,7 +930,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_outside_the_process_does_not_stall_the_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open_with(dir.path(), 64).unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), 64, LOCK_WAIT).unwrap();
         store.upsert_conversation("c", &["a".into()]).await.unwrap();
         // Another process (a backup, the sqlite3 shell) holds a snapshot of
         // the WAL: the restart cannot start it over, and must not wait.
@@ -911,6 +954,31 @@ mod tests {
             "an append waited {slowest:?} behind the WAL restart"
         );
         reader.execute_batch("COMMIT").unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_store_per_directory_the_next_opens_once_the_first_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = EmbeddedStore::open(dir.path()).unwrap();
+        first.upsert_conversation("c", &["a".into()]).await.unwrap();
+        let wait = std::time::Duration::from_millis(300);
+        let refused = EmbeddedStore::open_with(dir.path(), WAL_RESTART_FRAMES, wait)
+            .err()
+            .expect("a second store on the same directory");
+        assert!(
+            refused.to_string().contains("per DATA_DIR"),
+            "the error says why: {refused}"
+        );
+        // The first one closes while the next waits for it.
+        let path = dir.path().to_owned();
+        let next = std::thread::spawn(move || EmbeddedStore::open(&path));
+        tokio::time::sleep(wait).await;
+        drop(first);
+        let next = next.join().unwrap().expect("opened once the first closed");
+        assert_eq!(
+            next.conversation("c").await.unwrap().unwrap().member_ids,
+            vec!["a"]
+        );
     }
 
     #[tokio::test]
