@@ -18,6 +18,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -77,7 +78,7 @@ where
 }
 
 /// How often the checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// WAL frames (a page each, ~4 KiB) past which the writer starts the WAL
 /// over (~64 MiB). Under a sustained load of small commits the WAL grew by
@@ -99,7 +100,7 @@ fn checkpoint(conn: &Connection, mode: &str) -> Option<(i64, i64)> {
 }
 
 /// How long the writer waits for a lock (rusqlite's default).
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// On the writer thread, between batches (every caller so far has its
 /// answer): the checkpointer copied most of the WAL a moment ago; copy the
@@ -108,7 +109,7 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// holds the WAL, it copies what it can and the WAL starts over after a
 /// later flag (reads of this store run on this thread, so none of them).
 fn restart_wal(conn: &Connection) {
-    let _ = conn.busy_timeout(std::time::Duration::ZERO);
+    let _ = conn.busy_timeout(Duration::ZERO);
     checkpoint(conn, "RESTART");
     if let Err(err) = conn.busy_timeout(BUSY_TIMEOUT) {
         tracing::warn!(%err, "SQLite busy timeout not restored");
@@ -227,12 +228,12 @@ fn to_u64(n: i64) -> u64 {
 
 /// How long [`EmbeddedStore::open`] waits for another store on the same
 /// directory to close (a process still draining while its successor starts).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Takes `dir/quckchat.lock`: one store per directory. Two would each order
 /// their own sends and checkpoint the same WAL. The lock ends with the file
 /// (the checkpointer thread holds it), or with the process, however it ends.
-fn lock_dir(dir: &Path, wait: std::time::Duration) -> Result<std::fs::File, StoreError> {
+fn lock_dir(dir: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
     let path = dir.join("quckchat.lock");
     let failed = |e: &dyn std::fmt::Display| unavailable(format!("{}: {e}", path.display()));
     let file = std::fs::OpenOptions::new()
@@ -241,12 +242,12 @@ fn lock_dir(dir: &Path, wait: std::time::Duration) -> Result<std::fs::File, Stor
         .write(true)
         .open(&path)
         .map_err(|e| failed(&e))?;
-    let deadline = std::time::Instant::now() + wait;
+    let deadline = Instant::now() + wait;
     loop {
         match file.try_lock() {
             Ok(()) => return Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(100));
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
             }
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(failed(&format!(
@@ -266,11 +267,7 @@ impl EmbeddedStore {
     }
 
     /// [`Self::open`], starting the WAL over past `restart_frames`.
-    fn open_with(
-        dir: &Path,
-        restart_frames: i64,
-        lock_wait: std::time::Duration,
-    ) -> Result<Self, StoreError> {
+    fn open_with(dir: &Path, restart_frames: i64, lock_wait: Duration) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
         let lock = lock_dir(dir, lock_wait)?;
         let path = dir.join("quckchat.db");
@@ -885,13 +882,13 @@ mod tests {
         let before = wal_restarts(&wal);
         // Sixteen senders keep the writer busy for three checkpoint periods:
         // the checkpointer's copies never catch up with it by themselves.
-        let until = std::time::Instant::now() + CHECKPOINT_EVERY * 3;
+        let until = Instant::now() + CHECKPOINT_EVERY * 3;
         let mut senders = tokio::task::JoinSet::new();
         for s in 0..16 {
             let store = store.clone();
             senders.spawn(async move {
                 let mut sent = 0;
-                while std::time::Instant::now() < until {
+                while Instant::now() < until {
                     let text = format!("s{s}-{sent}");
                     let new = super::super::conformance::text("c", "a", &text, None);
                     store.append_message(new).await.unwrap();
@@ -912,18 +909,15 @@ mod tests {
             sent as u64
         );
         drop(store);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let n: Result<i64, _> = Connection::open(&db)
                 .and_then(|c| c.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0)));
             if n.as_ref().is_ok_and(|n| *n == sent) {
                 break;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{n:?} messages of {sent}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(Instant::now() < deadline, "{n:?} messages of {sent}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -939,18 +933,18 @@ mod tests {
         let _: i64 = reader
             .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
             .unwrap();
-        let until = std::time::Instant::now() + CHECKPOINT_EVERY * 3;
-        let mut slowest = std::time::Duration::ZERO;
+        let until = Instant::now() + CHECKPOINT_EVERY * 3;
+        let mut slowest = Duration::ZERO;
         let mut i = 0;
-        while std::time::Instant::now() < until {
+        while Instant::now() < until {
             let new = super::super::conformance::text("c", "a", &format!("m{i}"), None);
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             store.append_message(new).await.unwrap();
             slowest = slowest.max(started.elapsed());
             i += 1;
         }
         assert!(
-            slowest < std::time::Duration::from_secs(1),
+            slowest < Duration::from_secs(1),
             "an append waited {slowest:?} behind the WAL restart"
         );
         reader.execute_batch("COMMIT").unwrap();
@@ -961,7 +955,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = EmbeddedStore::open(dir.path()).unwrap();
         first.upsert_conversation("c", &["a".into()]).await.unwrap();
-        let wait = std::time::Duration::from_millis(300);
+        let wait = Duration::from_millis(300);
         let refused = EmbeddedStore::open_with(dir.path(), WAL_RESTART_FRAMES, wait)
             .err()
             .expect("a second store on the same directory");
@@ -993,7 +987,7 @@ mod tests {
             store.append_message(new).await.unwrap();
         }
         // Commits never checkpoint; the checkpointer catches up within its period.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             tokio::time::sleep(CHECKPOINT_EVERY).await;
             let (frames, copied) = wal_frames(&db);
@@ -1001,19 +995,19 @@ mod tests {
                 break;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "WAL not checkpointed: {frames} frames, {copied} copied"
             );
         }
         drop(store);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         // Emptied, or removed once the last connection closed.
         while std::fs::metadata(&wal).map_or(0, |m| m.len()) > 0 {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "WAL not emptied after the last handle went"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let conn = Connection::open(&db).unwrap();
         let n: i64 = conn
