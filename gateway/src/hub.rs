@@ -4,8 +4,8 @@
 //! The first socket to join a topic subscribes to `<prefix>.topic.<kind>.<id>`;
 //! later ones only register; the last to leave drops the subscription. Each
 //! event is decoded and encoded once, then the same bytes are queued to every
-//! local subscriber. A subscriber whose queue is full is a slow consumer: it
-//! is cancelled (its socket closes with 1013 and the client reconnects and
+//! local subscriber. A subscriber whose queue is full is a slow consumer: its
+//! queue is cut off (its socket closes with 1013 and the client reconnects and
 //! catches up with `lastSeq`) rather than slowing everyone else down.
 
 use std::collections::HashMap;
@@ -18,7 +18,6 @@ use quckchat_proto::bus::{DirectEvent, MissedEvents, MissedRequest, TopicEvent};
 use quckchat_runtime::bus::{Bus, BusError, BusMessage, Subjects, Subscription};
 use quckchat_runtime::queue;
 use serde_json::value::RawValue;
-use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, Vsn};
 
@@ -35,9 +34,9 @@ pub enum SubjectKind {
 #[derive(Clone)]
 pub struct Subscriber {
     pub user_id: Arc<str>,
+    /// The socket's queue; cut off ([`queue::Sender::overflow`]) when the
+    /// socket falls behind.
     pub tx: queue::Sender<Delivery>,
-    /// Cancelled when the socket falls behind.
-    pub slow: CancellationToken,
 }
 
 /// One item queued to one socket.
@@ -470,12 +469,11 @@ fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
         }) {
             Ok(()) => delivered += 1,
             Err(queue::TrySendError::Full(_)) => {
-                // Counted once per socket closed (its later overflows too
-                // find the token cancelled).
-                if !s.slow.is_cancelled() {
+                // Counted once per socket closed: later sends to it fail
+                // as closed.
+                if s.tx.overflow() {
                     metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
                 }
-                s.slow.cancel();
             }
             Err(queue::TrySendError::Closed(_)) => {}
         }

@@ -22,7 +22,6 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use quckchat_proto::bus::{command_reply, direct_event, ClientCommand, CommandReply};
 use serde_json::value::RawValue;
 use tokio::time::{sleep_until, Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, InFrame, Vsn};
 use crate::hub::{json_payload, Delivery, Item, SubjectKind, Subscriber};
@@ -138,7 +137,6 @@ where
         ws,
         channels: HashMap::new(),
         tx,
-        slow: CancellationToken::new(),
         inflight: FuturesUnordered::new(),
         strikes: Strikes::new(shared.config.socket.malformed_limit, Instant::now()),
         budget: PushBudget::new(shared.config.socket.rate_per_sec, Instant::now()),
@@ -156,8 +154,9 @@ struct Socket<S> {
     /// Joined (and joining) topics. Boxed: a map's first allocation holds
     /// four entries, and most sockets have one or two channels.
     channels: HashMap<String, Box<Channel>>,
+    /// The sending end of the socket's queue, handed to its subscriptions;
+    /// cut off ([`queue::Sender::overflow`]) when the socket falls behind.
     tx: queue::Sender<Delivery>,
-    slow: CancellationToken,
     inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
     strikes: Strikes,
     budget: PushBudget,
@@ -175,7 +174,6 @@ where
         Subscriber {
             user_id: self.peer.user_id.clone(),
             tx: self.tx.clone(),
-            slow: self.slow.clone(),
         }
     }
 
@@ -249,7 +247,10 @@ where
         let idle_timeout = self.shared.config.socket.idle_timeout;
         let idle = sleep_until(Instant::now() + idle_timeout);
         tokio::pin!(idle);
-        let shutdown = self.shared.shutdown.clone();
+        // Waited on for the socket's life, not made again at every wake-up
+        // (each would register with the token shared by every socket).
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         // Set once the server drains (boxed: most sockets never need it).
         let mut drain: Option<Pin<Box<Sleep>>> = None;
         // The socket's close time came with pushes in flight: it reads
@@ -259,11 +260,16 @@ where
         let mut closing = false;
         let mut drain_started = Instant::now();
         let restart = || Some(Close(close_code::RESTART, "server restart"));
+        let slow = || Some(Close(close_code::TRY_AGAIN_LATER, "slow consumer"));
         loop {
+            // The socket fell behind (its queue was full, or a joining
+            // channel held too much): cut off before anything else is done.
+            if rx.overflowed() {
+                return slow();
+            }
             tokio::select! {
                 biased;
-                () = self.slow.cancelled() => return Some(Close(close_code::TRY_AGAIN_LATER, "slow consumer")),
-                () = shutdown.cancelled(), if drain.is_none() => {
+                () = &mut shutdown, if drain.is_none() => {
                     // Spread reconnects over the drain window.
                     drain_started = Instant::now();
                     let window = self.shared.config.server.drain.mul_f64(0.8);
@@ -302,7 +308,10 @@ where
                         Err(close) => return close,
                     }
                 }
-                Some(delivery) = rx.recv() => {
+                next = rx.recv() => {
+                    // The socket holds a sender of its queue: the queue ends
+                    // only when cut off.
+                    let Some(delivery) = next else { return slow() };
                     if Box::pin(self.on_deliveries(delivery, rx)).await.is_err() {
                         return None;
                     }
@@ -847,10 +856,9 @@ where
         }
         if !channel.joined {
             if channel.held.len() >= self.shared.config.socket.outbound_queue {
-                if !self.slow.is_cancelled() {
+                if self.tx.overflow() {
                     metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
                 }
-                self.slow.cancel();
             } else {
                 channel.held.push(d);
             }

@@ -121,7 +121,8 @@ fn config_from_env(vars: &[(&'static str, &'static str)]) -> GatewayConfig {
     cfg
 }
 
-/// A scripted chat service: joins by anyone but "mallory"; `echo` replies
+/// A scripted chat service: joins by anyone but "mallory" (a join of
+/// `chat:held` is answered once the test calls `release.notify_one()`); `echo` replies
 /// with the payload; `slow` replies after 200 ms; `hold` replies once the
 /// test calls `release.notify_one()`; `never` is never answered; `shout`
 /// broadcasts the payload to the topic as `shouted`; `close` closes the
@@ -152,6 +153,10 @@ async fn fixture_with(config: GatewayConfig) -> Fixture {
                     "hold" => {
                         release.notified().await;
                         (true, r#"{"held":true}"#.to_owned())
+                    }
+                    "phx_join" if cmd.topic == "chat:held" => {
+                        release.notified().await;
+                        (true, r#"{"joined":true}"#.to_owned())
                     }
                     "phx_join" => (
                         cmd.user_id != "mallory",
@@ -790,6 +795,27 @@ async fn outbound_queue_overflow_alone_closes_a_slow_consumer_with_1013() {
     );
     assert!(frames.iter().all(|f| f[3] == "tick"));
     assert!(!watcher.task.is_finished(), "alice keeps her socket");
+}
+
+#[tokio::test]
+async fn deliveries_held_past_the_queue_bound_during_a_join_close_with_1013() {
+    let cfg = config_from_env(&[("SOCKET_OUTBOUND_QUEUE", "8")]);
+    let f = fixture_with(cfg).await;
+    let mut bob = connect(&f, "bob", 1024);
+    // The join goes unanswered: the channel's deliveries are held for the
+    // reply, up to the queue's bound.
+    bob.send(json!(["1", "1", "chat:held", "phx_join", {}]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Spaced so that each leaves the queue before the next: only what the
+    // channel holds can pass the bound.
+    for n in 0..20 {
+        broadcast(&f, "chat:held", "tick", json!({ "n": n })).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (frames, code) = bob.frames_until_close(PROMPTLY).await;
+    assert_eq!(code, 1013, "closed as a slow consumer (try again later)");
+    assert!(frames.is_empty(), "nothing held was written: {frames:?}");
+    f.release.notify_one();
 }
 
 #[tokio::test]

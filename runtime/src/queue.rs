@@ -10,6 +10,10 @@
 //! pop; it allocates on the first push, and a queue that empties after a
 //! burst gives its buffer back. The consumer's waker is an [`AtomicWaker`]:
 //! waiting allocates nothing.
+//!
+//! A consumer that falls behind can be cut off ([`Sender::overflow`]): its
+//! queue ends at once, so it learns it while waiting for items and needs no
+//! second signal beside the queue.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -31,6 +35,7 @@ pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         waker: AtomicWaker::new(),
         senders: AtomicUsize::new(1),
         receiver_gone: AtomicBool::new(false),
+        overflowed: AtomicBool::new(false),
     });
     (
         Sender {
@@ -46,6 +51,8 @@ struct Shared<T> {
     waker: AtomicWaker,
     senders: AtomicUsize,
     receiver_gone: AtomicBool,
+    /// A sender cut the consumer off ([`Sender::overflow`]).
+    overflowed: AtomicBool,
 }
 
 impl<T> Shared<T> {
@@ -60,7 +67,7 @@ impl<T> Shared<T> {
 pub enum TrySendError<T> {
     /// `capacity` items are waiting: the consumer is behind.
     Full(T),
-    /// The receiver is gone.
+    /// The receiver is gone, or was cut off ([`Sender::overflow`]).
     Closed(T),
 }
 
@@ -93,7 +100,7 @@ impl<T> Sender<T> {
             let mut items = self.shared.items();
             // Under the lock: the receiver marks itself gone, then clears the
             // queue under it, so nothing is left behind after the clear.
-            if self.is_closed() {
+            if self.is_closed() || self.shared.overflowed.load(Ordering::Acquire) {
                 return Err(TrySendError::Closed(item));
             }
             if items.len() >= self.shared.capacity {
@@ -108,6 +115,18 @@ impl<T> Sender<T> {
     /// The receiver is gone: nothing sent will be read.
     pub fn is_closed(&self) -> bool {
         self.shared.receiver_gone.load(Ordering::Acquire)
+    }
+
+    /// Cuts the consumer off because it fell behind: the queue ends for it
+    /// now, queued items unread ([`Receiver::recv`] returns `None`), and
+    /// later sends fail. Whether this call did it (the first of any
+    /// sender's).
+    pub fn overflow(&self) -> bool {
+        if self.shared.overflowed.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.shared.waker.wake();
+        true
     }
 }
 
@@ -134,12 +153,24 @@ impl<T> Receiver<T> {
         item
     }
 
-    /// The next item; `None` once every sender is gone and the queue is empty.
+    /// Whether a sender cut this consumer off ([`Sender::overflow`]).
+    pub fn overflowed(&self) -> bool {
+        self.shared.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The next item; `None` once every sender is gone and the queue is
+    /// empty, or once a sender cut the consumer off.
     pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if self.overflowed() {
+            return Poll::Ready(None);
+        }
         if let Some(item) = self.try_recv() {
             return Poll::Ready(Some(item));
         }
         self.shared.waker.register(cx.waker());
+        if self.overflowed() {
+            return Poll::Ready(None);
+        }
         // Again after registering: a push between the first look and the
         // registration woke nobody.
         if let Some(item) = self.try_recv() {
@@ -153,7 +184,7 @@ impl<T> Receiver<T> {
     }
 
     /// Waits for the next item; `None` once every sender is gone and the
-    /// queue is empty.
+    /// queue is empty, or once a sender cut the consumer off.
     pub async fn recv(&self) -> Option<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
@@ -212,6 +243,38 @@ mod tests {
             tx.try_send(item.clone()),
             Err(TrySendError::Closed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_consumer_cut_off_learns_it_while_waiting_and_later_sends_fail() {
+        let (tx, rx) = bounded(2);
+        tx.try_send('a').unwrap();
+        assert_eq!(rx.recv().await, Some('a'));
+        let waiter = tokio::spawn(async move {
+            let ended = rx.recv().await;
+            (ended, rx.overflowed())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        let other = tx.clone();
+        assert!(other.overflow(), "the first cut");
+        assert!(!tx.overflow(), "already cut off");
+        let (ended, overflowed) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the cut")
+            .unwrap();
+        assert_eq!(ended, None);
+        assert!(overflowed);
+        assert_eq!(tx.try_send('b'), Err(TrySendError::Closed('b')));
+    }
+
+    #[test]
+    fn items_queued_before_the_cut_are_not_read() {
+        let (tx, rx) = bounded(8);
+        tx.try_send(1).unwrap();
+        tx.overflow();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
     }
 
     #[tokio::test]
