@@ -109,9 +109,18 @@ pub struct Hub {
     bus: Arc<dyn Bus>,
     /// Where missed sequenced events are asked for.
     names: Subjects,
-    subjects: Mutex<HashMap<String, Arc<Entry>>>,
+    subjects: Arc<SubjectMap>,
     next_sub_id: AtomicU64,
+    /// On an in-process bus, one subscription to every user's subject
+    /// forwards all of them ([`forward_users`]): a bus subscription and a
+    /// task per connected user would cost ~0.8 KiB each for nothing. On a
+    /// network bus each user subject is subscribed apart, so that a node
+    /// receives only its own users' events.
+    users: Option<tokio::sync::Mutex<Option<AbortOnDrop>>>,
 }
+
+/// The subjects this node has registrations on, by name.
+type SubjectMap = Mutex<HashMap<String, Arc<Entry>>>;
 
 /// How long a topic's deliveries wait for the events it missed.
 pub const GAP_FILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -154,11 +163,13 @@ impl Drop for AbortOnDrop {
 
 impl Hub {
     pub fn new(bus: Arc<dyn Bus>, names: Subjects) -> Self {
+        let users = bus.in_process().then(|| tokio::sync::Mutex::new(None));
         Self {
             bus,
             names,
-            subjects: Mutex::new(HashMap::new()),
+            subjects: Arc::new(Mutex::new(HashMap::new())),
             next_sub_id: AtomicU64::new(1),
+            users,
         }
     }
 
@@ -173,7 +184,7 @@ impl Hub {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
-        self.subjects.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.subjects)
     }
 
     /// Registers `subscriber` on `subject`; returns once the bus delivers
@@ -229,6 +240,13 @@ impl Hub {
     /// on failure the registration is removed.
     pub async fn ready(&self, registration: &Registration) -> Result<(), BusError> {
         let entry = &registration.entry;
+        if let (SubjectKind::Direct, Some(users)) = (entry.kind, &self.users) {
+            let ready = self.users_ready(users).await;
+            if ready.is_err() {
+                self.unsubscribe(&entry.subject, registration.sub_id);
+            }
+            return ready;
+        }
         let ready = entry
             .forwarder
             .get_or_try_init(|| async {
@@ -254,6 +272,23 @@ impl Hub {
                 Err(err)
             }
         }
+    }
+
+    /// Starts the node's subscription to every user subject unless it runs.
+    async fn users_ready(
+        &self,
+        users: &tokio::sync::Mutex<Option<AbortOnDrop>>,
+    ) -> Result<(), BusError> {
+        let mut forwarder = users.lock().await;
+        if forwarder.as_ref().is_some_and(|f| !f.0.is_finished()) {
+            return Ok(());
+        }
+        let sub = self.bus.subscribe(&self.names.all_users(), None).await?;
+        *forwarder = Some(AbortOnDrop::spawn(forward_users(
+            Arc::downgrade(&self.subjects),
+            sub,
+        )));
+        Ok(())
     }
 
     /// A join reply on `subject`'s topic said its sequence stood at
@@ -326,6 +361,44 @@ async fn forward_direct(entry: Weak<Entry>, mut sub: Subscription) {
         }
     }
     subscription_ended(&entry);
+}
+
+/// Moves every user's events from the in-process bus to the user's local
+/// sockets ([`Hub::users`]). It awaits nothing but the bus.
+async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
+    while let Some(msg) = sub.next().await {
+        let Some(subjects) = subjects.upgrade() else {
+            return;
+        };
+        // No entry: none of the user's sockets is here.
+        let entry = lock(&subjects)
+            .get(&msg.subject)
+            .filter(|e| e.kind == SubjectKind::Direct)
+            .cloned();
+        let Some(entry) = entry else { continue };
+        match decode(SubjectKind::Direct, &msg) {
+            Some((item, exclude_user, _)) => {
+                fan_out(&entry, Arc::new(item), exclude_user.as_deref());
+            }
+            None => undecodable(&msg),
+        }
+    }
+    // Every user subject went with it: their sockets learn it, and the next
+    // registration subscribes again.
+    if let Some(subjects) = subjects.upgrade() {
+        let users: Vec<Arc<Entry>> = lock(&subjects)
+            .values()
+            .filter(|e| e.kind == SubjectKind::Direct)
+            .cloned()
+            .collect();
+        for entry in users {
+            subscription_ended(&Arc::downgrade(&entry));
+        }
+    }
+}
+
+fn lock(subjects: &SubjectMap) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+    subjects.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn undecodable(msg: &BusMessage) {

@@ -132,7 +132,10 @@ async fn fixture(socket: SocketConfig) -> Fixture {
 }
 
 async fn fixture_with(config: GatewayConfig) -> Fixture {
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    fixture_on(config, Arc::new(MemoryBus::new())).await
+}
+
+async fn fixture_on(config: GatewayConfig, bus: Arc<dyn Bus>) -> Fixture {
     let release = Arc::new(tokio::sync::Notify::new());
     let service_release = release.clone();
     let subjects = Subjects::new("qc");
@@ -970,9 +973,136 @@ async fn unusable_frames_are_counted_in_the_malformed_frames_metric() {
     assert!(after >= before + 3.0, "{METRIC}: {before} -> {after}");
 }
 
+/// The in-process bus, with the subscriptions made on it recorded, passing
+/// itself off as a network bus (the gateway then subscribes each user apart)
+/// or not.
+struct RecordingBus {
+    inner: MemoryBus,
+    in_process: bool,
+    subscribed: std::sync::Mutex<Vec<String>>,
+}
+
+impl RecordingBus {
+    fn new(in_process: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryBus::new(),
+            in_process,
+            subscribed: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn subscriptions_to(&self, prefix: &str) -> Vec<String> {
+        let all = self.subscribed.lock().unwrap();
+        all.iter()
+            .filter(|s| s.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for RecordingBus {
+    async fn publish(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: quckchat_runtime::bus::Headers,
+        payload: bytes::Bytes,
+    ) -> Result<(), quckchat_runtime::bus::BusError> {
+        self.inner.publish(subject, reply, headers, payload).await
+    }
+
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> Result<quckchat_runtime::bus::Subscription, quckchat_runtime::bus::BusError> {
+        self.subscribed.lock().unwrap().push(subject.to_owned());
+        self.inner.subscribe(subject, queue_group).await
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: quckchat_runtime::bus::Headers,
+        payload: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<quckchat_runtime::bus::BusMessage, quckchat_runtime::bus::BusError> {
+        self.inner.request(subject, headers, payload, timeout).await
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    fn kind(&self) -> &'static str {
+        "recording"
+    }
+
+    fn in_process(&self) -> bool {
+        self.in_process
+    }
+}
+
+#[tokio::test]
+async fn an_in_process_bus_carries_every_user_on_one_subscription() {
+    let bus = RecordingBus::new(true);
+    let f = fixture_on(config(SocketConfig::default()), bus.clone()).await;
+    let mut users = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        let mut c = connect(&f, user, 64);
+        join(&mut c, "1", "chat:c1").await;
+        users.push(c);
+    }
+    assert_eq!(bus.subscriptions_to("qc.user."), vec!["qc.user.*"]);
+    let publisher = Publisher::new(f.bus.clone(), Subjects::new("qc"));
+    // A user with no socket here: nobody gets it, nothing breaks.
+    publisher
+        .to_user("dave", "chat:c1", "for:dave", &json!({}))
+        .await
+        .unwrap();
+    publisher
+        .to_user("bob", "chat:c1", "for:bob", &json!({}))
+        .await
+        .unwrap();
+    publisher
+        .to_user("alice", "chat:c1", "for:alice", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(users[1].recv().await[3], "for:bob");
+    assert_eq!(users[0].recv().await[3], "for:alice", "alice got another's");
+    // bob leaves and comes back: his new socket is served too.
+    drop(users.remove(1));
+    let mut bob = connect(&f, "bob", 64);
+    join(&mut bob, "1", "chat:c1").await;
+    publisher
+        .to_user("bob", "chat:c1", "again", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(bob.recv().await[3], "again");
+    assert_eq!(bus.subscriptions_to("qc.user."), vec!["qc.user.*"]);
+    publisher
+        .to_user("carol", "chat:c1", "last", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(users[1].recv().await[3], "last", "carol got another's");
+}
+
 #[tokio::test]
 async fn a_connection_event_reaches_only_that_connection_of_the_user() {
-    let f = fixture(SocketConfig::default()).await;
+    connection_events(fixture(SocketConfig::default()).await).await;
+}
+
+/// A network bus (NATS) routes each user subject on its own: the node
+/// subscribes every connected user apart, and the same events arrive.
+#[tokio::test]
+async fn a_connection_event_reaches_only_that_connection_over_a_network_bus() {
+    let bus = RecordingBus::new(false);
+    connection_events(fixture_on(config(SocketConfig::default()), bus.clone()).await).await;
+    assert_eq!(bus.subscriptions_to("qc.user."), vec!["qc.user.alice"]);
+}
+
+async fn connection_events(f: Fixture) {
     let mut phone = connect_as(&f, "alice", "phone-conn", 64);
     let mut laptop = connect_as(&f, "alice", "laptop-conn", 64);
     join(&mut phone, "1", "chat:c1").await;

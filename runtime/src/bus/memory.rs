@@ -270,6 +270,10 @@ impl Bus for MemoryBus {
     fn kind(&self) -> &'static str {
         "memory"
     }
+
+    fn in_process(&self) -> bool {
+        true
+    }
 }
 
 /// One subscription's messages; dropping it unsubscribes.

@@ -102,6 +102,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Short name for logs and health output.
     fn kind(&self) -> &'static str;
+
+    /// Every subscriber of this bus is in this process (the all-in-one
+    /// server's bus): a wildcard subscription carries nothing over a wire,
+    /// so one can serve many subjects that a network bus would route apart.
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// Answers a request message; a message without a reply subject is ignored.

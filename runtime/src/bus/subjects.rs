@@ -39,6 +39,12 @@ impl Subjects {
         format!("{}.user.{user_id}", self.prefix)
     }
 
+    /// Every user's subject (a wildcard): what [`Self::user`] names for
+    /// any user id.
+    pub fn all_users(&self) -> String {
+        format!("{}.user.*", self.prefix)
+    }
+
     /// Events for one connection.
     pub fn connection(&self, conn_id: &str) -> String {
         format!("{}.conn.{conn_id}", self.prefix)
@@ -98,6 +104,7 @@ mod tests {
         assert_eq!(s.command("chat"), "qc.cmd.chat");
         assert_eq!(s.topic("chat:c1"), "qc.topic.chat.c1");
         assert_eq!(s.user("u1"), "qc.user.u1");
+        assert_eq!(s.all_users(), "qc.user.*");
         assert_eq!(s.connection("k"), "qc.conn.k");
         assert_eq!(
             s.gateway_resync("realtime@gw-1.local"),
