@@ -23,8 +23,9 @@ struct Inner {
     /// user → its devices' metas, ordered by device id (a vector: most
     /// users have one or two, and a map's smallest node holds eleven)
     devices: HashMap<String, Vec<DeviceMeta>>,
-    /// (user, device) → open connection ids
-    conns: HashMap<(String, String), HashSet<String>>,
+    /// (user, device) → open connection ids (a vector: nearly always one,
+    /// where a set's smallest table holds four)
+    conns: HashMap<(String, String), Vec<String>>,
     /// node → its connections
     node_conns: HashMap<String, HashSet<(String, String, String)>>,
     /// node → last heartbeat
@@ -32,8 +33,6 @@ struct Inner {
     /// (user, device) → when it leaves
     pending: HashMap<(String, String), i64>,
     last_seen: HashMap<String, i64>,
-    /// user → how many of its online devices are shown
-    shown: HashMap<String, usize>,
     /// closed connection id → when
     closed: HashMap<String, i64>,
 }
@@ -61,9 +60,9 @@ impl Inner {
         }
         let key = (user.to_owned(), device.to_owned());
         let empty = match self.conns.get_mut(&key) {
-            Some(set) => {
-                set.remove(conn);
-                set.is_empty()
+            Some(conns) => {
+                conns.retain(|c| c != conn);
+                conns.is_empty()
             }
             None => true,
         };
@@ -103,10 +102,11 @@ impl PresenceState for MemoryState {
             c.conn_id.clone(),
         ));
         let key = (c.user_id.clone(), c.device_id.clone());
-        s.conns
-            .entry(key.clone())
-            .or_default()
-            .insert(c.conn_id.clone());
+        let conns = s.conns.entry(key.clone()).or_default();
+        if !conns.contains(&c.conn_id) {
+            conns.reserve_exact(1);
+            conns.push(c.conn_id.clone());
+        }
         s.pending.remove(&key);
         if s.devices
             .get(&c.user_id)
@@ -114,12 +114,9 @@ impl PresenceState for MemoryState {
         {
             return Ok(Joined::Nothing);
         }
-        let shown = s.shown.entry(c.user_id.clone()).or_default();
-        let hidden = *shown >= MAX_SHOWN_DEVICES;
-        if !hidden {
-            *shown += 1;
-        }
         let devices = s.devices.entry(c.user_id.clone()).or_default();
+        let shown = devices.iter().filter(|m| !m.hidden).count();
+        let hidden = shown >= MAX_SHOWN_DEVICES;
         let user_came_online = devices.is_empty();
         let meta = DeviceMeta {
             device_id: c.device_id.clone(),
@@ -128,6 +125,8 @@ impl PresenceState for MemoryState {
             hidden,
         };
         let at = find(devices, &c.device_id).unwrap_or_else(|at| at);
+        // One more slot, not the four a vector's first growth makes.
+        devices.reserve_exact(1);
         devices.insert(at, meta.clone());
         Ok(Joined::Device {
             meta,
@@ -219,13 +218,7 @@ impl PresenceState for MemoryState {
             };
             let meta = devices.remove(at);
             let user_went_offline = devices.is_empty();
-            if !meta.hidden {
-                if let Some(n) = s.shown.get_mut(&user) {
-                    *n = n.saturating_sub(1);
-                }
-            }
             if user_went_offline {
-                s.shown.remove(&user);
                 s.devices.remove(&user);
                 s.last_seen.insert(user.clone(), now_ms);
             }
