@@ -119,16 +119,49 @@ pub struct Hub {
     users: Option<tokio::sync::Mutex<Option<AbortOnDrop>>>,
 }
 
-/// The subjects this node has registrations on, by name.
-type SubjectMap = Mutex<HashMap<String, Arc<Entry>>>;
+/// The subjects this node has registrations on, by name (shared with the
+/// entry: one copy of each name).
+type SubjectMap = Mutex<HashMap<Arc<str>, Arc<Entry>>>;
+
+/// A subject's local registrations, ordered by id: a vector, since most
+/// subjects have one or a few (a user's sockets, a small conversation's
+/// members here), where a map's smallest table holds four.
+#[derive(Default)]
+struct Subscribers(Vec<(u64, Subscriber)>);
+
+impl Subscribers {
+    fn insert(&mut self, id: u64, subscriber: Subscriber) {
+        match self.0.binary_search_by_key(&id, |(i, _)| *i) {
+            Ok(at) => self.0[at].1 = subscriber,
+            Err(at) => {
+                // Grown one at a time while small (the first growth would
+                // make four), by doubling beyond.
+                if self.0.len() == self.0.capacity() && self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(at, (id, subscriber));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Ok(at) = self.0.binary_search_by_key(&id, |(i, _)| *i) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// How long a topic's deliveries wait for the events it missed.
 pub const GAP_FILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Entry {
-    subject: String,
+    subject: Arc<str>,
     kind: SubjectKind,
-    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    subscribers: RwLock<Subscribers>,
     forwarder: tokio::sync::OnceCell<AbortOnDrop>,
     /// The bus subscription ended; the next registration starts a new entry.
     ended: AtomicBool,
@@ -183,7 +216,7 @@ impl Hub {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Entry>>> {
         lock(&self.subjects)
     }
 
@@ -217,15 +250,16 @@ impl Hub {
             .cloned();
         let entry = current.unwrap_or_else(|| {
             // New, or its bus subscription ended: start over.
+            let name: Arc<str> = subject.into();
             let entry = Arc::new(Entry {
-                subject: subject.to_owned(),
+                subject: name.clone(),
                 kind,
-                subscribers: RwLock::new(HashMap::new()),
+                subscribers: RwLock::new(Subscribers::default()),
                 forwarder: tokio::sync::OnceCell::new(),
                 ended: AtomicBool::new(false),
                 floor: AtomicU64::new(0),
             });
-            subjects.insert(subject.to_owned(), entry.clone());
+            subjects.insert(name, entry.clone());
             entry
         });
         entry
@@ -310,7 +344,7 @@ impl Hub {
                 return;
             };
             let mut subs = entry.subscribers.write().unwrap_or_else(|e| e.into_inner());
-            subs.remove(&sub_id);
+            subs.remove(sub_id);
             let empty = subs.is_empty();
             drop(subs);
             if empty {
@@ -372,7 +406,7 @@ async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
         };
         // No entry: none of the user's sockets is here.
         let entry = lock(&subjects)
-            .get(&msg.subject)
+            .get(msg.subject.as_str())
             .filter(|e| e.kind == SubjectKind::Direct)
             .cloned();
         let Some(entry) = entry else { continue };
@@ -397,7 +431,7 @@ async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
     }
 }
 
-fn lock(subjects: &SubjectMap) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+fn lock(subjects: &SubjectMap) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Entry>>> {
     subjects.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -532,7 +566,7 @@ fn decode(kind: SubjectKind, msg: &BusMessage) -> Option<(Item, Option<String>, 
 fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
     let subs = entry.subscribers.read().unwrap_or_else(|e| e.into_inner());
     let mut delivered = 0u64;
-    for (sub_id, s) in subs.iter() {
+    for (sub_id, s) in subs.0.iter() {
         if exclude_user.is_some_and(|u| u == &*s.user_id) {
             continue;
         }
@@ -552,4 +586,48 @@ fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
         }
     }
     metrics::counter!("quckchat_gateway_deliveries_total").increment(delivered);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscriber(user: &str) -> Subscriber {
+        Subscriber {
+            user_id: user.into(),
+            tx: queue::bounded(1).0,
+        }
+    }
+
+    fn users(s: &Subscribers) -> Vec<(u64, &str)> {
+        s.0.iter().map(|(id, s)| (*id, &*s.user_id)).collect()
+    }
+
+    #[test]
+    fn subscribers_stay_ordered_by_id_and_small_ones_hold_no_spare_slots() {
+        let mut s = Subscribers::default();
+        s.insert(7, subscriber("a"));
+        assert_eq!(s.0.capacity(), 1, "one registration, one slot");
+        s.insert(3, subscriber("b"));
+        s.insert(9, subscriber("c"));
+        // A registration made again under its id replaces the first.
+        s.insert(3, subscriber("b2"));
+        assert_eq!(users(&s), vec![(3, "b2"), (7, "a"), (9, "c")]);
+        assert_eq!(s.0.capacity(), 3);
+        s.remove(7);
+        s.remove(42);
+        assert_eq!(users(&s), vec![(3, "b2"), (9, "c")]);
+        for id in 10..100 {
+            s.insert(id, subscriber("many"));
+        }
+        assert_eq!(s.0.len(), 92);
+        assert!(s.0.windows(2).all(|w| w[0].0 < w[1].0));
+        s.remove(3);
+        s.remove(9);
+        assert!(!s.is_empty());
+        for id in 10..100 {
+            s.remove(id);
+        }
+        assert!(s.is_empty());
+    }
 }
