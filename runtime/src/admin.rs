@@ -178,7 +178,16 @@ pub const HISTOGRAM_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// How often histogram samples are folded into their buckets.
+const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The global Prometheus recorder, installed on first use.
+///
+/// The recorder keeps every histogram sample until something folds them into
+/// the buckets: a scrape of `/metrics`, or its upkeep. Nothing scrapes a
+/// server that no Prometheus watches, so a thread of its own runs the upkeep
+/// every [`METRICS_UPKEEP_EVERY`]; without it each command's durations stayed
+/// in memory for the life of the process.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -192,6 +201,16 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         // then ours still renders what it records through its handle.
         let _ = metrics::set_global_recorder(recorder);
         metrics::gauge!("quckchat_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        let upkeep = handle.clone();
+        let started = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(METRICS_UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
+        if let Err(err) = started {
+            tracing::warn!(%err, "metrics upkeep not started: histograms fold only when scraped");
+        }
         handle
     })
 }
