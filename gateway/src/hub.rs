@@ -378,10 +378,11 @@ async fn forward_topic(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapF
     subscription_ended(&entry);
 }
 
-/// Moves a user's or a connection's events from the bus to its local
-/// subscribers. Every connected user has one of these tasks, so it awaits
-/// nothing but the bus: its future is a few words, where the topic
-/// forwarder's (which may await a gap fill) is about a kilobyte.
+/// Moves a user's or a connection's events from a network bus to its local
+/// subscribers. Every connected user has one of these tasks there (on the
+/// in-process bus, [`forward_users`] serves them all), so it awaits nothing
+/// but the bus: its future is a few words, where the topic forwarder's
+/// (which may await a gap fill) is about a kilobyte.
 async fn forward_direct(entry: Weak<Entry>, mut sub: Subscription) {
     while let Some(msg) = sub.next().await {
         let Some(entry) = entry.upgrade() else {
