@@ -1056,35 +1056,29 @@ async fn an_in_process_bus_carries_every_user_on_one_subscription() {
     }
     assert_eq!(bus.subscriptions_to("qc.user."), vec!["qc.user.*"]);
     let publisher = Publisher::new(f.bus.clone(), Subjects::new("qc"));
+    let to_user = |user: &'static str, event: &'static str| {
+        let publisher = publisher.clone();
+        async move {
+            publisher
+                .to_user(user, "chat:c1", event, &json!({}))
+                .await
+                .unwrap();
+        }
+    };
     // A user with no socket here: nobody gets it, nothing breaks.
-    publisher
-        .to_user("dave", "chat:c1", "for:dave", &json!({}))
-        .await
-        .unwrap();
-    publisher
-        .to_user("bob", "chat:c1", "for:bob", &json!({}))
-        .await
-        .unwrap();
-    publisher
-        .to_user("alice", "chat:c1", "for:alice", &json!({}))
-        .await
-        .unwrap();
+    to_user("dave", "for:dave").await;
+    to_user("bob", "for:bob").await;
+    to_user("alice", "for:alice").await;
     assert_eq!(users[1].recv().await[3], "for:bob");
     assert_eq!(users[0].recv().await[3], "for:alice", "alice got another's");
     // bob leaves and comes back: his new socket is served too.
     drop(users.remove(1));
     let mut bob = connect(&f, "bob", 64);
     join(&mut bob, "1", "chat:c1").await;
-    publisher
-        .to_user("bob", "chat:c1", "again", &json!({}))
-        .await
-        .unwrap();
+    to_user("bob", "again").await;
     assert_eq!(bob.recv().await[3], "again");
     assert_eq!(bus.subscriptions_to("qc.user."), vec!["qc.user.*"]);
-    publisher
-        .to_user("carol", "chat:c1", "last", &json!({}))
-        .await
-        .unwrap();
+    to_user("carol", "last").await;
     assert_eq!(users[1].recv().await[3], "last", "carol got another's");
 }
 
