@@ -375,7 +375,9 @@ async fn forward_topic(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapF
         }
         fan_out(&entry, Arc::new(item), exclude_user.as_deref());
     }
-    subscription_ended(&entry);
+    if let Some(entry) = entry.upgrade() {
+        subscription_ended(&entry);
+    }
 }
 
 /// Moves a user's or a connection's events from a network bus to its local
@@ -388,14 +390,11 @@ async fn forward_direct(entry: Weak<Entry>, mut sub: Subscription) {
         let Some(entry) = entry.upgrade() else {
             return;
         };
-        match decode(entry.kind, &msg) {
-            Some((item, exclude_user, _)) => {
-                fan_out(&entry, Arc::new(item), exclude_user.as_deref());
-            }
-            None => undecodable(&msg),
-        }
+        deliver_direct(&entry, &msg);
     }
-    subscription_ended(&entry);
+    if let Some(entry) = entry.upgrade() {
+        subscription_ended(&entry);
+    }
 }
 
 /// Moves every user's events from the in-process bus to the user's local
@@ -410,12 +409,8 @@ async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
             .get(msg.subject.as_str())
             .filter(|e| e.kind == SubjectKind::Direct)
             .cloned();
-        let Some(entry) = entry else { continue };
-        match decode(SubjectKind::Direct, &msg) {
-            Some((item, exclude_user, _)) => {
-                fan_out(&entry, Arc::new(item), exclude_user.as_deref());
-            }
-            None => undecodable(&msg),
+        if let Some(entry) = entry {
+            deliver_direct(&entry, &msg);
         }
     }
     // Every user subject went with it: their sockets learn it, and the next
@@ -427,8 +422,18 @@ async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
             .cloned()
             .collect();
         for entry in users {
-            subscription_ended(&Arc::downgrade(&entry));
+            subscription_ended(&entry);
         }
+    }
+}
+
+/// One user's or connection's event to its local subscribers.
+fn deliver_direct(entry: &Entry, msg: &BusMessage) {
+    match decode(SubjectKind::Direct, msg) {
+        Some((item, exclude_user, _)) => {
+            fan_out(entry, Arc::new(item), exclude_user.as_deref());
+        }
+        None => undecodable(msg),
     }
 }
 
@@ -443,15 +448,13 @@ fn undecodable(msg: &BusMessage) {
 
 /// The bus closed the subscription (e.g. connection lost for good): its
 /// sockets learn it, and the next registration starts a new entry.
-fn subscription_ended(entry: &Weak<Entry>) {
-    if let Some(entry) = entry.upgrade() {
-        entry.ended.store(true, Ordering::Relaxed);
-        fan_out(
-            &entry,
-            Arc::new(Item::SubscriptionLost { topic: None }),
-            None,
-        );
-    }
+fn subscription_ended(entry: &Entry) {
+    entry.ended.store(true, Ordering::Relaxed);
+    fan_out(
+        entry,
+        Arc::new(Item::SubscriptionLost { topic: None }),
+        None,
+    );
 }
 
 /// Gap-free delivery of a topic's sequenced events (chat's `message:new`):
