@@ -5,10 +5,13 @@
 //! itself well formed. scripts/fuzz.sh runs them; docs/security.md#fuzzing
 //! says what each covers.
 
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::Stream;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use prost::Message as _;
@@ -17,6 +20,7 @@ use quckchat_chat::store::{ChatStore, EmbeddedStore};
 use quckchat_gateway::frame::{
     decode_binary_push, decode_text, encode, reply_payload, FrameError, InFrame, Vsn,
 };
+use quckchat_gateway::ws::WebSocket;
 use quckchat_proto::bus::{command_reply, ClientCommand, CommandReply};
 use quckchat_runtime::auth::JwtVerifier;
 use quckchat_runtime::bus::{MemoryBus, Subjects};
@@ -103,6 +107,85 @@ pub fn frame_binary(data: &[u8]) {
             + p.event.len();
         assert!(5 + fields <= data.len(), "{p:?} from {} bytes", data.len());
     }
+}
+
+// ---------------------------------------------------------------- WebSocket
+
+/// A connection that delivers `input` `chunk` bytes at a time, then ends,
+/// and takes whatever is written.
+struct Scripted<'a> {
+    input: &'a [u8],
+    chunk: usize,
+    written: usize,
+}
+
+impl tokio::io::AsyncRead for Scripted<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let n = self.chunk.min(self.input.len()).min(buf.remaining());
+        let (now, rest) = self.input.split_at(n);
+        buf.put_slice(now);
+        self.input = rest;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Scripted<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.written += buf.len();
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `ws_frames`: the first byte sets how many bytes a read returns (1-256),
+/// the rest is what a client sends after the upgrade. The socket's messages
+/// carry no more bytes than were sent, the socket ends (an error or the
+/// close) by the end of the input, and nothing is read after it ends.
+pub fn ws_frames(data: &[u8]) {
+    let Some((m, rest)) = mode(data) else { return };
+    let chunk = usize::from(m) + 1;
+    let io = Scripted {
+        input: rest,
+        chunk,
+        written: 0,
+    };
+    let mut ws = WebSocket::new(io, 4096, chunk);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut carried = 0;
+    let mut ended = false;
+    // Each message takes at least a frame header (2 bytes) of the input.
+    for _ in 0..=rest.len() {
+        match Pin::new(&mut ws).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(message))) => {
+                assert!(!ended, "a message after the socket ended: {message:?}");
+                carried += message.into_data().len();
+            }
+            Poll::Ready(Some(Err(_)) | None) => {
+                ended = true;
+                break;
+            }
+            Poll::Pending => panic!("a scripted connection never waits"),
+        }
+    }
+    assert!(ended, "{} bytes did not end the socket", rest.len());
+    assert!(carried <= rest.len(), "{carried} bytes from {}", rest.len());
+    assert!(matches!(
+        Pin::new(&mut ws).poll_next(&mut cx),
+        Poll::Ready(None)
+    ));
 }
 
 // ---------------------------------------------------------------- JWT

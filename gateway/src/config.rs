@@ -66,11 +66,9 @@ pub struct SocketConfig {
     /// A write that cannot complete this long means the client stopped
     /// reading: the socket is dropped.
     pub write_timeout: Duration,
-    /// Initial read buffer of a socket. tungstenite zero-fills the whole
-    /// buffer on every read and its default is 128 KiB: that was most of an
-    /// idle socket's memory and most of the server's CPU (bench/RESULTS.md).
-    /// Larger frames grow it as needed; Phoenix frames are mostly far below
-    /// 512 bytes.
+    /// Most bytes read from a socket at once, into its worker thread's
+    /// read buffer (64 KiB, shared by the thread's sockets: a socket keeps
+    /// only the bytes it has not parsed yet, nothing while idle).
     pub read_buffer: usize,
 }
 
@@ -85,7 +83,7 @@ impl Default for SocketConfig {
             max_channels: 100,
             malformed_limit: 20,
             write_timeout: Duration::from_secs(10),
-            read_buffer: 512,
+            read_buffer: 64 * 1024,
         }
     }
 }

@@ -25,12 +25,12 @@ mod limits;
 pub mod routing;
 mod rpc;
 pub mod socket;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -53,16 +53,6 @@ use tokio_util::task::TaskTracker;
 pub use config::{GatewayConfig, SocketConfig};
 use frame::Vsn;
 use socket::Peer;
-
-/// Outgoing bytes gathered before a write to the socket. tungstenite keeps
-/// its write buffer at the largest size it ever reached, for the socket's
-/// life: a batch of 8 KiB left every idle socket holding ~4 KiB (the join
-/// reply, `presence_state` and the diffs of a conversation's members
-/// joining). At 1 KiB a batch of small frames still goes in one write.
-const WRITE_BATCH_BYTES: usize = 1024;
-/// Outgoing bytes buffered for one socket at most; above any one frame the
-/// services send (replies and replays are bounded well below it).
-const MAX_WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Subprotocol prefix carrying the token (phoenix ≥ 1.8 `authToken`).
 const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
@@ -278,7 +268,7 @@ async fn upgrade(
     Query(params): Query<HashMap<String, String>>,
     conn: Option<Extension<ConnectInfo<ConnMeta>>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: ws::Upgrade,
 ) -> Response {
     if shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "server shutting down").into_response();
@@ -338,25 +328,23 @@ async fn upgrade(
     };
     let max = shared.config.socket.max_frame_bytes;
     let tracker = shared.sockets.clone();
-    ws.protocols(["phoenix"])
-        .max_message_size(max * 4)
-        .max_frame_size(max * 4)
-        .read_buffer_size(shared.config.socket.read_buffer)
-        // Frames are written in batches up to this, then flushed.
-        .write_buffer_size(WRITE_BATCH_BYTES)
-        // A client that stops reading fails its writes past this.
-        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
+    ws.on_upgrade(
+        "phoenix",
+        // Frames up to 4× the limit get an error reply; larger ones close
+        // the socket (1009).
+        max * 4,
+        shared.config.socket.read_buffer,
+        move |socket| {
             // The socket lives in a task of its own, so the task that did the
-            // upgrade ends now instead of carrying its state (hyper's upgrade,
-            // axum's closure) for the socket's life.
-            // The socket's places in the admission counts end with it. (A
-            // combinator, not an `async` block: awaiting the socket's future
-            // from a block would hold it twice, once captured, once awaited.)
+            // upgrade ends now instead of carrying hyper's upgrade for the
+            // socket's life. The socket's places in the admission counts end
+            // with it. (A combinator, not an `async` block: awaiting the
+            // socket's future from a block would hold it twice, once
+            // captured, once awaited.)
             let task = socket::run(socket, shared, peer).map(move |()| drop(ticket));
             tracker.spawn(task);
-            std::future::ready(())
-        })
+        },
+    )
 }
 
 impl Shared {

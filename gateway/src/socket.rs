@@ -27,7 +27,7 @@ use crate::frame::{self, FrameError, InFrame, Vsn};
 use crate::hub::{json_payload, Delivery, Item, SubjectKind, Subscriber};
 use crate::limits::{ControlBudget, PushBudget, Strikes};
 use crate::routing::{self, Route};
-use crate::Shared;
+use crate::{ws, Shared};
 use quckchat_runtime::errors::ClientError;
 use quckchat_runtime::queue;
 
@@ -52,31 +52,28 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// it flushes.
 const DELIVERY_BATCH: usize = 64;
 
-/// The close a read error calls for. The socket sees tungstenite's errors
-/// wrapped by axum, which keeps their text: a message over the size limit
-/// (1009), a WebSocket protocol error (1002) and a text frame that is not
-/// UTF-8 (1007) are answered with a close frame; anything else (the peer
-/// vanished, I/O) ends the socket without one.
-fn read_error_close(err: &impl std::fmt::Display) -> Option<Close> {
-    let text = err.to_string();
-    if text.contains("Message too long") {
-        metrics::counter!("quckchat_gateway_oversized_frames_total").increment(1);
-        return Some(Close(close_code::TOO_BIG, "message too big"));
-    }
-    if text.starts_with("WebSocket protocol error") {
-        // The TCP connection ended without a close frame: nobody to tell.
-        if text.contains("without closing handshake") {
-            return None;
+/// The close a read error calls for: a message over the size limit (1009), a
+/// WebSocket protocol error (1002) and a text frame that is not UTF-8 (1007)
+/// are answered with a close frame; anything else (the peer vanished, I/O)
+/// ends the socket without one.
+fn read_error_close(err: &ws::Error) -> Option<Close> {
+    match err {
+        ws::Error::TooBig { .. } => {
+            metrics::counter!("quckchat_gateway_oversized_frames_total").increment(1);
+            Some(Close(close_code::TOO_BIG, "message too big"))
         }
-        metrics::counter!("quckchat_gateway_protocol_errors_total", "kind" => "protocol")
-            .increment(1);
-        return Some(Close(close_code::PROTOCOL, "protocol error"));
+        ws::Error::Protocol(_) => {
+            metrics::counter!("quckchat_gateway_protocol_errors_total", "kind" => "protocol")
+                .increment(1);
+            Some(Close(close_code::PROTOCOL, "protocol error"))
+        }
+        ws::Error::Utf8 => {
+            metrics::counter!("quckchat_gateway_protocol_errors_total", "kind" => "utf8")
+                .increment(1);
+            Some(Close(close_code::INVALID_DATA, "invalid UTF-8"))
+        }
+        ws::Error::Reset | ws::Error::Closed | ws::Error::Io(_) => None,
     }
-    if text.starts_with("UTF-8 encoding error") {
-        metrics::counter!("quckchat_gateway_protocol_errors_total", "kind" => "utf8").increment(1);
-        return Some(Close(close_code::INVALID_DATA, "invalid UTF-8"));
-    }
-    None
 }
 
 /// Who is on the socket.
@@ -125,10 +122,9 @@ struct Close(u16, &'static str);
 /// The socket's task: serves `ws` until it closes. Built before it is
 /// awaited, so the future holds the socket's state once (an `async fn`'s
 /// future keeps its arguments beside what is made of them: `ws` twice).
-pub fn run<S, E>(ws: S, shared: Arc<Shared>, peer: Peer) -> impl Future<Output = ()> + Send
+pub fn run<S>(ws: S, shared: Arc<Shared>, peer: Peer) -> impl Future<Output = ()> + Send
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
-    E: std::fmt::Display + Send,
+    S: Stream<Item = Result<Message, ws::Error>> + Sink<Message> + Unpin + Send,
 {
     let (tx, rx) = queue::bounded(shared.config.socket.outbound_queue);
     let mut socket = Socket {
@@ -165,10 +161,9 @@ struct Socket<S> {
     user_sub_id: u64,
 }
 
-impl<S, E> Socket<S>
+impl<S> Socket<S>
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin + Send,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<Message, ws::Error>> + Sink<Message> + Unpin + Send,
 {
     fn subscriber(&self) -> Subscriber {
         Subscriber {
@@ -478,7 +473,7 @@ where
                 None => self.strike(),
             },
             Message::Close(_) => Err(None),
-            // tungstenite has already queued the pong: only count it.
+            // The transport has already queued the pong: only count it.
             Message::Ping(_) | Message::Pong(_) => self.control_frame(),
         }
     }

@@ -2,7 +2,6 @@
 //! scripted service on `qc.cmd.chat`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -30,7 +29,7 @@ struct Pipe {
 }
 
 impl Stream for Pipe {
-    type Item = Result<Message, Infallible>;
+    type Item = Result<Message, crate::ws::Error>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.rx.poll_next_unpin(cx).map(|m| m.map(Ok))
     }
@@ -1195,15 +1194,14 @@ async fn heartbeats_at_a_normal_pace_are_answered() {
     }
 }
 
-/// The server's end of a socket whose reads fail as tungstenite's do,
-/// wrapped by axum.
+/// The server's end of a socket whose reads fail.
 struct FaultyPipe {
-    rx: fmpsc::UnboundedReceiver<Result<Message, axum::Error>>,
+    rx: fmpsc::UnboundedReceiver<Result<Message, crate::ws::Error>>,
     tx: fmpsc::Sender<Message>,
 }
 
 impl Stream for FaultyPipe {
-    type Item = Result<Message, axum::Error>;
+    type Item = Result<Message, crate::ws::Error>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.rx.poll_next_unpin(cx)
     }
@@ -1226,7 +1224,7 @@ impl Sink<Message> for FaultyPipe {
 }
 
 /// The close code the socket sends after this read error, if any.
-async fn close_after_read_error(err: tokio_tungstenite::tungstenite::Error) -> Option<u16> {
+async fn close_after_read_error(err: crate::ws::Error) -> Option<u16> {
     let f = fixture(SocketConfig::default()).await;
     let (client_tx, server_rx) = fmpsc::unbounded();
     let (server_tx, mut client_rx) = fmpsc::channel(64);
@@ -1251,9 +1249,7 @@ async fn close_after_read_error(err: tokio_tungstenite::tungstenite::Error) -> O
                 .into(),
         )))
         .unwrap();
-    client_tx
-        .unbounded_send(Err(axum::Error::new(err)))
-        .unwrap();
+    client_tx.unbounded_send(Err(err)).unwrap();
     let mut code = None;
     while let Ok(Some(msg)) = tokio::time::timeout(PROMPTLY, client_rx.next()).await {
         if let Message::Close(frame) = msg {
@@ -1271,43 +1267,20 @@ async fn close_after_read_error(err: tokio_tungstenite::tungstenite::Error) -> O
 
 #[tokio::test]
 async fn websocket_protocol_errors_close_with_1002_and_bad_utf8_with_1007() {
-    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    for err in [
-        ProtocolError::NonZeroReservedBits,
-        ProtocolError::FragmentedControlFrame,
-        ProtocolError::UnmaskedFrameFromClient,
-        ProtocolError::UnknownDataFrameType(3),
-        ProtocolError::UnexpectedContinueFrame,
-    ] {
-        let name = format!("{err:?}");
-        assert_eq!(
-            close_after_read_error(WsError::Protocol(err)).await,
-            Some(1002),
-            "{name}"
-        );
-    }
-    let bad_utf8 = std::str::from_utf8(&[0xff, 0xfe][..]).unwrap_err();
+    use crate::ws::Error;
     assert_eq!(
-        close_after_read_error(WsError::Utf8(bad_utf8.to_string())).await,
-        Some(1007)
+        close_after_read_error(Error::Protocol("reserved bits set")).await,
+        Some(1002)
     );
+    assert_eq!(close_after_read_error(Error::Utf8).await, Some(1007));
     assert_eq!(
-        close_after_read_error(WsError::Capacity(CapacityError::MessageTooLong {
-            size: 10,
-            max_size: 1
-        }))
-        .await,
+        close_after_read_error(Error::TooBig { limit: 1 }).await,
         Some(1009)
     );
     // The peer went away: nobody to send a close frame to.
-    assert_eq!(
-        close_after_read_error(WsError::Protocol(
-            ProtocolError::ResetWithoutClosingHandshake
-        ))
-        .await,
-        None
-    );
+    assert_eq!(close_after_read_error(Error::Reset).await, None);
+    let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+    assert_eq!(close_after_read_error(Error::Io(io)).await, None);
 }
 
 #[tokio::test]
