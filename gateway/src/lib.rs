@@ -68,7 +68,7 @@ pub struct Shared {
     admission: admission::Admission,
     sockets: TaskTracker,
     /// Open sockets, so they can be reported again to presence on request.
-    live: std::sync::Mutex<HashMap<String, Peer>>,
+    live: std::sync::Mutex<HashMap<Arc<str>, Arc<Peer>>>,
 }
 
 /// A gateway: build it, mount [`Gateway::router`], and on shutdown await
@@ -157,7 +157,7 @@ impl Gateway {
                         if request.is_none() {
                             return;
                         }
-                        let peers: Vec<Peer> = shared.live().values().cloned().collect();
+                        let peers: Vec<Arc<Peer>> = shared.live().values().cloned().collect();
                         tracing::info!(sockets = peers.len(), "reporting open sockets to presence again");
                         for peer in &peers {
                             lifecycle(&shared, peer, connection_lifecycle::Kind::Opened).await;
@@ -200,7 +200,7 @@ async fn answer_audit(shared: &Shared, request: &BusMessage) {
             audit
                 .conn_ids
                 .into_iter()
-                .filter(|id| !live.contains_key(id))
+                .filter(|id| !live.contains_key(id.as_str()))
                 .collect()
         }
         Ok(audit) => {
@@ -321,7 +321,7 @@ async fn upgrade(
         })
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let peer = Peer {
-        conn_id: uuid::Uuid::new_v4().simple().to_string(),
+        conn_id: uuid::Uuid::new_v4().simple().to_string().into(),
         user_id: identity.user_id.into(),
         device_id,
         vsn,
@@ -348,7 +348,7 @@ async fn upgrade(
 }
 
 impl Shared {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Peer>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -357,7 +357,8 @@ impl Shared {
     }
 
     /// A socket opened: known here and reported to presence.
-    pub(crate) async fn opened(&self, peer: &Peer) {
+    pub(crate) async fn opened(&self, peer: &Arc<Peer>) {
+        // The socket's own `Peer`, shared: no copy of its ids.
         self.live().insert(peer.conn_id.clone(), peer.clone());
         lifecycle(self, peer, connection_lifecycle::Kind::Opened).await;
     }
@@ -374,7 +375,7 @@ async fn lifecycle(shared: &Shared, peer: &Peer, kind: connection_lifecycle::Kin
     let event = ConnectionLifecycle {
         kind: kind as i32,
         node_id: shared.config.server.node_name.clone(),
-        conn_id: peer.conn_id.clone(),
+        conn_id: peer.conn_id.to_string(),
         user_id: peer.user_id.to_string(),
         device_id: peer.device_id.clone(),
         at_ms: now_ms(),

@@ -79,7 +79,7 @@ fn read_error_close(err: &ws::Error) -> Option<Close> {
 /// Who is on the socket.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub conn_id: String,
+    pub conn_id: Arc<str>,
     pub user_id: Arc<str>,
     pub device_id: String,
     pub vsn: Vsn,
@@ -129,7 +129,7 @@ where
     let (tx, rx) = queue::bounded(shared.config.socket.outbound_queue);
     let mut socket = Socket {
         shared: shared.clone(),
-        peer,
+        peer: Arc::new(peer),
         ws,
         channels: HashMap::new(),
         tx,
@@ -145,7 +145,8 @@ where
 
 struct Socket<S> {
     shared: Arc<Shared>,
-    peer: Peer,
+    /// Shared with the gateway's table of live sockets.
+    peer: Arc<Peer>,
     ws: S,
     /// Joined (and joining) topics. Boxed: a map's first allocation holds
     /// four entries, and most sockets have one or two channels.
@@ -628,7 +629,7 @@ where
 
     fn command(&self, topic: &str, event: &str, payload: &str) -> ClientCommand {
         ClientCommand {
-            conn_id: self.peer.conn_id.clone(),
+            conn_id: self.peer.conn_id.to_string(),
             user_id: self.peer.user_id.to_string(),
             device_id: self.peer.device_id.clone(),
             topic: topic.to_owned(),
@@ -831,8 +832,8 @@ where
             Item::Broadcast(b) => b.topic.as_str(),
             // Meant for another connection of this user.
             Item::Direct(ev)
-                if (!ev.conn_id.is_empty() && ev.conn_id != self.peer.conn_id)
-                    || ev.except_conn_id == self.peer.conn_id =>
+                if (!ev.conn_id.is_empty() && ev.conn_id != *self.peer.conn_id)
+                    || ev.except_conn_id == *self.peer.conn_id =>
             {
                 return Ok(());
             }
