@@ -44,7 +44,7 @@ thread_local! {
 /// small frames goes in one write.
 const WRITE_BATCH: usize = 16 * 1024;
 
-/// Why reading a socket failed.
+/// Why reading or writing a socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A frame the protocol does not allow (reserved bits, an unmasked or

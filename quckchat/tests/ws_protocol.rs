@@ -1,7 +1,9 @@
 //! WebSocket protocol errors over a real socket, frames written by hand: a
-//! frame tungstenite refuses (reserved bits, a fragmented control frame, an
+//! frame the gateway refuses (reserved bits, a fragmented control frame, an
 //! unmasked client frame) is answered with a 1002 close, a text frame that is
-//! not UTF-8 with 1007, and a ping flood with 1008 — never an empty close.
+//! not UTF-8 with 1007, and a ping flood with 1008 — never an empty close;
+//! and the upgrade itself: the accept key, the `phoenix` subprotocol, and
+//! 426/400 for what is not a WebSocket upgrade.
 
 #![allow(
     clippy::unwrap_used,
@@ -38,14 +40,18 @@ async fn start(data_dir: &std::path::Path) -> std::net::SocketAddr {
     addr
 }
 
-/// An upgraded connection, the handshake done by hand.
-async fn open(addr: std::net::SocketAddr) -> TcpStream {
+/// The RFC 6455 example key and the accept value it calls for.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+
+/// Sends an upgrade request with these header lines (besides `Host`) and
+/// returns the connection and the response's head.
+async fn request(addr: std::net::SocketAddr, headers: &str) -> (TcpStream, String) {
     let token = mint_token(SECRET, "alice", Duration::from_secs(60));
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\n\
-         Host: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n"
     );
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -58,7 +64,13 @@ async fn open(addr: std::net::SocketAddr) -> TcpStream {
         assert_eq!(n, 1, "connection closed during the handshake");
         head.push(byte[0]);
     }
-    let head = String::from_utf8(head).unwrap();
+    (tcp, String::from_utf8(head).unwrap())
+}
+
+/// An upgraded connection, the handshake done by hand.
+async fn open(addr: std::net::SocketAddr) -> TcpStream {
+    let headers = format!("{UPGRADE}Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n");
+    let (tcp, head) = request(addr, &headers).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     tcp
 }
@@ -163,4 +175,52 @@ async fn protocol_errors_close_with_1002_invalid_utf8_with_1007_and_ping_floods_
         .flat_map(|_| frame(true, 0, PING, b"p", true))
         .collect();
     assert_eq!(code_after(addr, &flood).await, Some(1008), "a ping flood");
+}
+
+#[tokio::test]
+async fn the_upgrade_answers_the_key_picks_phoenix_and_refuses_what_is_not_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path()).await;
+    let key = format!("Sec-WebSocket-Key: {KEY}\r\n");
+    let v13 = "Sec-WebSocket-Version: 13\r\n";
+
+    let (_, raw) = request(
+        addr,
+        &format!("{UPGRADE}{key}{v13}Sec-WebSocket-Protocol: chat, phoenix\r\n"),
+    )
+    .await;
+    // Header names in any case; the accept value (base64) as sent.
+    let head = raw.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{raw}");
+    assert!(
+        head.contains(&format!(
+            "sec-websocket-accept: {}\r\n",
+            ACCEPT.to_ascii_lowercase()
+        )) && raw.contains(ACCEPT),
+        "{raw}"
+    );
+    assert!(
+        head.contains("sec-websocket-protocol: phoenix\r\n"),
+        "{head}"
+    );
+    // Not offered: not chosen.
+    let (_, raw) = request(addr, &format!("{UPGRADE}{key}{v13}")).await;
+    let head = raw.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
+
+    // No upgrade asked for, or another version: 426 naming the version.
+    for headers in [
+        format!("{key}{v13}"),
+        format!("{UPGRADE}{key}Sec-WebSocket-Version: 8\r\n"),
+    ] {
+        let (_, raw) = request(addr, &headers).await;
+        let head = raw.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 426"), "{headers}: {head}");
+        assert!(head.contains("sec-websocket-version: 13"), "{head}");
+    }
+    // No key: 400.
+    let (_, raw) = request(addr, &format!("{UPGRADE}{v13}")).await;
+    let head = raw.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 400"), "{head}");
 }
