@@ -52,7 +52,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{GatewayConfig, SocketConfig};
 use frame::Vsn;
-use socket::Peer;
+use socket::{signal, Live, Peer};
 
 /// Subprotocol prefix carrying the token (phoenix ≥ 1.8 `authToken`).
 const BEARER_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
@@ -67,8 +67,11 @@ pub struct Shared {
     verifier: JwtVerifier,
     admission: admission::Admission,
     sockets: TaskTracker,
-    /// Open sockets, so they can be reported again to presence on request.
-    live: std::sync::Mutex<HashMap<Arc<str>, Arc<Peer>>>,
+    /// Open sockets, so they can be reported again to presence on request,
+    /// swept for idle ones and told to drain.
+    live: std::sync::Mutex<HashMap<Arc<str>, Arc<Live>>>,
+    /// Zero of [`Shared::clock_ms`].
+    epoch: tokio::time::Instant,
 }
 
 /// A gateway: build it, mount [`Gateway::router`], and on shutdown await
@@ -92,8 +95,10 @@ impl Gateway {
             config,
             sockets: TaskTracker::new(),
             live: std::sync::Mutex::new(HashMap::new()),
+            epoch: tokio::time::Instant::now(),
         });
         let gateway = Self { shared };
+        gateway.spawn_sweep();
         gateway.spawn_node_heartbeat();
         gateway.spawn_resync_listener();
         gateway
@@ -157,10 +162,10 @@ impl Gateway {
                         if request.is_none() {
                             return;
                         }
-                        let peers: Vec<Arc<Peer>> = shared.live().values().cloned().collect();
-                        tracing::info!(sockets = peers.len(), "reporting open sockets to presence again");
-                        for peer in &peers {
-                            lifecycle(&shared, peer, connection_lifecycle::Kind::Opened).await;
+                        let sockets: Vec<Arc<Live>> = shared.live().values().cloned().collect();
+                        tracing::info!(sockets = sockets.len(), "reporting open sockets to presence again");
+                        for socket in &sockets {
+                            lifecycle(&shared, &socket.peer, connection_lifecycle::Kind::Opened).await;
                         }
                     }
                     request = audits.next() => {
@@ -168,6 +173,40 @@ impl Gateway {
                         answer_audit(&shared, &request).await;
                     }
                 }
+            }
+        });
+    }
+
+    /// One task for every socket's timeouts: every quarter of the idle
+    /// timeout (at most a second) it tells the sockets silent for the idle
+    /// timeout to close, and once shutdown begins it tells every socket to
+    /// drain. A socket thus keeps no timer of its own while idle, and an
+    /// idle one closes between 1 and 1¼ idle timeouts after its last frame.
+    fn spawn_sweep(&self) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let idle_ms =
+                u64::try_from(shared.config.socket.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+            let period = (shared.config.socket.idle_timeout / 4)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            let mut every = tokio::time::interval(period);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shared.shutdown.cancelled() => break,
+                    _ = every.tick() => {}
+                }
+                let now = shared.clock_ms();
+                for socket in shared.live().values() {
+                    if socket.idle_ms(now) >= idle_ms {
+                        socket.tx.signal(signal::IDLE);
+                    }
+                }
+            }
+            // Sockets opened from now on see the shutdown themselves
+            // ([`Shared::opened`]).
+            for socket in shared.live().values() {
+                socket.tx.signal(signal::DRAIN);
             }
         });
     }
@@ -348,8 +387,14 @@ async fn upgrade(
 }
 
 impl Shared {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Peer>>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Live>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Milliseconds since this gateway started (tokio's clock, so tests can
+    /// pause it).
+    pub(crate) fn clock_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn live_count(&self) -> usize {
@@ -357,10 +402,16 @@ impl Shared {
     }
 
     /// A socket opened: known here and reported to presence.
-    pub(crate) async fn opened(&self, peer: &Arc<Peer>) {
-        // The socket's own `Peer`, shared: no copy of its ids.
-        self.live().insert(peer.conn_id.clone(), peer.clone());
-        lifecycle(self, peer, connection_lifecycle::Kind::Opened).await;
+    pub(crate) async fn opened(&self, socket: &Arc<Live>) {
+        // The socket's own `Live`, shared: no copy of its ids.
+        self.live()
+            .insert(socket.peer.conn_id.clone(), socket.clone());
+        // Shutdown began before it entered the table: the sweep's last pass
+        // may have missed it.
+        if self.shutdown.is_cancelled() {
+            socket.tx.signal(signal::DRAIN);
+        }
+        lifecycle(self, &socket.peer, connection_lifecycle::Kind::Opened).await;
     }
 
     /// A socket closed.

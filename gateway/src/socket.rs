@@ -9,9 +9,10 @@
 //! Written against `Stream + Sink` of WebSocket messages so the protocol is
 //! tested without a network.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +86,55 @@ pub struct Peer {
     pub vsn: Vsn,
 }
 
+/// Flags the gateway raises on a socket's queue
+/// ([`queue::Sender::signal`]): a socket keeps no timer or future of its own
+/// for them.
+pub(crate) mod signal {
+    /// The gateway's sweep found no frame from the client for the idle
+    /// timeout (the socket checks again: one may have come since).
+    pub const IDLE: u8 = 1;
+    /// The server is shutting down: close within the drain window.
+    pub const DRAIN: u8 = 2;
+}
+
+/// A socket as the gateway's table of live sockets holds it, shared with
+/// the socket's task.
+pub(crate) struct Live {
+    pub peer: Peer,
+    /// The socket's queue: its subscriptions hold clones, the gateway
+    /// signals on it. The socket holds it too, so the queue ends only when
+    /// cut off ([`queue::Sender::overflow`]).
+    pub tx: queue::Sender<Delivery>,
+    /// When the client's last frame came, on the gateway's clock
+    /// ([`Shared::clock_ms`]).
+    last_read_ms: AtomicU64,
+}
+
+impl Live {
+    /// Milliseconds (of the gateway's clock) since the client's last frame.
+    pub fn idle_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_read_ms.load(Ordering::Relaxed))
+    }
+
+    fn read_at(&self, now_ms: u64) {
+        self.last_read_ms.store(now_ms, Ordering::Relaxed);
+    }
+}
+
+/// The socket's draining, once the server shuts down (boxed: most sockets
+/// never need it).
+struct Draining {
+    started: Instant,
+    timer: Pin<Box<Sleep>>,
+    /// The socket's close time came with pushes in flight: it reads nothing
+    /// more and closes once they are answered (their messages may be
+    /// stored: the client must get the ack), or at the end of the drain
+    /// window.
+    closing: bool,
+}
+
 struct Channel {
+    topic: String,
     join_ref: Option<String>,
     sub_id: u64,
     route: &'static Route,
@@ -99,6 +148,57 @@ struct Channel {
     /// is answered first, then the channel closes (a Phoenix channel replies
     /// before it stops).
     close_pending: bool,
+}
+
+/// A socket's channels, ordered by topic: a vector, since most sockets have
+/// one or two (a map's first table holds four entries).
+#[derive(Default)]
+struct Channels(Vec<Channel>);
+
+impl Channels {
+    fn find(&self, topic: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|c| c.topic.as_str().cmp(topic))
+    }
+
+    fn get(&self, topic: &str) -> Option<&Channel> {
+        self.find(topic).ok().map(|at| &self.0[at])
+    }
+
+    fn get_mut(&mut self, topic: &str) -> Option<&mut Channel> {
+        self.find(topic).ok().map(|at| &mut self.0[at])
+    }
+
+    /// Adds `channel`, or replaces the one of its topic.
+    fn insert(&mut self, channel: Channel) {
+        match self.find(&channel.topic) {
+            Ok(at) => self.0[at] = channel,
+            Err(at) => {
+                // Grown one at a time while small (the first growth would
+                // make four), by doubling beyond.
+                if self.0.len() == self.0.capacity() && self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(at, channel);
+            }
+        }
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<Channel> {
+        let at = self.find(topic).ok()?;
+        let channel = self.0.remove(at);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(channel)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Channel> {
+        self.0.iter()
+    }
 }
 
 struct Push {
@@ -127,12 +227,16 @@ where
     S: Stream<Item = Result<Message, ws::Error>> + Sink<Message> + Unpin + Send,
 {
     let (tx, rx) = queue::bounded(shared.config.socket.outbound_queue);
+    let live = Live {
+        peer,
+        tx,
+        last_read_ms: AtomicU64::new(shared.clock_ms()),
+    };
     let mut socket = Socket {
         shared: shared.clone(),
-        peer: Arc::new(peer),
+        live: Arc::new(live),
         ws,
-        channels: HashMap::new(),
-        tx,
+        channels: Channels::default(),
         inflight: FuturesUnordered::new(),
         strikes: Strikes::new(shared.config.socket.malformed_limit, Instant::now()),
         budget: PushBudget::new(shared.config.socket.rate_per_sec, Instant::now()),
@@ -145,15 +249,12 @@ where
 
 struct Socket<S> {
     shared: Arc<Shared>,
-    /// Shared with the gateway's table of live sockets.
-    peer: Arc<Peer>,
+    /// Who is on it and its queue's sender; shared with the gateway's table
+    /// of live sockets.
+    live: Arc<Live>,
     ws: S,
-    /// Joined (and joining) topics. Boxed: a map's first allocation holds
-    /// four entries, and most sockets have one or two channels.
-    channels: HashMap<String, Box<Channel>>,
-    /// The sending end of the socket's queue, handed to its subscriptions;
-    /// cut off ([`queue::Sender::overflow`]) when the socket falls behind.
-    tx: queue::Sender<Delivery>,
+    /// Joined (and joining) topics.
+    channels: Channels,
     inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
     strikes: Strikes,
     budget: PushBudget,
@@ -168,8 +269,8 @@ where
 {
     fn subscriber(&self) -> Subscriber {
         Subscriber {
-            user_id: self.peer.user_id.clone(),
-            tx: self.tx.clone(),
+            user_id: self.live.peer.user_id.clone(),
+            tx: self.live.tx.clone(),
         }
     }
 
@@ -185,8 +286,8 @@ where
 
     /// Announces the socket (presence) and subscribes its user subject.
     async fn open(&mut self) {
-        self.shared.opened(&self.peer).await;
-        let user_subject = self.shared.subjects.user(&self.peer.user_id);
+        self.shared.opened(&self.live).await;
+        let user_subject = self.shared.subjects.user(&self.live.peer.user_id);
         if let Err(err) = self
             .shared
             .hub
@@ -198,7 +299,7 @@ where
             )
             .await
         {
-            tracing::warn!(conn_id = %self.peer.conn_id, %err, "user subscription failed");
+            tracing::warn!(conn_id = %self.live.peer.conn_id, %err, "user subscription failed");
         }
     }
 
@@ -229,32 +330,19 @@ where
             let _ = self.ws.close().await;
         })
         .await;
-        let topics: Vec<String> = self.channels.keys().cloned().collect();
+        let topics: Vec<String> = self.channels.iter().map(|c| c.topic.clone()).collect();
         for topic in topics {
             self.drop_channel(&topic);
         }
-        let user_subject = self.shared.subjects.user(&self.peer.user_id);
+        let user_subject = self.shared.subjects.user(&self.live.peer.user_id);
         self.shared.hub.unsubscribe(&user_subject, self.user_sub_id);
-        self.shared.closed(&self.peer).await;
+        self.shared.closed(&self.live.peer).await;
         metrics::gauge!("quckchat_gateway_connections").decrement(1.0);
     }
 
     async fn event_loop(&mut self, rx: &queue::Receiver<Delivery>) -> Option<Close> {
-        let idle_timeout = self.shared.config.socket.idle_timeout;
-        let idle = sleep_until(Instant::now() + idle_timeout);
-        tokio::pin!(idle);
-        // Waited on for the socket's life, not made again at every wake-up
-        // (each would register with the token shared by every socket).
-        let shutdown = self.shared.shutdown.clone().cancelled_owned();
-        tokio::pin!(shutdown);
-        // Set once the server drains (boxed: most sockets never need it).
-        let mut drain: Option<Pin<Box<Sleep>>> = None;
-        // The socket's close time came with pushes in flight: it reads
-        // nothing more and closes once they are answered (their messages may
-        // be stored: the client must get the ack), or at the end of the
-        // drain window.
-        let mut closing = false;
-        let mut drain_started = Instant::now();
+        // Set once the server drains.
+        let mut drain: Option<Box<Draining>> = None;
         let restart = || Some(Close(close_code::RESTART, "server restart"));
         let slow = || Some(Close(close_code::TRY_AGAIN_LATER, "slow consumer"));
         loop {
@@ -263,39 +351,52 @@ where
             if rx.overflowed() {
                 return slow();
             }
+            let closing = drain.as_ref().is_some_and(|d| d.closing);
             tokio::select! {
                 biased;
-                () = &mut shutdown, if drain.is_none() => {
-                    // Spread reconnects over the drain window.
-                    drain_started = Instant::now();
-                    let window = self.shared.config.server.drain.mul_f64(0.8);
-                    drain = Some(Box::pin(sleep_until(
-                        drain_started + window.mul_f64(rand::random::<f64>()),
-                    )));
+                bits = rx.signals() => {
+                    if bits & signal::DRAIN != 0 && drain.is_none() {
+                        // Spread reconnects over the drain window.
+                        let started = Instant::now();
+                        let window = self.shared.config.server.drain.mul_f64(0.8);
+                        drain = Some(Box::new(Draining {
+                            started,
+                            timer: Box::pin(sleep_until(
+                                started + window.mul_f64(rand::random::<f64>()),
+                            )),
+                            closing: false,
+                        }));
+                    }
+                    let idle_timeout = self.shared.config.socket.idle_timeout;
+                    if bits & signal::IDLE != 0
+                        && !closing
+                        && u128::from(self.live.idle_ms(self.shared.clock_ms()))
+                            >= idle_timeout.as_millis()
+                    {
+                        return Some(Close(close_code::NORMAL, "idle timeout"));
+                    }
                 }
                 () = async {
                     match drain.as_mut() {
-                        Some(timer) => timer.await,
+                        Some(d) => d.timer.as_mut().await,
                         None => std::future::pending().await,
                     }
-                }, if drain.is_some() => {
-                    if closing || self.inflight.is_empty() {
+                } => {
+                    let Some(d) = drain.as_mut() else { continue };
+                    if d.closing || self.inflight.is_empty() {
                         return restart();
                     }
-                    closing = true;
-                    let last = drain_started + self.shared.config.server.drain.mul_f64(0.95);
-                    if let Some(timer) = drain.as_mut() {
-                        timer.as_mut().reset(last.max(Instant::now()));
-                    }
+                    d.closing = true;
+                    let last = d.started + self.shared.config.server.drain.mul_f64(0.95);
+                    d.timer.as_mut().reset(last.max(Instant::now()));
                 }
-                () = &mut idle, if !closing => return Some(Close(close_code::NORMAL, "idle timeout")),
                 incoming = self.ws.next(), if !closing => {
                     let msg = match incoming {
                         Some(Ok(msg)) => msg,
                         Some(Err(err)) => return read_error_close(&err),
                         None => return None,
                     };
-                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    self.live.read_at(self.shared.clock_ms());
                     // The handlers run boxed: their futures (a join's, a
                     // reply's write) would otherwise sit inline in every
                     // socket's task, idle or not (docs: bench/ANALYSIS.md).
@@ -356,7 +457,14 @@ where
         response: &str,
     ) -> Result<(), ()> {
         let payload = frame::reply_payload(ok, response);
-        let text = frame::encode(self.peer.vsn, join_ref, ref_, topic, "phx_reply", &payload);
+        let text = frame::encode(
+            self.live.peer.vsn,
+            join_ref,
+            ref_,
+            topic,
+            "phx_reply",
+            &payload,
+        );
         self.write(text).await
     }
 
@@ -373,7 +481,14 @@ where
 
     /// `phx_close` for a channel, as Phoenix sends it (ref = join_ref).
     async fn send_close(&mut self, join_ref: Option<&str>, topic: &str) -> Result<(), ()> {
-        let text = frame::encode(self.peer.vsn, join_ref, join_ref, topic, "phx_close", "{}");
+        let text = frame::encode(
+            self.live.peer.vsn,
+            join_ref,
+            join_ref,
+            topic,
+            "phx_close",
+            "{}",
+        );
         self.write(text).await
     }
 
@@ -394,8 +509,8 @@ where
         }
         metrics::counter!("quckchat_gateway_control_limited_total").increment(1);
         tracing::warn!(
-            conn_id = %self.peer.conn_id,
-            user_id = %self.peer.user_id,
+            conn_id = %self.live.peer.conn_id,
+            user_id = %self.live.peer.user_id,
             "control frames over budget: closing the socket"
         );
         Err(Some(Close(close_code::POLICY, "too many control frames")))
@@ -410,7 +525,7 @@ where
         let max = self.shared.config.socket.max_frame_bytes;
         match msg {
             Message::Text(text) => {
-                let decoded = frame::decode_text(self.peer.vsn, text.as_str());
+                let decoded = frame::decode_text(self.live.peer.vsn, text.as_str());
                 if text.len() > max {
                     return match decoded {
                         Ok(InFrame {
@@ -517,7 +632,7 @@ where
             return self.send_close(join_ref.as_deref(), &f.topic).await;
         }
         // One cap for the whole socket: pushes waiting on a stalled service.
-        let queued: usize = self.channels.values().map(|c| c.queue.len()).sum();
+        let queued: usize = self.channels.iter().map(|c| c.queue.len()).sum();
         if queued >= self.shared.config.socket.outbound_queue {
             return self
                 .error(
@@ -576,19 +691,17 @@ where
                 .await;
         }
         let sub_id = self.shared.hub.next_sub_id();
-        self.channels.insert(
-            f.topic.clone(),
-            Box::new(Channel {
-                join_ref: f.join_ref.clone(),
-                sub_id,
-                route,
-                joined: false,
-                held: Vec::new(),
-                queue: VecDeque::new(),
-                busy: true,
-                close_pending: false,
-            }),
-        );
+        self.channels.insert(Channel {
+            topic: f.topic.clone(),
+            join_ref: f.join_ref.clone(),
+            sub_id,
+            route,
+            joined: false,
+            held: Vec::new(),
+            queue: VecDeque::new(),
+            busy: true,
+            close_pending: false,
+        });
         let shared = self.shared.clone();
         // Registered now, so leaving or rejoining before the join completes
         // always finds (and removes) this registration.
@@ -629,9 +742,9 @@ where
 
     fn command(&self, topic: &str, event: &str, payload: &str) -> ClientCommand {
         ClientCommand {
-            conn_id: self.peer.conn_id.to_string(),
-            user_id: self.peer.user_id.to_string(),
-            device_id: self.peer.device_id.clone(),
+            conn_id: self.live.peer.conn_id.to_string(),
+            user_id: self.live.peer.user_id.to_string(),
+            device_id: self.live.peer.device_id.clone(),
             topic: topic.to_owned(),
             event: event.to_owned(),
             payload: payload.as_bytes().to_vec(),
@@ -755,7 +868,7 @@ where
                 .map(|p| p.get().to_owned())
                 .unwrap_or_else(|| "{}".into());
             let text = frame::encode(
-                self.peer.vsn,
+                self.live.peer.vsn,
                 join_ref.as_deref(),
                 None,
                 &topic,
@@ -832,8 +945,8 @@ where
             Item::Broadcast(b) => b.topic.as_str(),
             // Meant for another connection of this user.
             Item::Direct(ev)
-                if (!ev.conn_id.is_empty() && ev.conn_id != *self.peer.conn_id)
-                    || ev.except_conn_id == *self.peer.conn_id =>
+                if (!ev.conn_id.is_empty() && ev.conn_id != *self.live.peer.conn_id)
+                    || ev.except_conn_id == *self.live.peer.conn_id =>
             {
                 return Ok(());
             }
@@ -852,7 +965,7 @@ where
         }
         if !channel.joined {
             if channel.held.len() >= self.shared.config.socket.outbound_queue {
-                if self.tx.overflow() {
+                if self.live.tx.overflow() {
                     metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
                 }
             } else {
@@ -868,7 +981,7 @@ where
         }
         match &*item {
             Item::Broadcast(b) => {
-                let text = b.frame(self.peer.vsn);
+                let text = b.frame(self.live.peer.vsn);
                 self.feed(text).await
             }
             Item::Direct(ev) => match &ev.kind {
@@ -877,7 +990,7 @@ where
                         .map(|p| p.get().to_owned())
                         .unwrap_or_else(|| "{}".into());
                     let text = frame::encode(
-                        self.peer.vsn,
+                        self.live.peer.vsn,
                         channel.join_ref.as_deref(),
                         None,
                         topic,
@@ -903,20 +1016,20 @@ where
         if sub_id == self.user_sub_id {
             // Without its user subject the socket would miss channel closes
             // and calls: end it, the client reconnects and resubscribes.
-            tracing::warn!(conn_id = %self.peer.conn_id, "user subscription lost: closing the socket");
+            tracing::warn!(conn_id = %self.live.peer.conn_id, "user subscription lost: closing the socket");
             return Err(());
         }
         let Some((topic, join_ref)) = self
             .channels
             .iter()
-            .find(|(_, c)| c.sub_id == sub_id)
-            .map(|(t, c)| (t.clone(), c.join_ref.clone()))
+            .find(|c| c.sub_id == sub_id)
+            .map(|c| (c.topic.clone(), c.join_ref.clone()))
         else {
             return Ok(());
         };
         self.abandon(&topic).await?;
         let text = frame::encode(
-            self.peer.vsn,
+            self.live.peer.vsn,
             join_ref.as_deref(),
             join_ref.as_deref(),
             &topic,
@@ -946,7 +1059,7 @@ where
 
     /// Forgets a channel: its hub registration, and tells the service when it
     /// wants to know.
-    fn drop_channel(&mut self, topic: &str) -> Option<Box<Channel>> {
+    fn drop_channel(&mut self, topic: &str) -> Option<Channel> {
         let channel = self.channels.remove(topic)?;
         self.shared
             .hub

@@ -471,6 +471,42 @@ async fn idle_socket_is_closed() {
 }
 
 #[tokio::test]
+async fn frames_keep_a_socket_open_and_silence_closes_it_after_the_idle_timeout() {
+    let timeout = Duration::from_millis(400);
+    let f = fixture(SocketConfig {
+        idle_timeout: timeout,
+        ..SocketConfig::default()
+    })
+    .await;
+    let mut c = connect(&f, "alice", 64);
+    // Heartbeats for three timeouts: each resets it.
+    for i in 0..8 {
+        c.send(json!([null, i.to_string(), "phoenix", "heartbeat", {}]));
+        assert_eq!(c.recv().await[3], "phx_reply");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let silent = std::time::Instant::now();
+    assert_eq!(c.recv_close().await, 1000);
+    let took = silent.elapsed();
+    // Swept every quarter of the timeout: closed between 1 and 1¼ timeouts
+    // after the last frame (the last sleep counts; slack for a busy box).
+    assert!(
+        took + Duration::from_millis(150) >= timeout && took <= timeout * 3,
+        "closed {took:?} after the last frame (timeout {timeout:?})"
+    );
+}
+
+#[tokio::test]
+async fn a_socket_opened_after_shutdown_began_is_drained_too() {
+    let f = fixture(SocketConfig::default()).await;
+    f.gateway.shared.shutdown.cancel();
+    // The sweep's last pass is over before this socket enters the table.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = connect(&f, "alice", 64);
+    assert_eq!(c.recv_close().await, 1012);
+}
+
+#[tokio::test]
 async fn slow_consumer_is_dropped_without_blocking_others() {
     let socket = SocketConfig {
         outbound_queue: 8,

@@ -14,10 +14,16 @@
 //! A consumer that falls behind can be cut off ([`Sender::overflow`]): its
 //! queue ends at once, so it learns it while waiting for items and needs no
 //! second signal beside the queue.
+//!
+//! A sender can also raise flags ([`Sender::signal`]) that the consumer reads
+//! beside its items ([`Receiver::signals`]): they are not bounded by the
+//! capacity and not lost, and cost the consumer no timer or future of its own
+//! (a gateway sweeps its sockets for idle ones and tells them to drain this
+//! way).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -36,6 +42,7 @@ pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         senders: AtomicUsize::new(1),
         receiver_gone: AtomicBool::new(false),
         overflowed: AtomicBool::new(false),
+        signals: AtomicU8::new(0),
     });
     (
         Sender {
@@ -53,6 +60,8 @@ struct Shared<T> {
     receiver_gone: AtomicBool,
     /// A sender cut the consumer off ([`Sender::overflow`]).
     overflowed: AtomicBool,
+    /// Flags raised and not yet read ([`Sender::signal`]).
+    signals: AtomicU8,
 }
 
 impl<T> Shared<T> {
@@ -128,6 +137,14 @@ impl<T> Sender<T> {
         self.shared.waker.wake();
         true
     }
+
+    /// Raises the flags `bits` for the consumer and wakes it; it reads them
+    /// once with [`Receiver::signals`], however many times they were raised.
+    pub fn signal(&self, bits: u8) {
+        if self.shared.signals.fetch_or(bits, Ordering::AcqRel) & bits != bits {
+            self.shared.waker.wake();
+        }
+    }
 }
 
 pub struct Receiver<T> {
@@ -187,6 +204,27 @@ impl<T> Receiver<T> {
     /// queue is empty, or once a sender cut the consumer off.
     pub async fn recv(&self) -> Option<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The flags raised since the last call, cleared; `Pending` while none
+    /// are. Shares the waker of [`Receiver::poll_recv`]: poll both from the
+    /// same task.
+    pub fn poll_signals(&self, cx: &mut Context<'_>) -> Poll<u8> {
+        let bits = self.shared.signals.swap(0, Ordering::AcqRel);
+        if bits != 0 {
+            return Poll::Ready(bits);
+        }
+        self.shared.waker.register(cx.waker());
+        // Again after registering: a flag raised in between woke nobody.
+        match self.shared.signals.swap(0, Ordering::AcqRel) {
+            0 => Poll::Pending,
+            bits => Poll::Ready(bits),
+        }
+    }
+
+    /// Waits for flags raised by a sender ([`Sender::signal`]).
+    pub async fn signals(&self) -> u8 {
+        poll_fn(|cx| self.poll_signals(cx)).await
     }
 
     /// Slots the queue's buffer holds now (0 while it holds no memory).
@@ -313,6 +351,29 @@ mod tests {
             .expect("ended")
             .unwrap();
         assert_eq!(got, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn signals_wake_the_consumer_once_and_pass_a_full_queue() {
+        let (tx, rx) = bounded(1);
+        tx.try_send(1).unwrap();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert_eq!(rx.poll_signals(&mut cx), Poll::Pending);
+        tx.signal(0b01);
+        tx.clone().signal(0b10);
+        tx.signal(0b01);
+        assert_eq!(rx.poll_signals(&mut cx), Poll::Ready(0b11), "both, once");
+        assert_eq!(rx.poll_signals(&mut cx), Poll::Pending);
+        assert_eq!(rx.try_recv(), Some(1), "the item is still there");
+        let waiter = tokio::spawn(async move { rx.signals().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        tx.signal(0b100);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the flag")
+            .unwrap();
+        assert_eq!(got, 0b100);
     }
 
     #[test]
