@@ -112,12 +112,22 @@ pub struct Hub {
     subjects: Arc<SubjectMap>,
     next_sub_id: AtomicU64,
     /// On an in-process bus, one subscription to every user's subject
-    /// forwards all of them ([`forward_users`]): a bus subscription and a
-    /// task per connected user would cost ~0.8 KiB each for nothing. On a
-    /// network bus each user subject is subscribed apart, so that a node
-    /// receives only its own users' events.
-    users: Option<tokio::sync::Mutex<Option<AbortOnDrop>>>,
+    /// forwards all of them ([`forward_users`]) to one table of the users'
+    /// registrations: a bus subscription, a task and a subject entry per
+    /// connected user would cost ~1 KiB each for nothing. On a network bus
+    /// each user subject is subscribed apart, so that a node receives only
+    /// its own users' events.
+    users: Option<Users>,
 }
+
+/// Every local user's registrations, on an in-process bus ([`Hub::users`]).
+struct Users {
+    forwarder: tokio::sync::Mutex<Option<AbortOnDrop>>,
+    table: Arc<UserMap>,
+}
+
+/// Registrations by user id (the key is the sockets' own id, shared).
+type UserMap = Mutex<HashMap<Arc<str>, Subscribers>>;
 
 /// The subjects this node has registrations on, by name (shared with the
 /// entry: one copy of each name).
@@ -196,7 +206,10 @@ impl Drop for AbortOnDrop {
 
 impl Hub {
     pub fn new(bus: Arc<dyn Bus>, names: Subjects) -> Self {
-        let users = bus.in_process().then(|| tokio::sync::Mutex::new(None));
+        let users = bus.in_process().then(|| Users {
+            forwarder: tokio::sync::Mutex::new(None),
+            table: Arc::default(),
+        });
         Self {
             bus,
             names,
@@ -211,9 +224,10 @@ impl Hub {
         self.next_sub_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Subjects with a live bus subscription on this node.
+    /// Subjects this node has registrations on: topics, users.
     pub fn subject_count(&self) -> usize {
-        self.lock().len()
+        let users = self.users.as_ref().map_or(0, |u| lock(&u.table).len());
+        self.lock().len() + users
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Entry>>> {
@@ -274,13 +288,6 @@ impl Hub {
     /// on failure the registration is removed.
     pub async fn ready(&self, registration: &Registration) -> Result<(), BusError> {
         let entry = &registration.entry;
-        if let (SubjectKind::Direct, Some(users)) = (entry.kind, &self.users) {
-            let ready = self.users_ready(users).await;
-            if ready.is_err() {
-                self.unsubscribe(&entry.subject, registration.sub_id);
-            }
-            return ready;
-        }
         let ready = entry
             .forwarder
             .get_or_try_init(|| async {
@@ -308,18 +315,55 @@ impl Hub {
         }
     }
 
-    /// Starts the node's subscription to every user subject unless it runs.
-    async fn users_ready(
+    /// Registers a socket on its user's subject; returns once the bus
+    /// delivers that subject's messages to this node.
+    pub async fn subscribe_user(
         &self,
-        users: &tokio::sync::Mutex<Option<AbortOnDrop>>,
+        user_id: &Arc<str>,
+        sub_id: u64,
+        subscriber: Subscriber,
     ) -> Result<(), BusError> {
-        let mut forwarder = users.lock().await;
+        let Some(users) = &self.users else {
+            let subject = self.names.user(user_id);
+            return self
+                .subscribe(&subject, SubjectKind::Direct, sub_id, subscriber)
+                .await;
+        };
+        lock(&users.table)
+            .entry(user_id.clone())
+            .or_default()
+            .insert(sub_id, subscriber);
+        let ready = self.users_ready(users).await;
+        if ready.is_err() {
+            self.unsubscribe_user(user_id, sub_id);
+        }
+        ready
+    }
+
+    /// Removes a registration made by [`Hub::subscribe_user`].
+    pub fn unsubscribe_user(&self, user_id: &str, sub_id: u64) {
+        let Some(users) = &self.users else {
+            return self.unsubscribe(&self.names.user(user_id), sub_id);
+        };
+        let mut table = lock(&users.table);
+        if let Some(subs) = table.get_mut(user_id) {
+            subs.remove(sub_id);
+            if subs.is_empty() {
+                table.remove(user_id);
+            }
+        }
+    }
+
+    /// Starts the node's subscription to every user subject unless it runs.
+    async fn users_ready(&self, users: &Users) -> Result<(), BusError> {
+        let mut forwarder = users.forwarder.lock().await;
         if forwarder.as_ref().is_some_and(|f| !f.0.is_finished()) {
             return Ok(());
         }
         let sub = self.bus.subscribe(&self.names.all_users(), None).await?;
         *forwarder = Some(AbortOnDrop::spawn(forward_users(
-            Arc::downgrade(&self.subjects),
+            Arc::downgrade(&users.table),
+            self.names.user(""),
             sub,
         )));
         Ok(())
@@ -373,7 +417,7 @@ async fn forward_topic(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapF
         if let Item::Broadcast(b) = &item {
             gaps.before(&entry, &b.topic, seq).await;
         }
-        fan_out(&entry, Arc::new(item), exclude_user.as_deref());
+        fan_out_entry(&entry, Arc::new(item), exclude_user.as_deref());
     }
     if let Some(entry) = entry.upgrade() {
         subscription_ended(&entry);
@@ -398,31 +442,32 @@ async fn forward_direct(entry: Weak<Entry>, mut sub: Subscription) {
 }
 
 /// Moves every user's events from the in-process bus to the user's local
-/// sockets ([`Hub::users`]). It awaits nothing but the bus.
-async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
+/// sockets ([`Hub::users`]); `prefix` is what precedes a user id in a user
+/// subject. It awaits nothing but the bus.
+async fn forward_users(table: Weak<UserMap>, prefix: String, mut sub: Subscription) {
     while let Some(msg) = sub.next().await {
-        let Some(subjects) = subjects.upgrade() else {
+        let Some(table) = table.upgrade() else {
             return;
         };
-        // No entry: none of the user's sockets is here.
-        let entry = lock(&subjects)
-            .get(msg.subject.as_str())
-            .filter(|e| e.kind == SubjectKind::Direct)
-            .cloned();
-        if let Some(entry) = entry {
-            deliver_direct(&entry, &msg);
+        let Some(user_id) = msg.subject.strip_prefix(prefix.as_str()) else {
+            continue;
+        };
+        let table = lock(&table);
+        // No registration: none of the user's sockets is here.
+        let Some(subs) = table.get(user_id) else {
+            continue;
+        };
+        match decode(SubjectKind::Direct, &msg) {
+            Some((item, _, _)) => fan_out(subs, Arc::new(item), None),
+            None => undecodable(&msg),
         }
     }
-    // Every user subject went with it: their sockets learn it, and the next
-    // registration subscribes again.
-    if let Some(subjects) = subjects.upgrade() {
-        let users: Vec<Arc<Entry>> = lock(&subjects)
-            .values()
-            .filter(|e| e.kind == SubjectKind::Direct)
-            .cloned()
-            .collect();
-        for entry in users {
-            subscription_ended(&entry);
+    // Every user subject went with it: their sockets learn it (and close),
+    // and the next registration subscribes again.
+    if let Some(table) = table.upgrade() {
+        let lost = Arc::new(Item::SubscriptionLost { topic: None });
+        for subs in lock(&table).values() {
+            fan_out(subs, lost.clone(), None);
         }
     }
 }
@@ -431,14 +476,14 @@ async fn forward_users(subjects: Weak<SubjectMap>, mut sub: Subscription) {
 fn deliver_direct(entry: &Entry, msg: &BusMessage) {
     match decode(SubjectKind::Direct, msg) {
         Some((item, exclude_user, _)) => {
-            fan_out(entry, Arc::new(item), exclude_user.as_deref());
+            fan_out_entry(entry, Arc::new(item), exclude_user.as_deref());
         }
         None => undecodable(msg),
     }
 }
 
-fn lock(subjects: &SubjectMap) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Entry>>> {
-    subjects.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    map.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn undecodable(msg: &BusMessage) {
@@ -450,7 +495,7 @@ fn undecodable(msg: &BusMessage) {
 /// sockets learn it, and the next registration starts a new entry.
 fn subscription_ended(entry: &Entry) {
     entry.ended.store(true, Ordering::Relaxed);
-    fan_out(
+    fan_out_entry(
         entry,
         Arc::new(Item::SubscriptionLost { topic: None }),
         None,
@@ -491,7 +536,7 @@ impl GapFill {
         let result = match self.fetch(topic, last, seq).await {
             Ok(missed) => {
                 for (event, payload) in missed {
-                    fan_out(
+                    fan_out_entry(
                         entry,
                         Arc::new(Item::Broadcast(Broadcast::new(
                             topic.to_owned(),
@@ -567,8 +612,13 @@ fn decode(kind: SubjectKind, msg: &BusMessage) -> Option<(Item, Option<String>, 
     }
 }
 
-fn fan_out(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
+/// Queues `item` to each of an entry's registrations.
+fn fan_out_entry(entry: &Entry, item: Arc<Item>, exclude_user: Option<&str>) {
     let subs = entry.subscribers.read().unwrap_or_else(|e| e.into_inner());
+    fan_out(&subs, item, exclude_user);
+}
+
+fn fan_out(subs: &Subscribers, item: Arc<Item>, exclude_user: Option<&str>) {
     let mut delivered = 0u64;
     for (sub_id, s) in subs.0.iter() {
         if exclude_user.is_some_and(|u| u == &*s.user_id) {

@@ -287,16 +287,10 @@ where
     /// Announces the socket (presence) and subscribes its user subject.
     async fn open(&mut self) {
         self.shared.opened(&self.live).await;
-        let user_subject = self.shared.subjects.user(&self.live.peer.user_id);
         if let Err(err) = self
             .shared
             .hub
-            .subscribe(
-                &user_subject,
-                SubjectKind::Direct,
-                self.user_sub_id,
-                self.subscriber(),
-            )
+            .subscribe_user(&self.live.peer.user_id, self.user_sub_id, self.subscriber())
             .await
         {
             tracing::warn!(conn_id = %self.live.peer.conn_id, %err, "user subscription failed");
@@ -334,8 +328,9 @@ where
         for topic in topics {
             self.drop_channel(&topic);
         }
-        let user_subject = self.shared.subjects.user(&self.live.peer.user_id);
-        self.shared.hub.unsubscribe(&user_subject, self.user_sub_id);
+        self.shared
+            .hub
+            .unsubscribe_user(&self.live.peer.user_id, self.user_sub_id);
         self.shared.closed(&self.live.peer).await;
         metrics::gauge!("quckchat_gateway_connections").decrement(1.0);
     }
