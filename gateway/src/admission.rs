@@ -354,7 +354,8 @@ impl IntoResponse for Refusal {
 #[derive(Default)]
 struct Counts {
     ips: HashMap<IpAddr, usize>,
-    users: HashMap<String, usize>,
+    /// Keyed by the sockets' own user id (shared, not copied).
+    users: HashMap<Arc<str>, usize>,
 }
 
 /// The admission checks and the counts of open sockets.
@@ -367,7 +368,7 @@ pub struct Admission {
 pub struct Ticket {
     counts: Arc<Mutex<Counts>>,
     ip: Option<IpAddr>,
-    user: Option<String>,
+    user: Option<Arc<str>>,
 }
 
 impl Admission {
@@ -418,18 +419,18 @@ impl Admission {
     }
 
     /// Takes a place for `user` on `ticket`.
-    pub fn admit_user(&self, ticket: &mut Ticket, user: &str) -> Result<(), Refusal> {
+    pub fn admit_user(&self, ticket: &mut Ticket, user: &Arc<str>) -> Result<(), Refusal> {
         let max = self.config.max_per_user;
         if max == 0 {
             return Ok(());
         }
         let mut counts = lock(&self.counts);
         if counts.users.get(user).is_some_and(|n| *n >= max) {
-            tracing::debug!(user, "socket refused: MAX_SOCKETS_PER_USER");
+            tracing::debug!(%user, "socket refused: MAX_SOCKETS_PER_USER");
             return Err(Refusal::UserLimit);
         }
-        *counts.users.entry(user.to_owned()).or_default() += 1;
-        ticket.user = Some(user.to_owned());
+        *counts.users.entry(user.clone()).or_default() += 1;
+        ticket.user = Some(user.clone());
         Ok(())
     }
 }
@@ -549,16 +550,16 @@ mod tests {
         let h = HeaderMap::new();
         let mut t = admission.admit_ip(ip, &h).unwrap();
         assert_eq!(admission.admit_ip(ip, &h).err(), Some(Refusal::IpLimit));
-        admission.admit_user(&mut t, "alice").unwrap();
+        admission.admit_user(&mut t, &"alice".into()).unwrap();
         let mut other = admission
             .admit_ip(Some("192.0.2.2".parse().unwrap()), &h)
             .unwrap();
         assert_eq!(
-            admission.admit_user(&mut other, "alice"),
+            admission.admit_user(&mut other, &"alice".into()),
             Err(Refusal::UserLimit)
         );
         drop(t);
-        admission.admit_user(&mut other, "alice").unwrap();
+        admission.admit_user(&mut other, &"alice".into()).unwrap();
         assert!(admission.admit_ip(ip, &h).is_ok());
     }
 }

@@ -346,7 +346,8 @@ async fn upgrade(
         tracing::debug!("socket refused: the token's user id is not an id");
         return StatusCode::FORBIDDEN.into_response();
     }
-    if let Err(refused) = shared.admission.admit_user(&mut ticket, &identity.user_id) {
+    let user_id: Arc<str> = identity.user_id.into();
+    if let Err(refused) = shared.admission.admit_user(&mut ticket, &user_id) {
         return refused.into_response();
     }
     let device_id = identity
@@ -361,7 +362,7 @@ async fn upgrade(
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let peer = Peer {
         conn_id: uuid::Uuid::new_v4().simple().to_string().into(),
-        user_id: identity.user_id.into(),
+        user_id,
         device_id,
         vsn,
     };

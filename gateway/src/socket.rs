@@ -10,10 +10,11 @@
 //! tested without a network.
 
 use std::collections::VecDeque;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -216,6 +217,16 @@ struct Completion {
     result: Result<CommandReply, ClientError>,
 }
 
+/// What woke the socket's event loop.
+enum Event {
+    /// Flags the gateway raised ([`signal`]).
+    Signals(u8),
+    DrainTimer,
+    Incoming(Option<Result<Message, ws::Error>>),
+    Delivery(Option<Delivery>),
+    Done(Box<Completion>),
+}
+
 /// Why the loop ended, for the close frame.
 struct Close(u16, &'static str);
 
@@ -238,9 +249,9 @@ where
         ws,
         channels: Channels::default(),
         inflight: FuturesUnordered::new(),
-        strikes: Strikes::new(shared.config.socket.malformed_limit, Instant::now()),
-        budget: PushBudget::new(shared.config.socket.rate_per_sec, Instant::now()),
-        control: ControlBudget::new(shared.config.socket.control_rate_per_sec, Instant::now()),
+        strikes: Strikes::new(shared.config.socket.malformed_limit, shared.clock_ms()),
+        budget: PushBudget::new(shared.config.socket.rate_per_sec, shared.clock_ms()),
+        control: ControlBudget::new(shared.config.socket.control_rate_per_sec, shared.clock_ms()),
         user_sub_id: shared.hub.next_sub_id(),
     };
     // Moved in once (`serve` by value would keep a second copy).
@@ -255,7 +266,9 @@ struct Socket<S> {
     ws: S,
     /// Joined (and joining) topics.
     channels: Channels,
-    inflight: FuturesUnordered<BoxFuture<'static, Completion>>,
+    /// Boxed outputs: a completion (~150 B) taken from the select would
+    /// otherwise keep its place in every socket's task, idle or not.
+    inflight: FuturesUnordered<BoxFuture<'static, Box<Completion>>>,
     strikes: Strikes,
     budget: PushBudget,
     /// WebSocket pings/pongs and Phoenix heartbeats.
@@ -347,9 +360,34 @@ where
                 return slow();
             }
             let closing = drain.as_ref().is_some_and(|d| d.closing);
-            tokio::select! {
-                biased;
-                bits = rx.signals() => {
+            // One poll over every source, in this order, instead of a select
+            // of futures: the socket's task keeps no future per source.
+            let event = poll_fn(|cx| {
+                if let Poll::Ready(bits) = rx.poll_signals(cx) {
+                    return Poll::Ready(Event::Signals(bits));
+                }
+                if let Some(d) = drain.as_mut() {
+                    if d.timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::DrainTimer);
+                    }
+                }
+                if !closing {
+                    if let Poll::Ready(incoming) = self.ws.poll_next_unpin(cx) {
+                        return Poll::Ready(Event::Incoming(incoming));
+                    }
+                }
+                if let Poll::Ready(delivery) = rx.poll_recv(cx) {
+                    return Poll::Ready(Event::Delivery(delivery));
+                }
+                match self.inflight.poll_next_unpin(cx) {
+                    Poll::Ready(Some(done)) => Poll::Ready(Event::Done(done)),
+                    // Empty, or none answered yet.
+                    Poll::Ready(None) | Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match event {
+                Event::Signals(bits) => {
                     if bits & signal::DRAIN != 0 && drain.is_none() {
                         // Spread reconnects over the drain window.
                         let started = Instant::now();
@@ -371,12 +409,7 @@ where
                         return Some(Close(close_code::NORMAL, "idle timeout"));
                     }
                 }
-                () = async {
-                    match drain.as_mut() {
-                        Some(d) => d.timer.as_mut().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                Event::DrainTimer => {
                     let Some(d) = drain.as_mut() else { continue };
                     if d.closing || self.inflight.is_empty() {
                         return restart();
@@ -385,22 +418,18 @@ where
                     let last = d.started + self.shared.config.server.drain.mul_f64(0.95);
                     d.timer.as_mut().reset(last.max(Instant::now()));
                 }
-                incoming = self.ws.next(), if !closing => {
-                    let msg = match incoming {
-                        Some(Ok(msg)) => msg,
-                        Some(Err(err)) => return read_error_close(&err),
-                        None => return None,
-                    };
+                Event::Incoming(None) => return None,
+                Event::Incoming(Some(Err(err))) => return read_error_close(&err),
+                Event::Incoming(Some(Ok(msg))) => {
                     self.live.read_at(self.shared.clock_ms());
                     // The handlers run boxed: their futures (a join's, a
                     // reply's write) would otherwise sit inline in every
                     // socket's task, idle or not (docs: bench/ANALYSIS.md).
-                    match Box::pin(self.on_message(msg)).await {
-                        Ok(()) => {}
-                        Err(close) => return close,
+                    if let Err(close) = Box::pin(self.on_message(msg)).await {
+                        return close;
                     }
                 }
-                next = rx.recv() => {
+                Event::Delivery(next) => {
                     // The socket holds a sender of its queue: the queue ends
                     // only when cut off.
                     let Some(delivery) = next else { return slow() };
@@ -408,7 +437,7 @@ where
                         return None;
                     }
                 }
-                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
+                Event::Done(done) => {
                     if Box::pin(self.on_completion(done)).await.is_err() {
                         return None;
                     }
@@ -490,7 +519,7 @@ where
     /// Counts an unusable frame; too many in a minute closes the socket.
     fn strike(&mut self) -> Result<(), Option<Close>> {
         metrics::counter!("quckchat_gateway_malformed_frames_total").increment(1);
-        if self.strikes.strike(Instant::now()) {
+        if self.strikes.strike(self.shared.clock_ms()) {
             return Err(Some(Close(close_code::POLICY, "too many malformed frames")));
         }
         Ok(())
@@ -499,7 +528,7 @@ where
     /// Takes one token from the control budget (pings, pongs, heartbeats);
     /// a socket over it is closed with 1008 rather than kept answering.
     fn control_frame(&mut self) -> Result<(), Option<Close>> {
-        if self.control.take(Instant::now()) {
+        if self.control.take(self.shared.clock_ms()) {
             return Ok(());
         }
         metrics::counter!("quckchat_gateway_control_limited_total").increment(1);
@@ -513,7 +542,7 @@ where
 
     /// Takes one token from the push budget.
     fn allow_push(&mut self) -> bool {
-        self.budget.take(Instant::now())
+        self.budget.take(self.shared.clock_ms())
     }
 
     async fn on_message(&mut self, msg: Message) -> Result<(), Option<Close>> {
@@ -723,14 +752,14 @@ where
                     Err(ClientError::Unavailable)
                 }
             };
-            Completion {
+            Box::new(Completion {
                 topic,
                 join_ref,
                 sub_id,
                 ref_,
                 join: true,
                 result,
-            }
+            })
         }));
         Ok(())
     }
@@ -765,18 +794,18 @@ where
         let topic = topic.to_owned();
         self.inflight.push(Box::pin(async move {
             let result = shared.request(route, command).await;
-            Completion {
+            Box::new(Completion {
                 topic,
                 join_ref,
                 sub_id,
                 ref_: push.ref_,
                 join: false,
                 result,
-            }
+            })
         }));
     }
 
-    async fn on_completion(&mut self, done: Completion) -> Result<(), ()> {
+    async fn on_completion(&mut self, done: Box<Completion>) -> Result<(), ()> {
         let current = self
             .channels
             .get(&done.topic)
