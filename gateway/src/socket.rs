@@ -135,20 +135,69 @@ struct Draining {
 }
 
 struct Channel {
-    topic: String,
-    join_ref: Option<String>,
+    topic: Box<str>,
+    join_ref: Option<Box<str>>,
     sub_id: u64,
     route: &'static Route,
     joined: bool,
-    /// Deliveries that arrived while joining; written after the join reply.
-    held: Vec<Delivery>,
-    /// Pushes waiting for the one in flight.
-    queue: VecDeque<Push>,
+    /// What waits on the channel; boxed, and only while something does.
+    backlog: Option<Box<Backlog>>,
     busy: bool,
     /// The service closed the channel while a push was in flight: the push
     /// is answered first, then the channel closes (a Phoenix channel replies
     /// before it stops).
     close_pending: bool,
+}
+
+#[derive(Default)]
+struct Backlog {
+    /// Deliveries that arrived while joining; written after the join reply.
+    held: Vec<Delivery>,
+    /// Pushes waiting for the one in flight.
+    queue: VecDeque<Push>,
+}
+
+impl Channel {
+    fn backlog(&mut self) -> &mut Backlog {
+        self.backlog.get_or_insert_with(Box::default)
+    }
+
+    /// Pushes waiting.
+    fn queued(&self) -> usize {
+        self.backlog.as_ref().map_or(0, |b| b.queue.len())
+    }
+
+    /// Deliveries held while joining.
+    fn held(&self) -> usize {
+        self.backlog.as_ref().map_or(0, |b| b.held.len())
+    }
+
+    fn next_push(&mut self) -> Option<Push> {
+        let push = self.backlog.as_mut()?.queue.pop_front();
+        self.tidy();
+        push
+    }
+
+    fn take_held(&mut self) -> Vec<Delivery> {
+        let held = self
+            .backlog
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.held))
+            .unwrap_or_default();
+        self.tidy();
+        held
+    }
+
+    /// Frees the backlog once nothing waits in it.
+    fn tidy(&mut self) {
+        if self
+            .backlog
+            .as_ref()
+            .is_some_and(|b| b.held.is_empty() && b.queue.is_empty())
+        {
+            self.backlog = None;
+        }
+    }
 }
 
 /// A socket's channels, ordered by topic: a vector, since most sockets have
@@ -158,7 +207,7 @@ struct Channels(Vec<Channel>);
 
 impl Channels {
     fn find(&self, topic: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|c| c.topic.as_str().cmp(topic))
+        self.0.binary_search_by(|c| (*c.topic).cmp(topic))
     }
 
     fn get(&self, topic: &str) -> Option<&Channel> {
@@ -337,7 +386,7 @@ where
             let _ = self.ws.close().await;
         })
         .await;
-        let topics: Vec<String> = self.channels.iter().map(|c| c.topic.clone()).collect();
+        let topics: Vec<Box<str>> = self.channels.iter().map(|c| c.topic.clone()).collect();
         for topic in topics {
             self.drop_channel(&topic);
         }
@@ -656,7 +705,7 @@ where
             return self.send_close(join_ref.as_deref(), &f.topic).await;
         }
         // One cap for the whole socket: pushes waiting on a stalled service.
-        let queued: usize = self.channels.iter().map(|c| c.queue.len()).sum();
+        let queued: usize = self.channels.iter().map(Channel::queued).sum();
         if queued >= self.shared.config.socket.outbound_queue {
             return self
                 .error(
@@ -668,7 +717,7 @@ where
                 .await;
         }
         if let Some(channel) = self.channels.get_mut(&f.topic) {
-            channel.queue.push_back(Push {
+            channel.backlog().queue.push_back(Push {
                 ref_: f.ref_,
                 event: f.event,
                 payload: f.payload,
@@ -716,13 +765,12 @@ where
         }
         let sub_id = self.shared.hub.next_sub_id();
         self.channels.insert(Channel {
-            topic: f.topic.clone(),
-            join_ref: f.join_ref.clone(),
+            topic: f.topic.as_str().into(),
+            join_ref: f.join_ref.as_deref().map(Box::from),
             sub_id,
             route,
             joined: false,
-            held: Vec::new(),
-            queue: VecDeque::new(),
+            backlog: None,
             busy: true,
             close_pending: false,
         });
@@ -784,11 +832,12 @@ where
         if channel.busy || !channel.joined {
             return;
         }
-        let Some(push) = channel.queue.pop_front() else {
+        let Some(push) = channel.next_push() else {
             return;
         };
         channel.busy = true;
-        let (sub_id, route, join_ref) = (channel.sub_id, channel.route, channel.join_ref.clone());
+        let (sub_id, route) = (channel.sub_id, channel.route);
+        let join_ref = channel.join_ref.as_deref().map(str::to_owned);
         let command = self.command(topic, &push.event, push.payload.get());
         let shared = self.shared.clone();
         let topic = topic.to_owned();
@@ -919,7 +968,7 @@ where
                 if done.join {
                     ch.joined = true;
                 }
-                std::mem::take(&mut ch.held)
+                ch.take_held()
             }
             None => Vec::new(),
         };
@@ -988,12 +1037,12 @@ where
             return Ok(());
         }
         if !channel.joined {
-            if channel.held.len() >= self.shared.config.socket.outbound_queue {
+            if channel.held() >= self.shared.config.socket.outbound_queue {
                 if self.live.tx.overflow() {
                     metrics::counter!("quckchat_gateway_slow_consumers_total").increment(1);
                 }
             } else {
-                channel.held.push(d);
+                channel.backlog().held.push(d);
             }
             return Ok(());
         }
@@ -1069,7 +1118,7 @@ where
         let Some(channel) = self.drop_channel(topic) else {
             return Ok(());
         };
-        for push in channel.queue {
+        for push in channel.backlog.map(|b| b.queue).unwrap_or_default() {
             self.error(
                 channel.join_ref.as_deref(),
                 push.ref_.as_deref(),
