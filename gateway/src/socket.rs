@@ -297,7 +297,7 @@ where
         live: Arc::new(live),
         ws,
         channels: Channels::default(),
-        inflight: FuturesUnordered::new(),
+        inflight: None,
         strikes: Strikes::new(shared.config.socket.malformed_limit, shared.clock_ms()),
         budget: PushBudget::new(shared.config.socket.rate_per_sec, shared.clock_ms()),
         control: ControlBudget::new(shared.config.socket.control_rate_per_sec, shared.clock_ms()),
@@ -315,9 +315,10 @@ struct Socket<S> {
     ws: S,
     /// Joined (and joining) topics.
     channels: Channels,
-    /// Boxed outputs: a completion (~150 B) taken from the select would
-    /// otherwise keep its place in every socket's task, idle or not.
-    inflight: FuturesUnordered<BoxFuture<'static, Box<Completion>>>,
+    /// Pushes (and joins) in flight: made with the first, dropped once none
+    /// is (a set allocates ~140 B when made). Boxed outputs: a completion
+    /// (~150 B) would otherwise keep its place in every socket's task.
+    inflight: Option<FuturesUnordered<BoxFuture<'static, Box<Completion>>>>,
     strikes: Strikes,
     budget: PushBudget,
     /// WebSocket pings/pongs and Phoenix heartbeats.
@@ -428,10 +429,10 @@ where
                 if let Poll::Ready(delivery) = rx.poll_recv(cx) {
                     return Poll::Ready(Event::Delivery(delivery));
                 }
-                match self.inflight.poll_next_unpin(cx) {
-                    Poll::Ready(Some(done)) => Poll::Ready(Event::Done(done)),
-                    // Empty, or none answered yet.
-                    Poll::Ready(None) | Poll::Pending => Poll::Pending,
+                match self.inflight.as_mut().map(|f| f.poll_next_unpin(cx)) {
+                    Some(Poll::Ready(Some(done))) => Poll::Ready(Event::Done(done)),
+                    // None in flight, or none answered yet.
+                    _ => Poll::Pending,
                 }
             })
             .await;
@@ -460,7 +461,7 @@ where
                 }
                 Event::DrainTimer => {
                     let Some(d) = drain.as_mut() else { continue };
-                    if d.closing || self.inflight.is_empty() {
+                    if d.closing || self.idle() {
                         return restart();
                     }
                     d.closing = true;
@@ -490,12 +491,29 @@ where
                     if Box::pin(self.on_completion(done)).await.is_err() {
                         return None;
                     }
-                    if closing && self.inflight.is_empty() {
-                        return restart();
+                    if self.idle() {
+                        self.inflight = None;
+                        if closing {
+                            return restart();
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Nothing in flight.
+    fn idle(&self) -> bool {
+        self.inflight
+            .as_ref()
+            .is_none_or(FuturesUnordered::is_empty)
+    }
+
+    /// Runs a push (or join) until it completes.
+    fn start(&mut self, push: BoxFuture<'static, Box<Completion>>) {
+        self.inflight
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(push);
     }
 
     /// Queues a frame without flushing.
@@ -786,7 +804,7 @@ where
         let topic = f.topic;
         let ref_ = f.ref_;
         let join_ref = f.join_ref;
-        self.inflight.push(Box::pin(async move {
+        self.start(Box::pin(async move {
             let result = match shared.hub.ready(&registration).await {
                 Ok(()) => shared.request(route, command).await,
                 Err(err) => {
@@ -841,7 +859,7 @@ where
         let command = self.command(topic, &push.event, push.payload.get());
         let shared = self.shared.clone();
         let topic = topic.to_owned();
-        self.inflight.push(Box::pin(async move {
+        self.start(Box::pin(async move {
             let result = shared.request(route, command).await;
             Box::new(Completion {
                 topic,
@@ -1003,7 +1021,12 @@ where
     ) -> Result<(), ()> {
         self.on_delivery(first).await?;
         for _ in 0..DELIVERY_BATCH {
-            let Some(delivery) = rx.try_recv() else { break };
+            let Some(delivery) = rx.try_recv() else {
+                // Caught up: the queue's buffer goes until the next burst
+                // (most sockets wait long between deliveries).
+                rx.release_if_empty();
+                break;
+            };
             self.on_delivery(delivery).await?;
         }
         self.flush().await

@@ -227,6 +227,16 @@ impl<T> Receiver<T> {
         poll_fn(|cx| self.poll_signals(cx)).await
     }
 
+    /// Gives the buffer back if nothing is queued: for a consumer about to
+    /// wait long (an idle socket), where the few slots kept for a steady
+    /// trickle ([`KEPT_SLOTS`]) would be kept for nothing.
+    pub fn release_if_empty(&self) {
+        let mut items = self.shared.items();
+        if items.is_empty() && items.capacity() > 0 {
+            *items = VecDeque::new();
+        }
+    }
+
     /// Slots the queue's buffer holds now (0 while it holds no memory).
     pub fn allocated_slots(&self) -> usize {
         self.shared.items().capacity()
@@ -252,6 +262,15 @@ mod tests {
         assert!(rx.allocated_slots() >= 100);
         let drained: Vec<u64> = std::iter::from_fn(|| rx.try_recv()).collect();
         assert_eq!(drained, (0..100).collect::<Vec<_>>());
+        assert_eq!(rx.allocated_slots(), 0);
+        tx.try_send(1).unwrap();
+        rx.release_if_empty();
+        assert!(
+            rx.allocated_slots() > 0,
+            "an item is queued: the buffer stays"
+        );
+        assert_eq!(rx.try_recv(), Some(1));
+        rx.release_if_empty();
         assert_eq!(rx.allocated_slots(), 0);
     }
 
