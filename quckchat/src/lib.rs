@@ -20,7 +20,7 @@ use quckchat_huddle::state::MemoryRoomState;
 use quckchat_huddle::store::{EmbeddedHuddleStore, HuddleStore};
 use quckchat_presence::config::PresenceTiming;
 use quckchat_presence::grpc::PresenceGrpc;
-use quckchat_presence::service::{ChatMemberships, PresenceService};
+use quckchat_presence::service::{Memberships, PresenceService};
 use quckchat_presence::state::{MemoryState, PresenceState};
 use quckchat_push::clients::{GrpcChat, GrpcOnline};
 use quckchat_push::config::PushSettings;
@@ -35,8 +35,10 @@ use quckchat_runtime::auth::DEV_JWT_SECRET;
 use quckchat_runtime::bus::{Bus, MemoryBus, Subjects};
 use quckchat_runtime::config::{ConfigError, ConfigReader, DATA_DIR};
 use quckchat_runtime::dashboard::{self, Scope};
-use quckchat_runtime::grpc::GrpcToken;
+use quckchat_runtime::grpc::{CallError, GrpcToken};
+use quckchat_runtime::presence::MAX_PRESENCE_MEMBERS;
 use quckchat_runtime::publish::Publisher;
+use quckchat_runtime::routes;
 use quckchat_runtime::server;
 use quckchat_signaling::chat::GrpcConversations;
 use quckchat_signaling::config::SignalingSettings;
@@ -139,8 +141,7 @@ pub async fn run(
     let services_stop = CancellationToken::new();
 
     let presence_state: Arc<dyn PresenceState> = Arc::new(MemoryState::new());
-    let memberships =
-        Arc::new(ChatMemberships::new(&self_url, &grpc_token).map_err(anyhow::Error::msg)?);
+    let memberships = Arc::new(StoreMemberships(store.clone()));
     let presence = Arc::new(PresenceService::new(
         presence_state.clone(),
         bus.clone(),
@@ -301,4 +302,73 @@ pub async fn run(
     }
     tracing::info!("quckchat stopped");
     Ok(())
+}
+
+/// Presence's view of chat memberships in the all-in-one: read from the chat
+/// store in the same process, a point query per user coming online or going
+/// offline. (Distributed, presence-svc asks chat-svc over gRPC and caches
+/// the answer: `ChatMemberships`; here a cache would hold ~300 B per
+/// connected user for 30 s to save a local query.)
+struct StoreMemberships(Arc<dyn ChatStore>);
+
+#[async_trait::async_trait]
+impl Memberships for StoreMemberships {
+    async fn conversations_of(&self, user_id: &str) -> Result<Arc<Vec<String>>, CallError> {
+        let listed = self
+            .0
+            .conversations_of(user_id)
+            .await
+            .map_err(|err| CallError {
+                service: routes::CHAT,
+                code: tonic::Code::Unavailable,
+                message: err.to_string(),
+            })?;
+        Ok(Arc::new(
+            listed
+                .into_iter()
+                .filter(|c| c.members <= MAX_PRESENCE_MEMBERS as u64)
+                .map(|c| c.id)
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn presence_sees_the_users_conversations_small_enough_for_per_member_presence() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn ChatStore> = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let members = |n: usize| -> Vec<String> { (0..n).map(|i| format!("u{i}")).collect() };
+        store
+            .upsert_conversation("small", &members(3))
+            .await
+            .expect("small");
+        store
+            .upsert_conversation("big", &members(MAX_PRESENCE_MEMBERS + 1))
+            .await
+            .expect("big");
+        store
+            .upsert_conversation("other", &["u9".to_owned()])
+            .await
+            .expect("other");
+        let memberships = StoreMemberships(store);
+        let of = |user: &'static str| {
+            let memberships = &memberships;
+            async move {
+                let mut ids = (*memberships.conversations_of(user).await.expect("listed")).clone();
+                ids.sort();
+                ids
+            }
+        };
+        assert_eq!(
+            of("u1").await,
+            vec!["small"],
+            "the big one carries counts only"
+        );
+        assert_eq!(of("u9").await, vec!["other"]);
+        assert!(of("nobody").await.is_empty());
+    }
 }
