@@ -33,6 +33,7 @@ where
     request_without_responders_fails_fast(make().await).await;
     request_times_out(make().await).await;
     dropping_a_subscription_unsubscribes(make().await).await;
+    many_subscriptions_each_get_their_own_subject_in_order(make().await).await;
     invalid_subjects_are_refused(make().await).await;
 }
 
@@ -216,6 +217,57 @@ pub async fn dropping_a_subscription_unsubscribes(bus: Arc<dyn Bus>) {
         &recv(&mut watcher, WAIT).await.unwrap().payload[..],
         b"again"
     );
+}
+
+/// A node holds one subscription per connected user and per topic: many
+/// subjects, made and dropped all the time; each subscription gets its
+/// subject's messages only, in the order published, also when one subject
+/// has two subscribers and one of them leaves.
+pub async fn many_subscriptions_each_get_their_own_subject_in_order(bus: Arc<dyn Bus>) {
+    const SUBJECTS: usize = 300;
+    const EACH: usize = 5;
+    let p = prefix();
+    let subject = |i: usize| format!("{p}.user.u{i}");
+    let subscribed = futures::future::join_all((0..SUBJECTS).map(|i| {
+        let bus = bus.clone();
+        let subject = subject(i);
+        async move { bus.subscribe(&subject, None).await.unwrap() }
+    }))
+    .await;
+    let mut subs: Vec<Option<Subscription>> = subscribed.into_iter().map(Some).collect();
+    let mut second = bus.subscribe(&subject(0), None).await.unwrap();
+    // Every third subscription leaves before anything is published; the
+    // second subscriber of subject 0 stays.
+    for (i, sub) in subs.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            sub.take();
+        }
+    }
+    for n in 0..EACH {
+        for i in 0..SUBJECTS {
+            bus.publish(
+                &subject(i),
+                None,
+                Vec::new(),
+                Bytes::from(format!("{i}:{n}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let Some(sub) = sub else { continue };
+        for n in 0..EACH {
+            let msg = recv(sub, WAIT).await.expect("a message of its own subject");
+            assert_eq!(msg.subject, subject(i));
+            assert_eq!(&msg.payload[..], format!("{i}:{n}").as_bytes());
+        }
+        assert!(recv(sub, Duration::from_millis(1)).await.is_none());
+    }
+    for n in 0..EACH {
+        let msg = recv(&mut second, WAIT).await.unwrap();
+        assert_eq!(&msg.payload[..], format!("0:{n}").as_bytes());
+    }
 }
 
 pub async fn invalid_subjects_are_refused(bus: Arc<dyn Bus>) {

@@ -18,6 +18,7 @@
 
 mod memory;
 mod nats;
+mod nats_subs;
 pub mod subjects;
 
 #[cfg(any(test, feature = "testsuite"))]

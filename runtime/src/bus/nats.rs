@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
+use super::nats_subs::{parse_url, Credentials, NatsSubs};
 use super::{
     count_request_timeout, validate_subject, Bus, BusError, BusMessage, Headers, Subscription,
 };
@@ -23,7 +24,7 @@ pub const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// Wait before reconnect attempt `attempts` (1, 2, …): 50 ms, 100 ms, …
 /// up to [`MAX_RECONNECT_DELAY`]. (async-nats's default backs off to
 /// seconds: a 5 s outage cost 8 s.)
-fn reconnect_delay(attempts: usize) -> Duration {
+pub(super) fn reconnect_delay(attempts: usize) -> Duration {
     let ms = u64::try_from(attempts)
         .unwrap_or(u64::MAX)
         .saturating_mul(50);
@@ -33,6 +34,11 @@ fn reconnect_delay(attempts: usize) -> Duration {
 #[derive(Clone)]
 pub struct NatsBus {
     client: Client,
+    /// Exact subjects without a queue group (a gateway's users and topics:
+    /// thousands) are subscribed on a connection of their own, at a table
+    /// entry each ([`super::nats_subs`]); `None` when that connection cannot
+    /// speak to the server (TLS, WebSocket) and async-nats serves them all.
+    subs: Option<NatsSubs>,
 }
 
 impl NatsBus {
@@ -40,7 +46,17 @@ impl NatsBus {
     /// `nats server report connections`). Fails fast when the server is
     /// unreachable at start-up; after that the client reconnects by itself.
     pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
-        let client = ConnectOptions::new()
+        // async-nats reads no credentials from the URL: they are given apart.
+        let credentials = parse_url(url)
+            .map(|u| Credentials::of(&u))
+            .unwrap_or_default();
+        let mut options = ConnectOptions::new();
+        if let Some(token) = credentials.token {
+            options = options.token(token);
+        } else if let Some(user) = credentials.user {
+            options = options.user_and_password(user, credentials.pass.unwrap_or_default());
+        }
+        let client = options
             .name(name)
             .subscription_capacity(SUBSCRIPTION_CAPACITY)
             .connection_timeout(Duration::from_secs(5))
@@ -71,7 +87,8 @@ impl NatsBus {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(Self { client })
+        let subs = NatsSubs::connect(url, name).await?;
+        Ok(Self { client, subs })
     }
 
     /// The NATS client, for what the [`crate::bus::Bus`] trait does not
@@ -154,6 +171,10 @@ impl Bus for NatsBus {
         queue_group: Option<&str>,
     ) -> Result<Subscription, BusError> {
         validate_subject(subject, true)?;
+        let exact = !subject.split('.').any(|t| t == "*" || t == ">");
+        if let (Some(subs), None, true) = (&self.subs, queue_group, exact) {
+            return subs.subscribe(subject).await;
+        }
         let subscriber = match queue_group {
             Some(g) => {
                 self.client
@@ -228,9 +249,14 @@ mod tests {
     /// A nats-server of this test's own on a free port (`NATS_SERVER_BIN`,
     /// written by scripts/deps.sh, or `nats-server` on the PATH).
     fn nats_server(port: u16) -> Child {
+        nats_server_with(port, &[])
+    }
+
+    fn nats_server_with(port: u16, args: &[&str]) -> Child {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
         Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -255,6 +281,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn subscriptions_use_the_credentials_of_the_url() {
+        let port = free_port();
+        let mut server = nats_server_with(port, &["--user", "qc", "--pass", "p@ss:w"]);
+        let url = format!("nats://qc:p%40ss%3Aw@127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let bus = loop {
+            match NatsBus::connect(&url, "auth-test").await {
+                Ok(bus) => break bus,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(bus.subs.is_some(), "exact subjects on their own connection");
+        let mut sub = bus.subscribe("t.user.u1", None).await.unwrap();
+        bus.publish("t.user.u1", None, Vec::new(), Bytes::from_static(b"hi"))
+            .await
+            .unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg.payload.as_ref(), b"hi");
+        // A wrong password is refused with the server's reason.
+        let wrong = format!("nats://qc:nope@127.0.0.1:{port}");
+        let err = NatsSubs::connect(&wrong, "auth-test").await.err().unwrap();
+        assert!(
+            err.to_string()
+                .to_ascii_lowercase()
+                .contains("authorization"),
+            "{err}"
+        );
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+
+    #[tokio::test]
     async fn an_outage_fails_requests_at_once_and_ends_within_a_second_of_nats_returning() {
         let port = free_port();
         let url = format!("nats://127.0.0.1:{port}");
@@ -269,6 +333,10 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
+        // An exact subject (the subscriptions' own connection) and a
+        // wildcard (async-nats), both made before the outage.
+        let mut exact = bus.subscribe("t.user.u1", None).await.unwrap();
+        let mut wild = bus.subscribe("t.topic.*", None).await.unwrap();
         server.kill().unwrap();
         server.wait().unwrap();
         until("the client noticing", Duration::from_secs(10), || {
@@ -313,6 +381,25 @@ mod tests {
             .unwrap();
         assert_eq!(reply.payload.as_ref(), b"pong");
         responder.await.unwrap();
+        // Both subscriptions are back (messages published while the
+        // subscriptions' connection was still away are lost, at most once).
+        for (sub, subject) in [(&mut exact, "t.user.u1"), (&mut wild, "t.topic.x")] {
+            let got = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    bus.publish(subject, None, Vec::new(), Bytes::from_static(b"back"))
+                        .await
+                        .unwrap();
+                    if let Ok(Some(msg)) =
+                        tokio::time::timeout(Duration::from_millis(100), sub.next()).await
+                    {
+                        break msg;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{subject}: no message after NATS returned"));
+            assert_eq!(got.subject, subject);
+        }
         server.kill().unwrap();
         server.wait().unwrap();
     }
