@@ -6,7 +6,7 @@
 //! About 240 bytes a connection where separate tables per relation took
 //! about 640.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -46,6 +46,9 @@ struct Inner {
     last_seen: HashMap<Box<str>, i64>,
     /// closed connection id → when
     closed: HashMap<Arc<str>, i64>,
+    /// The same, in the order closed: what [`Inner::forget_closed`] drops
+    /// from the front, so that an open costs no scan of every closed id.
+    closed_order: VecDeque<(Arc<str>, i64)>,
     /// Connections held for a node that their device's entry does not name:
     /// one opened on a second node (an id reported twice), or left on its
     /// node when closed as if on another. Gateways never do that; kept so
@@ -213,6 +216,7 @@ impl Inner {
             .as_ref()
             .map_or_else(|| Arc::from(conn), |o| o.id.clone());
         self.closed.insert(id.clone(), now);
+        self.closed_order.push_back((id.clone(), now));
         match listed {
             Some(o) if *o.node == *node => self.count_down(node),
             listed => {
@@ -232,6 +236,20 @@ impl Inner {
                 .entry((user.into(), device.into()))
                 .or_insert(leave_at);
             *due = (*due).min(leave_at);
+        }
+    }
+
+    /// Forgets the ids closed [`CLOSED_MEMORY_MS`] ago or more, oldest
+    /// first; an id closed again since keeps its later time.
+    fn forget_closed(&mut self, now: i64) {
+        while let Some((id, at)) = self.closed_order.front() {
+            if now - *at < CLOSED_MEMORY_MS {
+                break;
+            }
+            if self.closed.get(id) == Some(at) {
+                self.closed.remove(id);
+            }
+            self.closed_order.pop_front();
         }
     }
 
@@ -257,7 +275,7 @@ impl PresenceState for MemoryState {
     async fn connect(&self, c: &Connection, now_ms: i64) -> Result<Joined, StateError> {
         let mut guard = self.lock();
         let s = &mut *guard;
-        s.closed.retain(|_, at| now_ms - *at < CLOSED_MEMORY_MS);
+        s.forget_closed(now_ms);
         if s.closed.contains_key(c.conn_id.as_str()) {
             return Ok(Joined::Ignored);
         }
@@ -482,6 +500,31 @@ mod tests {
         }
     }
 
+    /// A closed id is remembered ten minutes from its last close: an open
+    /// of it is ignored until then, also when it was closed once before.
+    #[tokio::test]
+    async fn a_closed_id_is_remembered_from_its_last_close() {
+        let s = MemoryState::new();
+        let (a, b) = (conn("gw@1", 1), conn("gw@1", 2));
+        s.connect(&a, 0).await.unwrap();
+        s.connect(&b, 0).await.unwrap();
+        s.disconnect(&a, 1_000, 0).await.unwrap();
+        s.disconnect(&b, 2_000, 0).await.unwrap();
+        // `a` closed again (a gateway's resync after a missed close).
+        s.disconnect(&a, 300_000, 0).await.unwrap();
+        let later = 2_000 + CLOSED_MEMORY_MS;
+        // Each device waits out its grace (none was taken): an open counts
+        // as another connection of it, unless ignored.
+        let opened = |j: Joined| !matches!(j, Joined::Ignored);
+        assert!(opened(s.connect(&b, later).await.unwrap()));
+        assert!(!opened(s.connect(&a, later).await.unwrap()));
+        assert!(opened(
+            s.connect(&a, 300_000 + CLOSED_MEMORY_MS).await.unwrap()
+        ));
+        let inner = s.lock();
+        assert!(inner.closed.is_empty() && inner.closed_order.is_empty());
+    }
+
     /// Many one-socket users come and go: nothing of them is kept but what
     /// is meant to be (last seen; closed ids, for ten minutes), and while
     /// they are online each connection id is stored once.
@@ -543,6 +586,7 @@ mod tests {
         s.connect(&late, 2_000 + CLOSED_MEMORY_MS).await.unwrap();
         let inner = s.lock();
         assert_eq!(inner.closed.len(), 0);
+        assert_eq!(inner.closed_order.len(), 0);
         assert_eq!(inner.users.len(), 1);
         assert_eq!(inner.nodes.len(), 1);
         assert!(inner.nodes.contains_key("gw@2"));
