@@ -407,21 +407,45 @@ impl Hub {
 /// gaps in their sequence first.
 async fn forward_topic(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapFill) {
     while let Some(msg) = sub.next().await {
-        let Some(entry) = entry.upgrade() else {
+        let Some(strong) = entry.upgrade() else {
             return;
         };
-        let Some((item, exclude_user, seq)) = decode(entry.kind, &msg) else {
-            undecodable(&msg);
-            continue;
-        };
-        if let Item::Broadcast(b) = &item {
-            gaps.before(&entry, &b.topic, seq).await;
+        // Only a fill is awaited here, boxed: every topic's forwarder waits
+        // on the bus nearly all the time, and would otherwise hold room for
+        // an event and a fill's state (~550 B more per topic).
+        if let Some(fill) = on_topic_event(strong, msg, &mut gaps) {
+            fill.await;
         }
-        fan_out_entry(&entry, Arc::new(item), exclude_user.as_deref());
     }
     if let Some(entry) = entry.upgrade() {
         subscription_ended(&entry);
     }
+}
+
+type Fill<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Delivers one event of a topic, or returns what fills the gap before it
+/// and then delivers it.
+fn on_topic_event(entry: Arc<Entry>, msg: BusMessage, gaps: &mut GapFill) -> Option<Fill<'_>> {
+    let Some((item, exclude_user, seq)) = decode(entry.kind, &msg) else {
+        undecodable(&msg);
+        return None;
+    };
+    let last = match &item {
+        Item::Broadcast(_) => gaps.gap_before(&entry, seq),
+        _ => None,
+    };
+    let Some(last) = last else {
+        fan_out_entry(&entry, Arc::new(item), exclude_user.as_deref());
+        return None;
+    };
+    let gaps = &*gaps;
+    Some(Box::pin(async move {
+        if let Item::Broadcast(b) = &item {
+            gaps.fill(&entry, &b.topic, last, seq).await;
+        }
+        fan_out_entry(&entry, Arc::new(item), exclude_user.as_deref());
+    }))
 }
 
 /// Moves a user's or a connection's events from a network bus to its local
@@ -519,9 +543,11 @@ struct GapFill {
 }
 
 impl GapFill {
-    async fn before(&mut self, entry: &Entry, topic: &str, seq: u64) {
+    /// Notes the event `seq`; the last seq known before it, if events
+    /// between the two were missed.
+    fn gap_before(&mut self, entry: &Entry, seq: u64) -> Option<u64> {
         if seq == 0 {
-            return;
+            return None;
         }
         let floor = entry.floor.load(Ordering::Relaxed).checked_sub(1);
         let known = match (self.last_seq, floor) {
@@ -529,10 +555,12 @@ impl GapFill {
             (a, b) => a.or(b),
         };
         self.last_seq = Some(known.map_or(seq, |l| l.max(seq)));
-        let Some(last) = known else { return };
-        if seq <= last.saturating_add(1) {
-            return;
-        }
+        known.filter(|last| seq > last.saturating_add(1))
+    }
+
+    /// Delivers the events after `last` and before `seq`, fetched from the
+    /// topic's service.
+    async fn fill(&self, entry: &Entry, topic: &str, last: u64, seq: u64) {
         let result = match self.fetch(topic, last, seq).await {
             Ok(missed) => {
                 for (event, payload) in missed {
