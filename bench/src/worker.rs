@@ -218,15 +218,26 @@ async fn open(
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let opened = open_one(&plan, &layout, &stats, i).await;
+            // Boxed: the connect and join (~2.4 KiB of future) are done
+            // with before the connection's long wait, and the task keeps
+            // only room for what it awaits.
+            let opened = Box::pin(open_one(&plan, &layout, &stats, i)).await;
             drop(permit);
             let Some(conn) = opened else {
                 let _ = ready_tx.send(None);
                 return;
             };
-            let (send_tx, send_rx) = mpsc::channel(SEND_QUEUE);
+            // Only a sender has a queue (tokio's allocates ~0.5 KiB when
+            // made): the others are served with none.
+            let (send_tx, send_rx) = match layout.is_sender(i) {
+                true => {
+                    let (tx, rx) = mpsc::channel(SEND_QUEUE);
+                    (Some(tx), Some(rx))
+                }
+                false => (None, None),
+            };
             stats.bump(|s| &s.connected);
-            let _ = ready_tx.send(layout.is_sender(i).then_some(send_tx));
+            let _ = ready_tx.send(send_tx);
             conn.serve(&plan, &stats, send_rx, stop).await;
         });
         joins.push(ready_rx);
@@ -455,7 +466,7 @@ impl Connection {
         mut self,
         plan: &Plan,
         stats: &Stats,
-        mut send_rx: mpsc::Receiver<u64>,
+        mut send_rx: Option<mpsc::Receiver<u64>>,
         stop: CancellationToken,
     ) {
         let heartbeat = Duration::from_millis(plan.heartbeat_ms.max(1000));
@@ -464,7 +475,7 @@ impl Connection {
         let mut beat = tokio::time::interval_at(Instant::now() + phase, heartbeat);
         let mut next_ref = join_ref(self.dialect) + 1;
         let mut pending: VecDeque<(u64, u64)> = VecDeque::new();
-        let mut senders_open = true;
+        let mut senders_open = send_rx.is_some();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -502,7 +513,7 @@ impl Connection {
                         Incoming::Other => {}
                     }
                 }
-                due = send_rx.recv(), if senders_open => {
+                due = async { send_rx.as_mut()?.recv().await }, if senders_open => {
                     let Some(due_ns) = due else {
                         senders_open = false;
                         continue;
