@@ -318,6 +318,67 @@ mod tests {
         server.wait().unwrap();
     }
 
+    /// Two clustered servers: the subscriptions' connection learns the
+    /// second from the first and moves there when the first dies.
+    #[tokio::test]
+    async fn subscriptions_fail_over_to_another_server_of_the_cluster() {
+        let (a, b, route_a, route_b) = (free_port(), free_port(), free_port(), free_port());
+        let cluster = |own: u16, other: u16| {
+            [
+                "--cluster_name".to_owned(),
+                "qc".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{own}"),
+                "--routes".to_owned(),
+                format!("nats://127.0.0.1:{other}"),
+            ]
+        };
+        let args_a = cluster(route_a, route_b);
+        let args_b = cluster(route_b, route_a);
+        let mut server_a =
+            nats_server_with(a, &args_a.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut server_b =
+            nats_server_with(b, &args_b.iter().map(String::as_str).collect::<Vec<_>>());
+        let connect = |port: u16, name: &'static str| async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match NatsBus::connect(&format!("nats://127.0.0.1:{port}"), name).await {
+                    Ok(bus) => break bus,
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        let on_a = connect(a, "on-a").await;
+        let on_b = connect(b, "on-b").await;
+        let mut sub = on_a.subscribe("t.user.u1", None).await.unwrap();
+        // Published on B, received through A: the route is up.
+        async fn receive(from: &NatsBus, sub: &mut Subscription, what: &str) {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    from.publish("t.user.u1", None, Vec::new(), Bytes::from_static(b"x"))
+                        .await
+                        .unwrap();
+                    if let Ok(Some(_)) =
+                        tokio::time::timeout(Duration::from_millis(100), sub.next()).await
+                    {
+                        break;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("nothing received {what}"));
+        }
+        receive(&on_b, &mut sub, "through the route").await;
+        server_a.kill().unwrap();
+        server_a.wait().unwrap();
+        receive(&on_b, &mut sub, "after its server died").await;
+        server_b.kill().unwrap();
+        server_b.wait().unwrap();
+    }
+
     #[tokio::test]
     async fn an_outage_fails_requests_at_once_and_ends_within_a_second_of_nats_returning() {
         let port = free_port();

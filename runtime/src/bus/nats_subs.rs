@@ -17,9 +17,11 @@
 //! ready when the server has answered a `PING` sent after its `SUB`: the
 //! server handles a connection's commands in order, so from then on it
 //! routes the subject here. When the connection drops, it is made again
-//! (the same backoff as async-nats's) and every subscription of the table is
-//! sent again; as on async-nats, messages published meanwhile are lost
-//! (at-most-once: gateways fill sequence gaps from the services).
+//! (the same backoff as async-nats's; to the URL's server first, then to the
+//! other servers of its cluster, which the server names in its `INFO`) and
+//! every subscription of the table is sent again; as on async-nats, messages
+//! published meanwhile are lost (at-most-once: gateways fill sequence gaps
+//! from the services).
 //!
 //! Only plain `nats://` servers: a `tls://` or WebSocket URL, or a server
 //! that requires TLS, keeps every subscription on async-nats
@@ -162,7 +164,7 @@ impl NatsSubs {
         let Some(server) = Server::parse(url) else {
             return Ok(None);
         };
-        let (stream, max_payload) = match handshake(&server, name).await {
+        let connected = match handshake(&server.addr, &server, name).await {
             Ok(connected) => connected,
             Err(Handshake::Unsupported(why)) => {
                 tracing::info!(%why, "nats: subscriptions stay on the main connection");
@@ -177,6 +179,7 @@ impl NatsSubs {
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let conn = Connection {
+            known: vec![server.addr.clone()],
             server,
             name: name.to_owned(),
             shared: shared.clone(),
@@ -185,7 +188,7 @@ impl NatsSubs {
             unconfirmed: Vec::new(),
             last_drop_logged: None,
         };
-        tokio::spawn(conn.run(stream, max_payload));
+        tokio::spawn(conn.run(connected));
         Ok(Some(Self { shared, commands }))
     }
 
@@ -281,15 +284,21 @@ enum Handshake {
     Failed(String),
 }
 
-/// Connects, reads the server's `INFO`, sends `CONNECT` and waits for the
-/// `PONG` that confirms it. Returns the stream and the server's largest
-/// message.
-async fn handshake(server: &Server, name: &str) -> Result<(TcpStream, usize), Handshake> {
+/// A connection ready for subscriptions.
+struct Connected {
+    stream: TcpStream,
+    /// The server's largest message.
+    max_payload: usize,
+    /// The other servers of its cluster (`connect_urls`), `host:port`.
+    cluster: Vec<String>,
+}
+
+/// Connects to `addr`, reads the server's `INFO`, sends `CONNECT` with the
+/// credentials of `server` and waits for the `PONG` that confirms it.
+async fn handshake(addr: &str, server: &Server, name: &str) -> Result<Connected, Handshake> {
     let failed = |e: &dyn std::fmt::Display| Handshake::Failed(e.to_string());
     let work = async {
-        let mut stream = TcpStream::connect(&server.addr)
-            .await
-            .map_err(|e| failed(&e))?;
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| failed(&e))?;
         stream.set_nodelay(true).map_err(|e| failed(&e))?;
         let mut buf = BytesMut::with_capacity(4096);
         let info = loop {
@@ -318,6 +327,7 @@ async fn handshake(server: &Server, name: &str) -> Result<(TcpStream, usize), Ha
             .as_u64()
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(DEFAULT_MAX_PAYLOAD);
+        let cluster = connect_urls(&info);
         let mut connect = serde_json::json!({
             "verbose": false,
             "pedantic": false,
@@ -361,7 +371,11 @@ async fn handshake(server: &Server, name: &str) -> Result<(TcpStream, usize), Ha
         if !buf.is_empty() {
             return Err(failed(&"unexpected data after the handshake"));
         }
-        Ok((stream, max_payload))
+        Ok(Connected {
+            stream,
+            max_payload,
+            cluster,
+        })
     };
     match tokio::time::timeout(TIMEOUT, work).await {
         Ok(result) => result,
@@ -369,6 +383,18 @@ async fn handshake(server: &Server, name: &str) -> Result<(TcpStream, usize), Ha
             "no handshake within {TIMEOUT:?}"
         ))),
     }
+}
+
+/// The servers an `INFO` names (`connect_urls`: `host:port`).
+fn connect_urls(info: &serde_json::Value) -> Vec<String> {
+    info["connect_urls"]
+        .as_array()
+        .map(|urls| {
+            urls.iter()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A protocol line without its `\r\n`, if a whole one is buffered.
@@ -394,7 +420,9 @@ enum Op {
     Ping,
     Pong,
     Err(String),
-    /// `+OK`, `INFO`: nothing to do.
+    /// The servers of the cluster, as an `INFO` sent later names them.
+    Cluster(Vec<String>),
+    /// `+OK`, an `INFO` naming no servers: nothing to do.
     Other,
 }
 
@@ -453,7 +481,17 @@ fn parse_op(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Op>, String
             buf.advance(end + 2);
             return Ok(Some(Op::Err(message)));
         }
-        "+OK" | "INFO" => {
+        "INFO" => {
+            let cluster = serde_json::from_str::<serde_json::Value>(line[4..].trim())
+                .map(|info| connect_urls(&info))
+                .unwrap_or_default();
+            buf.advance(end + 2);
+            return Ok(Some(match cluster.is_empty() {
+                true => Op::Other,
+                false => Op::Cluster(cluster),
+            }));
+        }
+        "+OK" => {
             buf.advance(end + 2);
             return Ok(Some(Op::Other));
         }
@@ -508,6 +546,9 @@ fn parse_headers(block: &[u8]) -> Result<Headers, String> {
 /// The task that owns the connection.
 struct Connection {
     server: Server,
+    /// Where to connect: the URL's server first, then those its cluster
+    /// named (as async-nats fails over to them).
+    known: Vec<String>,
     name: String,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -528,18 +569,19 @@ enum Ended {
 }
 
 impl Connection {
-    async fn run(mut self, first: TcpStream, max_payload: usize) {
-        let mut connected = Some((first, max_payload));
+    async fn run(mut self, first: Connected) {
+        let mut connected = Some(first);
         let mut attempts = 0usize;
         loop {
-            let (stream, max_payload) = match connected.take() {
+            let addr = self.known[attempts % self.known.len()].clone();
+            let connected = match connected.take() {
                 Some(c) => c,
-                None => match handshake(&self.server, &self.name).await {
+                None => match handshake(&addr, &self.server, &self.name).await {
                     Ok(c) => c,
                     Err(Handshake::Failed(e) | Handshake::Unsupported(e)) => {
                         attempts += 1;
                         if attempts == 1 {
-                            tracing::warn!(addr = %self.server.addr, error = %e, "nats subscriptions: reconnecting");
+                            tracing::warn!(%addr, error = %e, "nats subscriptions: reconnecting");
                         }
                         tokio::time::sleep(super::nats::reconnect_delay(attempts)).await;
                         continue;
@@ -547,13 +589,14 @@ impl Connection {
                 },
             };
             if attempts > 0 {
-                tracing::info!(addr = %self.server.addr, "nats subscriptions: reconnected");
+                tracing::info!(%addr, "nats subscriptions: reconnected");
             }
             attempts = 0;
-            match self.serve(stream, max_payload).await {
+            self.learn(connected.cluster);
+            match self.serve(connected.stream, connected.max_payload).await {
                 Ended::Unused => return,
                 Ended::Lost(why) => {
-                    tracing::warn!(addr = %self.server.addr, %why, "nats subscriptions: connection lost");
+                    tracing::warn!(%addr, %why, "nats subscriptions: connection lost");
                     // What waited on the old connection is confirmed on the
                     // next, after every subscription is sent again.
                     for group in self.waiting.drain(..) {
@@ -632,6 +675,15 @@ impl Connection {
         }
     }
 
+    /// Remembers servers of the cluster to fail over to.
+    fn learn(&mut self, servers: Vec<String>) {
+        for server in servers {
+            if !self.known.contains(&server) {
+                self.known.push(server);
+            }
+        }
+    }
+
     fn on_command(&mut self, command: Command, out: &mut Vec<u8>) {
         match command {
             Command::Subscribe(sid) => {
@@ -682,6 +734,7 @@ impl Connection {
                     return Some(Ended::Lost(e));
                 }
             }
+            Op::Cluster(servers) => self.learn(servers),
             Op::Other => {}
         }
         None
@@ -743,7 +796,8 @@ mod tests {
             b"MSG a.b 7 5\r\nhello\r\n\
               MSG a.c 8 _INBOX.x 0\r\n\r\n\
               HMSG a.d 9 20 25\r\nNATS/1.0\r\nK: v 1\r\n\r\nworld\r\n\
-              PING\r\nPONG\r\n+OK\r\nINFO {}\r\n-ERR 'Stale Connection'\r\n",
+              PING\r\nPONG\r\n+OK\r\nINFO {}\r\n-ERR 'Stale Connection'\r\n\
+              INFO {\"connect_urls\":[\"10.0.0.2:4222\"]}\r\n",
         )
         .unwrap();
         let msg =
@@ -771,6 +825,7 @@ mod tests {
             Op::Other,
             Op::Other,
             Op::Err("Stale Connection".into()),
+            Op::Cluster(vec!["10.0.0.2:4222".into()]),
         ];
         assert_eq!(ops.len(), expected.len());
         for (got, want) in ops.iter().zip(&expected) {
