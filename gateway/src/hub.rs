@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use axum::extract::ws::Utf8Bytes;
 use prost::Message as _;
 use quckchat_proto::bus::{DirectEvent, MissedEvents, MissedRequest, TopicEvent};
-use quckchat_runtime::bus::{Bus, BusError, BusMessage, Subjects, Subscription};
+use quckchat_runtime::bus::{
+    Bus, BusError, BusMessage, Handler, HandlerGuard, Subjects, Subscription,
+};
 use quckchat_runtime::queue;
 use serde_json::value::RawValue;
 
@@ -122,7 +124,7 @@ pub struct Hub {
 
 /// Every local user's registrations, on an in-process bus ([`Hub::users`]).
 struct Users {
-    forwarder: tokio::sync::Mutex<Option<AbortOnDrop>>,
+    forwarder: tokio::sync::Mutex<Option<Interest>>,
     table: Arc<UserMap>,
 }
 
@@ -172,7 +174,7 @@ struct Entry {
     subject: Arc<str>,
     kind: SubjectKind,
     subscribers: RwLock<Subscribers>,
-    forwarder: tokio::sync::OnceCell<AbortOnDrop>,
+    interest: tokio::sync::OnceCell<Interest>,
     /// The bus subscription ended; the next registration starts a new entry.
     ended: AtomicBool,
     /// The topic's sequence as a join reply reported it (`lastSeq` + 1; 0:
@@ -186,21 +188,38 @@ pub struct Registration {
     sub_id: u64,
 }
 
-/// A subject's forwarder task: counted in `quckchat_gateway_subscriptions`
-/// while it lives, aborted (dropping its bus subscription) with its entry.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// What keeps a subject's bus subscription, counted in
+/// `quckchat_gateway_subscriptions` while it lives and ended (dropping the
+/// subscription) with its entry: a forwarder task (a topic's; every user's
+/// on the in-process bus), or a handler the bus calls (a user's or a
+/// connection's subject: [`DirectHandler`]).
+enum Interest {
+    Task(tokio::task::JoinHandle<()>),
+    Handler(#[allow(dead_code, reason = "held: dropping it unsubscribes")] HandlerGuard),
+}
 
-impl AbortOnDrop {
+impl Interest {
     fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
         metrics::gauge!("quckchat_gateway_subscriptions").increment(1.0);
-        Self(tokio::spawn(task))
+        Self::Task(tokio::spawn(task))
+    }
+
+    fn handler(guard: HandlerGuard) -> Self {
+        metrics::gauge!("quckchat_gateway_subscriptions").increment(1.0);
+        Self::Handler(guard)
+    }
+
+    fn is_finished(&self) -> bool {
+        matches!(self, Self::Task(task) if task.is_finished())
     }
 }
 
-impl Drop for AbortOnDrop {
+impl Drop for Interest {
     fn drop(&mut self) {
         metrics::gauge!("quckchat_gateway_subscriptions").decrement(1.0);
-        self.0.abort();
+        if let Self::Task(task) = self {
+            task.abort();
+        }
     }
 }
 
@@ -269,7 +288,7 @@ impl Hub {
                 subject: name.clone(),
                 kind,
                 subscribers: RwLock::new(Subscribers::default()),
-                forwarder: tokio::sync::OnceCell::new(),
+                interest: tokio::sync::OnceCell::new(),
                 ended: AtomicBool::new(false),
                 floor: AtomicU64::new(0),
             });
@@ -289,20 +308,23 @@ impl Hub {
     pub async fn ready(&self, registration: &Registration) -> Result<(), BusError> {
         let entry = &registration.entry;
         let ready = entry
-            .forwarder
+            .interest
             .get_or_try_init(|| async {
-                let sub = self.bus.subscribe(&entry.subject, None).await?;
                 let weak = Arc::downgrade(entry);
                 Ok::<_, BusError>(match entry.kind {
                     SubjectKind::Topic => {
+                        let sub = self.bus.subscribe(&entry.subject, None).await?;
                         let gaps = GapFill {
                             bus: self.bus.clone(),
                             names: self.names.clone(),
                             last_seq: None,
                         };
-                        AbortOnDrop::spawn(forward_topic(weak, sub, gaps))
+                        Interest::spawn(forward_topic(weak, sub, gaps))
                     }
-                    SubjectKind::Direct => AbortOnDrop::spawn(forward_direct(weak, sub)),
+                    SubjectKind::Direct => {
+                        let handler = Arc::new(DirectHandler(weak));
+                        Interest::handler(self.bus.subscribe_with(&entry.subject, handler).await?)
+                    }
                 })
             })
             .await;
@@ -357,11 +379,11 @@ impl Hub {
     /// Starts the node's subscription to every user subject unless it runs.
     async fn users_ready(&self, users: &Users) -> Result<(), BusError> {
         let mut forwarder = users.forwarder.lock().await;
-        if forwarder.as_ref().is_some_and(|f| !f.0.is_finished()) {
+        if forwarder.as_ref().is_some_and(|f| !f.is_finished()) {
             return Ok(());
         }
         let sub = self.bus.subscribe(&self.names.all_users(), None).await?;
-        *forwarder = Some(AbortOnDrop::spawn(forward_users(
+        *forwarder = Some(Interest::spawn(forward_users(
             Arc::downgrade(&users.table),
             self.names.user(""),
             sub,
@@ -448,20 +470,22 @@ fn on_topic_event(entry: Arc<Entry>, msg: BusMessage, gaps: &mut GapFill) -> Opt
     }))
 }
 
-/// Moves a user's or a connection's events from a network bus to its local
-/// subscribers. Every connected user has one of these tasks there (on the
-/// in-process bus, [`forward_users`] serves them all), so it awaits nothing
-/// but the bus: its future is a few words, where the topic forwarder's
-/// (which may await a gap fill) is about a kilobyte.
-async fn forward_direct(entry: Weak<Entry>, mut sub: Subscription) {
-    while let Some(msg) = sub.next().await {
-        let Some(entry) = entry.upgrade() else {
-            return;
-        };
-        deliver_direct(&entry, &msg);
+/// Delivers a user's or a connection's events to its local subscribers as
+/// the bus reads them (over NATS, every connected user has one: no task or
+/// queue each; on the in-process bus [`forward_users`] serves them all).
+struct DirectHandler(Weak<Entry>);
+
+impl Handler for DirectHandler {
+    fn on_message(&self, msg: BusMessage) {
+        if let Some(entry) = self.0.upgrade() {
+            deliver_direct(&entry, &msg);
+        }
     }
-    if let Some(entry) = entry.upgrade() {
-        subscription_ended(&entry);
+
+    fn on_end(&self) {
+        if let Some(entry) = self.0.upgrade() {
+            subscription_ended(&entry);
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Bus, BusError, BusMessage, Subscription};
+use super::{Bus, BusError, BusMessage, Handler, Subscription};
 
 const WAIT: Duration = Duration::from_secs(2);
 const QUIET: Duration = Duration::from_millis(150);
@@ -34,6 +34,7 @@ where
     request_times_out(make().await).await;
     dropping_a_subscription_unsubscribes(make().await).await;
     many_subscriptions_each_get_their_own_subject_in_order(make().await).await;
+    handlers_get_their_subjects_messages_in_order_until_dropped(make().await).await;
     invalid_subjects_are_refused(make().await).await;
 }
 
@@ -267,6 +268,63 @@ pub async fn many_subscriptions_each_get_their_own_subject_in_order(bus: Arc<dyn
     for n in 0..EACH {
         let msg = recv(&mut second, WAIT).await.unwrap();
         assert_eq!(&msg.payload[..], format!("0:{n}").as_bytes());
+    }
+}
+
+/// A handler that forwards what it is given to a channel.
+struct Forward(tokio::sync::mpsc::UnboundedSender<Option<BusMessage>>);
+
+impl Handler for Forward {
+    fn on_message(&self, msg: BusMessage) {
+        let _ = self.0.send(Some(msg));
+    }
+    fn on_end(&self) {
+        let _ = self.0.send(None);
+    }
+}
+
+/// [`Bus::subscribe_with`]: the handler gets its subject's messages, in
+/// order and no other; once the guard is dropped, nothing.
+pub async fn handlers_get_their_subjects_messages_in_order_until_dropped(bus: Arc<dyn Bus>) {
+    let p = prefix();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let guard = bus
+        .subscribe_with(&format!("{p}.user.a"), Arc::new(Forward(tx)))
+        .await
+        .unwrap();
+    for n in 0..50 {
+        publish(&bus, &format!("{p}.user.b"), "other").await;
+        bus.publish(
+            &format!("{p}.user.a"),
+            None,
+            vec![("n".into(), n.to_string())],
+            Bytes::from(n.to_string()),
+        )
+        .await
+        .unwrap();
+    }
+    for n in 0..50 {
+        let msg = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a message in time")
+            .flatten()
+            .expect("a message, not the end");
+        assert_eq!(msg.subject, format!("{p}.user.a"));
+        assert_eq!(&msg.payload[..], n.to_string().as_bytes());
+        assert_eq!(msg.header("n"), Some(n.to_string().as_str()));
+    }
+    drop(guard);
+    // Unsubscribing reaches a NATS server asynchronously: a watcher
+    // subscribed after the drop sees the next message, the handler not.
+    let mut watcher = bus.subscribe(&format!("{p}.user.a"), None).await.unwrap();
+    publish(&bus, &format!("{p}.user.a"), "after").await;
+    assert_eq!(
+        &recv(&mut watcher, WAIT).await.unwrap().payload[..],
+        b"after"
+    );
+    match tokio::time::timeout(QUIET, rx.recv()).await {
+        Err(_) | Ok(None) | Ok(Some(None)) => {}
+        Ok(Some(Some(msg))) => panic!("delivered after the guard was dropped: {msg:?}"),
     }
 }
 

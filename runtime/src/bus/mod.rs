@@ -25,6 +25,7 @@ pub mod subjects;
 pub mod conformance;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -89,6 +90,23 @@ pub trait Bus: Send + Sync + 'static {
         queue_group: Option<&str>,
     ) -> Result<Subscription, BusError>;
 
+    /// Subscribes `subject` (exact, no queue group) with a handler the bus
+    /// calls for each message instead of a stream: for subjects a node holds
+    /// by the thousand (a gateway's users), which then need no task and no
+    /// queue each. The handler runs on the bus's own task, in order, and
+    /// must not block. Once this returns, messages published afterwards are
+    /// delivered; dropping the guard unsubscribes.
+    ///
+    /// By default a task per subscription feeds the handler from
+    /// [`Bus::subscribe`]; a bus that can call it directly does.
+    async fn subscribe_with(
+        &self,
+        subject: &str,
+        handler: Arc<dyn Handler>,
+    ) -> Result<HandlerGuard, BusError> {
+        Ok(feed(self.subscribe(subject, None).await?, handler))
+    }
+
     /// Sends a request and waits for the first reply.
     async fn request(
         &self,
@@ -109,6 +127,46 @@ pub trait Bus: Send + Sync + 'static {
     /// so one can serve many subjects that a network bus would route apart.
     fn in_process(&self) -> bool {
         false
+    }
+}
+
+/// What a subscription made with [`Bus::subscribe_with`] calls.
+pub trait Handler: Send + Sync + 'static {
+    /// A message on the subject.
+    fn on_message(&self, msg: BusMessage);
+    /// The subscription ended (the bus gave it up): nothing more will come.
+    fn on_end(&self);
+}
+
+/// Keeps a [`Bus::subscribe_with`] subscription; dropping it unsubscribes.
+pub struct HandlerGuard {
+    _inner: Box<dyn Send + Sync>,
+}
+
+impl HandlerGuard {
+    pub(crate) fn new(inner: impl Send + Sync + 'static) -> Self {
+        Self {
+            _inner: Box::new(inner),
+        }
+    }
+}
+
+/// Feeds `handler` from `sub` on a task of its own, stopped with the guard
+/// (the default [`Bus::subscribe_with`]).
+pub(crate) fn feed(mut sub: Subscription, handler: Arc<dyn Handler>) -> HandlerGuard {
+    HandlerGuard::new(AbortTask(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            handler.on_message(msg);
+        }
+        handler.on_end();
+    })))
+}
+
+struct AbortTask(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The bus over core NATS (async-nats), for distributed mode.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::HeaderMap;
@@ -10,7 +11,8 @@ use futures::StreamExt;
 
 use super::nats_subs::{parse_url, Credentials, NatsSubs};
 use super::{
-    count_request_timeout, validate_subject, Bus, BusError, BusMessage, Headers, Subscription,
+    count_request_timeout, feed, validate_subject, Bus, BusError, BusMessage, Handler,
+    HandlerGuard, Headers, Subscription,
 };
 
 /// Messages buffered per subscription in the client before NATS counts us a
@@ -188,6 +190,18 @@ impl Bus for NatsBus {
         // so a publish that follows is delivered.
         self.client.flush().await.map_err(unavailable)?;
         Ok(Subscription::new(subscriber.map(from_nats)))
+    }
+
+    async fn subscribe_with(
+        &self,
+        subject: &str,
+        handler: Arc<dyn Handler>,
+    ) -> Result<HandlerGuard, BusError> {
+        validate_subject(subject, false)?;
+        match &self.subs {
+            Some(subs) => subs.subscribe_with(subject, handler).await,
+            None => Ok(feed(self.subscribe(subject, None).await?, handler)),
+        }
     }
 
     async fn request(

@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BusError, BusMessage, Headers, Subscription};
+use super::{BusError, BusMessage, Handler, HandlerGuard, Headers, Subscription};
 use crate::queue;
 
 /// Messages a subscription holds for its reader before it drops (a slow
@@ -145,7 +145,15 @@ struct Table {
 
 struct Entry {
     subject: Box<str>,
-    tx: queue::Sender<BusMessage>,
+    sink: Sink,
+}
+
+/// Where a subscription's messages go.
+enum Sink {
+    /// A [`Subscription`]'s queue.
+    Queue(queue::Sender<BusMessage>),
+    /// A handler called at once ([`super::Bus::subscribe_with`]).
+    Handler(Arc<dyn Handler>),
 }
 
 enum Command {
@@ -196,6 +204,24 @@ impl NatsSubs {
     /// routes it here.
     pub(super) async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
         let (tx, rx) = queue::bounded(SUBSCRIPTION_CAPACITY);
+        let guard = self.add(subject, Sink::Queue(tx)).await?;
+        Ok(Subscription::new(SubStream { rx, _guard: guard }))
+    }
+
+    /// [`super::Bus::subscribe_with`]: `handler` is called by the
+    /// connection's task as each message is read.
+    pub(super) async fn subscribe_with(
+        &self,
+        subject: &str,
+        handler: Arc<dyn Handler>,
+    ) -> Result<HandlerGuard, BusError> {
+        let guard = self.add(subject, Sink::Handler(handler)).await?;
+        Ok(HandlerGuard::new(guard))
+    }
+
+    /// Adds a subscription to the table and sends its `SUB`; returns once
+    /// the server confirmed it. Dropping the guard removes it.
+    async fn add(&self, subject: &str, sink: Sink) -> Result<Unsubscribe, BusError> {
         let sid = {
             let mut table = lock(&self.shared.table);
             table.next_sid += 1;
@@ -204,19 +230,16 @@ impl NatsSubs {
                 sid,
                 Entry {
                     subject: subject.into(),
-                    tx,
+                    sink,
                 },
             );
             sid
         };
         // From here the guard unsubscribes, whatever happens below.
-        let stream = SubStream {
-            rx,
-            _guard: Unsubscribe {
-                shared: Arc::downgrade(&self.shared),
-                commands: self.commands.clone(),
-                sid,
-            },
+        let guard = Unsubscribe {
+            shared: Arc::downgrade(&self.shared),
+            commands: self.commands.clone(),
+            sid,
         };
         let (confirmed, wait) = oneshot::channel();
         let gone = || BusError::Unavailable("nats subscriptions' connection ended".into());
@@ -227,7 +250,7 @@ impl NatsSubs {
             .send(Command::Confirm(confirmed))
             .map_err(|_| gone())?;
         match tokio::time::timeout(TIMEOUT, wait).await {
-            Ok(Ok(())) => Ok(Subscription::new(stream)),
+            Ok(Ok(())) => Ok(guard),
             Ok(Err(_)) => Err(gone()),
             Err(_) => Err(BusError::Unavailable(format!(
                 "nats did not confirm the subscription to {subject} within {TIMEOUT:?}"
@@ -675,6 +698,36 @@ impl Connection {
         }
     }
 
+    /// Hands a message to its subscription: queued, or to its handler.
+    fn dispatch(&mut self, sid: u64, message: BusMessage) {
+        let table = lock(&self.shared.table);
+        // Unknown: unsubscribed since (the server may still have sent).
+        let Some(entry) = table.subs.get(&sid) else {
+            return;
+        };
+        let tx = match &entry.sink {
+            Sink::Queue(tx) => tx,
+            Sink::Handler(handler) => {
+                // Called without the table's lock: the handler may drop a
+                // subscription.
+                let handler = handler.clone();
+                drop(table);
+                return handler.on_message(message);
+            }
+        };
+        if let Err(queue::TrySendError::Full(m)) = tx.try_send(message) {
+            metrics::counter!("quckchat_bus_dropped_total", "bus" => "nats").increment(1);
+            let now = tokio::time::Instant::now();
+            if self
+                .last_drop_logged
+                .is_none_or(|t| now - t > Duration::from_secs(1))
+            {
+                self.last_drop_logged = Some(now);
+                tracing::warn!(subject = %m.subject, "nats slow consumer: messages dropped");
+            }
+        }
+    }
+
     /// Remembers servers of the cluster to fail over to.
     fn learn(&mut self, servers: Vec<String>) {
         for server in servers {
@@ -700,24 +753,7 @@ impl Connection {
 
     fn on_op(&mut self, op: Op, out: &mut Vec<u8>, unanswered: &mut u32) -> Option<Ended> {
         match op {
-            Op::Msg { sid, message } => {
-                let table = lock(&self.shared.table);
-                // Unknown: unsubscribed since (the server may still have sent).
-                if let Some(entry) = table.subs.get(&sid) {
-                    if let Err(queue::TrySendError::Full(m)) = entry.tx.try_send(message) {
-                        metrics::counter!("quckchat_bus_dropped_total", "bus" => "nats")
-                            .increment(1);
-                        let now = tokio::time::Instant::now();
-                        if self
-                            .last_drop_logged
-                            .is_none_or(|t| now - t > Duration::from_secs(1))
-                        {
-                            self.last_drop_logged = Some(now);
-                            tracing::warn!(subject = %m.subject, "nats slow consumer: messages dropped");
-                        }
-                    }
-                }
-            }
+            Op::Msg { sid, message } => self.dispatch(sid, message),
             Op::Ping => out.extend_from_slice(b"PONG\r\n"),
             Op::Pong => {
                 *unanswered = 0;
