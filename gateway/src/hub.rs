@@ -313,13 +313,16 @@ impl Hub {
                 let weak = Arc::downgrade(entry);
                 Ok::<_, BusError>(match entry.kind {
                     SubjectKind::Topic => {
-                        let sub = self.bus.subscribe(&entry.subject, None).await?;
-                        let gaps = GapFill {
-                            bus: self.bus.clone(),
-                            names: self.names.clone(),
-                            last_seq: None,
-                        };
-                        Interest::spawn(forward_topic(weak, sub, gaps))
+                        let handler = TopicHandler(Arc::new(TopicState {
+                            entry: weak,
+                            gaps: GapFill {
+                                bus: self.bus.clone(),
+                                names: self.names.clone(),
+                            },
+                            sequence: Mutex::default(),
+                        }));
+                        let guard = self.bus.subscribe_with(&entry.subject, Arc::new(handler));
+                        Interest::handler(guard.await?)
                     }
                     SubjectKind::Direct => {
                         let handler = Arc::new(DirectHandler(weak));
@@ -425,49 +428,116 @@ impl Hub {
     }
 }
 
-/// Moves a topic's events from the bus to its local subscribers, filling
-/// gaps in their sequence first.
-async fn forward_topic(entry: Weak<Entry>, mut sub: Subscription, mut gaps: GapFill) {
-    while let Some(msg) = sub.next().await {
-        let Some(strong) = entry.upgrade() else {
+/// A topic's events as the bus reads them ([`Bus::subscribe_with`]): each
+/// is delivered at once, unless events before it were missed; then a task
+/// fetches those and delivers them, it, and the events that came meanwhile,
+/// in order ([`GapFill`]). No task waits per topic.
+struct TopicHandler(Arc<TopicState>);
+
+struct TopicState {
+    entry: Weak<Entry>,
+    gaps: GapFill,
+    sequence: Mutex<Sequence>,
+}
+
+/// Where a topic's sequence stands on this node.
+#[derive(Default)]
+struct Sequence {
+    last_seq: Option<u64>,
+    /// While a fill runs: the events that came since, in order.
+    held: Option<Vec<Event>>,
+}
+
+/// A topic event off the bus: the item, the user it skips, its seq (0 when
+/// not sequenced).
+type Event = (Item, Option<String>, u64);
+
+impl Handler for TopicHandler {
+    fn on_message(&self, msg: BusMessage) {
+        let Some(entry) = self.0.entry.upgrade() else {
             return;
         };
-        // Only a fill is awaited here, boxed: every topic's forwarder waits
-        // on the bus nearly all the time, and would otherwise hold room for
-        // an event and a fill's state (~550 B more per topic).
-        if let Some(fill) = on_topic_event(strong, msg, &mut gaps) {
-            fill.await;
+        let Some(event) = decode(entry.kind, &msg) else {
+            undecodable(&msg);
+            return;
+        };
+        let mut sequence = lock(&self.0.sequence);
+        if let Some(held) = &mut sequence.held {
+            held.push(event);
+            return;
+        }
+        match sequence.gap_before(&entry, &event) {
+            None => {
+                drop(sequence);
+                deliver(&entry, event);
+            }
+            Some(last) => {
+                sequence.held = Some(Vec::new());
+                drop(sequence);
+                tokio::spawn(self.0.clone().fill_then_deliver(last, event));
+            }
         }
     }
-    if let Some(entry) = entry.upgrade() {
-        subscription_ended(&entry);
+
+    fn on_end(&self) {
+        if let Some(entry) = self.0.entry.upgrade() {
+            subscription_ended(&entry);
+        }
     }
 }
 
-type Fill<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
-
-/// Delivers one event of a topic, or returns what fills the gap before it
-/// and then delivers it.
-fn on_topic_event(entry: Arc<Entry>, msg: BusMessage, gaps: &mut GapFill) -> Option<Fill<'_>> {
-    let Some((item, exclude_user, seq)) = decode(entry.kind, &msg) else {
-        undecodable(&msg);
-        return None;
-    };
-    let last = match &item {
-        Item::Broadcast(_) => gaps.gap_before(&entry, seq),
-        _ => None,
-    };
-    let Some(last) = last else {
-        fan_out_entry(&entry, Arc::new(item), exclude_user.as_deref());
-        return None;
-    };
-    let gaps = &*gaps;
-    Some(Box::pin(async move {
-        if let Item::Broadcast(b) = &item {
-            gaps.fill(&entry, &b.topic, last, seq).await;
+impl TopicState {
+    /// Fills the gap after `last` and delivers `first`, then the events
+    /// held meanwhile (filling any gap among them), until none is held.
+    async fn fill_then_deliver(self: Arc<Self>, last: u64, first: Event) {
+        let mut gap = Some(last);
+        let mut batch = std::collections::VecDeque::from([first]);
+        loop {
+            while let Some(event) = batch.pop_front() {
+                let Some(entry) = self.entry.upgrade() else {
+                    return;
+                };
+                if gap.is_none() {
+                    gap = lock(&self.sequence).gap_before(&entry, &event);
+                }
+                if let (Some(last), Item::Broadcast(b)) = (gap.take(), &event.0) {
+                    self.gaps.fill(&entry, &b.topic, last, event.2).await;
+                }
+                deliver(&entry, event);
+            }
+            let mut sequence = lock(&self.sequence);
+            match sequence.held.take() {
+                Some(held) if !held.is_empty() => {
+                    sequence.held = Some(Vec::new());
+                    batch = held.into();
+                }
+                // Nothing held: from here events are delivered at once.
+                _ => return,
+            }
         }
-        fan_out_entry(&entry, Arc::new(item), exclude_user.as_deref());
-    }))
+    }
+}
+
+impl Sequence {
+    /// Notes a sequenced broadcast; the last seq known before it, if events
+    /// between the two were missed.
+    fn gap_before(&mut self, entry: &Entry, event: &Event) -> Option<u64> {
+        let seq = event.2;
+        if seq == 0 || !matches!(event.0, Item::Broadcast(_)) {
+            return None;
+        }
+        let floor = entry.floor.load(Ordering::Relaxed).checked_sub(1);
+        let known = match (self.last_seq, floor) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_seq = Some(known.map_or(seq, |l| l.max(seq)));
+        known.filter(|last| seq > last.saturating_add(1))
+    }
+}
+
+fn deliver(entry: &Entry, (item, exclude_user, _): Event) {
+    fan_out_entry(entry, Arc::new(item), exclude_user.as_deref());
 }
 
 /// Delivers a user's or a connection's events to its local subscribers as
@@ -563,25 +633,9 @@ fn subscription_ended(entry: &Entry) {
 struct GapFill {
     bus: Arc<dyn Bus>,
     names: Subjects,
-    last_seq: Option<u64>,
 }
 
 impl GapFill {
-    /// Notes the event `seq`; the last seq known before it, if events
-    /// between the two were missed.
-    fn gap_before(&mut self, entry: &Entry, seq: u64) -> Option<u64> {
-        if seq == 0 {
-            return None;
-        }
-        let floor = entry.floor.load(Ordering::Relaxed).checked_sub(1);
-        let known = match (self.last_seq, floor) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        self.last_seq = Some(known.map_or(seq, |l| l.max(seq)));
-        known.filter(|last| seq > last.saturating_add(1))
-    }
-
     /// Delivers the events after `last` and before `seq`, fetched from the
     /// topic's service.
     async fn fill(&self, entry: &Entry, topic: &str, last: u64, seq: u64) {

@@ -1355,11 +1355,13 @@ async fn broadcast_seq(f: &Fixture, topic: &str, seq: u64) {
     publish_topic_event(f, topic, "message:new", payload, seq).await;
 }
 
-#[tokio::test]
-async fn a_lost_broadcast_is_fetched_before_the_next_one_is_delivered() {
+/// Answers gateways that missed `message:new` events as chat does, after
+/// `delay`; returns the requests seen, `(topic, after, before)`.
+async fn answer_missed(
+    f: &Fixture,
+    delay: Duration,
+) -> Arc<std::sync::Mutex<Vec<(String, u64, u64)>>> {
     use quckchat_proto::bus::{MissedEvents, MissedRequest, SequencedEvent};
-    let f = fixture(SocketConfig::default()).await;
-    // chat's answer to gateways that missed message:new events.
     let mut asked = f
         .bus
         .subscribe(
@@ -1387,11 +1389,19 @@ async fn a_lost_broadcast_is_fetched_before_the_next_one_is_delivered() {
                 })
                 .collect();
             let reply = MissedEvents { events }.encode_to_vec();
+            tokio::time::sleep(delay).await;
             quckchat_runtime::bus::respond(bus.as_ref(), &msg, reply.into())
                 .await
                 .unwrap();
         }
     });
+    requests
+}
+
+#[tokio::test]
+async fn a_lost_broadcast_is_fetched_before_the_next_one_is_delivered() {
+    let f = fixture(SocketConfig::default()).await;
+    let requests = answer_missed(&f, Duration::ZERO).await;
     let mut c = connect(&f, "alice", 64);
     join(&mut c, "1", "chat:c1").await;
     for seq in [1, 2, 5, 5, 6] {
@@ -1436,6 +1446,35 @@ async fn a_lost_broadcast_is_fetched_before_the_next_one_is_delivered() {
         requests.lock().unwrap().last().unwrap(),
         &("chat:fresh".to_owned(), 0, 2)
     );
+}
+
+/// Events that come while a gap is being filled wait for it, in order, and
+/// a gap among them is filled too.
+#[tokio::test]
+async fn events_during_a_fill_wait_for_it_and_their_own_gaps_are_filled() {
+    let f = fixture(SocketConfig::default()).await;
+    let requests = answer_missed(&f, Duration::from_millis(200)).await;
+    let mut c = connect(&f, "alice", 64);
+    join(&mut c, "1", "chat:c1").await;
+    broadcast_seq(&f, "chat:c1", 1).await;
+    assert_eq!(c.recv_within(PROMPTLY).await[4]["message"]["seq"], 1);
+    // 3 opens a fill that takes 200 ms; 4, 6 and 7 come meanwhile.
+    for seq in [3, 4, 6, 7] {
+        broadcast_seq(&f, "chat:c1", seq).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        let frame = c.recv_within(PROMPTLY).await;
+        got.push(frame[4]["message"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, [2, 3, 4, 5, 6, 7]);
+    assert_eq!(
+        *requests.lock().unwrap(),
+        [("chat:c1".to_owned(), 1, 3), ("chat:c1".to_owned(), 4, 6)]
+    );
+    // Past the fills, events go out at once again.
+    broadcast_seq(&f, "chat:c1", 8).await;
+    assert_eq!(c.recv_within(PROMPTLY).await[4]["message"]["seq"], 8);
 }
 
 #[tokio::test]
