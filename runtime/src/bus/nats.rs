@@ -260,21 +260,40 @@ mod tests {
         assert_eq!(reconnect_delay(usize::MAX), MAX_RECONNECT_DELAY);
     }
 
+    /// A test's own nats-server, stopped when dropped: also when the test
+    /// fails half-way.
+    struct NatsServer(Child);
+
+    impl NatsServer {
+        fn stop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    impl Drop for NatsServer {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
     /// A nats-server of this test's own on a free port (`NATS_SERVER_BIN`,
     /// written by scripts/deps.sh, or `nats-server` on the PATH).
-    fn nats_server(port: u16) -> Child {
+    fn nats_server(port: u16) -> NatsServer {
         nats_server_with(port, &[])
     }
 
-    fn nats_server_with(port: u16, args: &[&str]) -> Child {
+    fn nats_server_with(port: u16, args: &[&str]) -> NatsServer {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-        Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{bin}: {e} (scripts/deps.sh writes NATS_SERVER_BIN)"))
+        NatsServer(
+            Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{bin}: {e} (scripts/deps.sh writes NATS_SERVER_BIN)")),
+        )
     }
 
     fn free_port() -> u16 {
@@ -328,8 +347,7 @@ mod tests {
                 .contains("authorization"),
             "{err}"
         );
-        server.kill().unwrap();
-        server.wait().unwrap();
+        server.stop();
     }
 
     /// Two clustered servers: the subscriptions' connection learns the
@@ -386,11 +404,9 @@ mod tests {
             .unwrap_or_else(|_| panic!("nothing received {what}"));
         }
         receive(&on_b, &mut sub, "through the route").await;
-        server_a.kill().unwrap();
-        server_a.wait().unwrap();
+        server_a.stop();
         receive(&on_b, &mut sub, "after its server died").await;
-        server_b.kill().unwrap();
-        server_b.wait().unwrap();
+        server_b.stop();
     }
 
     #[tokio::test]
@@ -412,8 +428,7 @@ mod tests {
         // wildcard (async-nats), both made before the outage.
         let mut exact = bus.subscribe("t.user.u1", None).await.unwrap();
         let mut wild = bus.subscribe("t.topic.*", None).await.unwrap();
-        server.kill().unwrap();
-        server.wait().unwrap();
+        server.stop();
         until("the client noticing", Duration::from_secs(10), || {
             !bus.is_connected()
         })
@@ -475,7 +490,6 @@ mod tests {
             .unwrap_or_else(|_| panic!("{subject}: no message after NATS returned"));
             assert_eq!(got.subject, subject);
         }
-        server.kill().unwrap();
-        server.wait().unwrap();
+        server.stop();
     }
 }
