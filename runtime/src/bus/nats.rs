@@ -296,6 +296,20 @@ mod tests {
         )
     }
 
+    /// Connects once the test's server is up (within 10 s).
+    async fn connect_when_up(url: &str, name: &str) -> NatsBus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match NatsBus::connect(url, name).await {
+                Ok(bus) => return bus,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -318,16 +332,7 @@ mod tests {
         let port = free_port();
         let mut server = nats_server_with(port, &["--user", "qc", "--pass", "p@ss:w"]);
         let url = format!("nats://qc:p%40ss%3Aw@127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let bus = loop {
-            match NatsBus::connect(&url, "auth-test").await {
-                Ok(bus) => break bus,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let bus = connect_when_up(&url, "auth-test").await;
         assert!(bus.subs.is_some(), "exact subjects on their own connection");
         let mut sub = bus.subscribe("t.user.u1", None).await.unwrap();
         bus.publish("t.user.u1", None, Vec::new(), Bytes::from_static(b"hi"))
@@ -371,20 +376,8 @@ mod tests {
             nats_server_with(a, &args_a.iter().map(String::as_str).collect::<Vec<_>>());
         let mut server_b =
             nats_server_with(b, &args_b.iter().map(String::as_str).collect::<Vec<_>>());
-        let connect = |port: u16, name: &'static str| async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match NatsBus::connect(&format!("nats://127.0.0.1:{port}"), name).await {
-                    Ok(bus) => break bus,
-                    Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-            }
-        };
-        let on_a = connect(a, "on-a").await;
-        let on_b = connect(b, "on-b").await;
+        let on_a = connect_when_up(&format!("nats://127.0.0.1:{a}"), "on-a").await;
+        let on_b = connect_when_up(&format!("nats://127.0.0.1:{b}"), "on-b").await;
         let mut sub = on_a.subscribe("t.user.u1", None).await.unwrap();
         // Published on B, received through A: the route is up.
         async fn receive(from: &NatsBus, sub: &mut Subscription, what: &str) {
@@ -414,16 +407,7 @@ mod tests {
         let port = free_port();
         let url = format!("nats://127.0.0.1:{port}");
         let mut server = nats_server(port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let bus = loop {
-            match NatsBus::connect(&url, "outage-test").await {
-                Ok(bus) => break bus,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let bus = connect_when_up(&url, "outage-test").await;
         // An exact subject (the subscriptions' own connection) and a
         // wildcard (async-nats), both made before the outage.
         let mut exact = bus.subscribe("t.user.u1", None).await.unwrap();
