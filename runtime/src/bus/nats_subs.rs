@@ -314,6 +314,9 @@ struct Connected {
     max_payload: usize,
     /// The other servers of its cluster (`connect_urls`), `host:port`.
     cluster: Vec<String>,
+    /// What the server sent after confirming the handshake, in the same
+    /// read (an `INFO` as a cluster's routes form, a `PING`).
+    unread: BytesMut,
 }
 
 /// Connects to `addr`, reads the server's `INFO`, sends `CONNECT` with the
@@ -381,8 +384,13 @@ async fn handshake(addr: &str, server: &Server, name: &str) -> Result<Connected,
                 Some(line) if line.starts_with(b"-ERR") => {
                     return Err(failed(&String::from_utf8_lossy(&line)));
                 }
-                // +OK, a second INFO, the server's own PING (answered once
-                // the connection runs).
+                Some(line) if line.as_ref() == b"PING" => {
+                    stream
+                        .write_all(b"PONG\r\n")
+                        .await
+                        .map_err(|e| failed(&e))?;
+                }
+                // +OK, a second INFO.
                 Some(_) => {}
                 None => {
                     if stream.read_buf(&mut buf).await.map_err(|e| failed(&e))? == 0 {
@@ -391,13 +399,11 @@ async fn handshake(addr: &str, server: &Server, name: &str) -> Result<Connected,
                 }
             }
         }
-        if !buf.is_empty() {
-            return Err(failed(&"unexpected data after the handshake"));
-        }
         Ok(Connected {
             stream,
             max_payload,
             cluster,
+            unread: buf,
         })
     };
     match tokio::time::timeout(TIMEOUT, work).await {
@@ -597,7 +603,7 @@ impl Connection {
         let mut attempts = 0usize;
         loop {
             let addr = self.known[attempts % self.known.len()].clone();
-            let connected = match connected.take() {
+            let mut connected = match connected.take() {
                 Some(c) => c,
                 None => match handshake(&addr, &self.server, &self.name).await {
                     Ok(c) => c,
@@ -615,8 +621,8 @@ impl Connection {
                 tracing::info!(%addr, "nats subscriptions: reconnected");
             }
             attempts = 0;
-            self.learn(connected.cluster);
-            match self.serve(connected.stream, connected.max_payload).await {
+            self.learn(std::mem::take(&mut connected.cluster));
+            match self.serve(connected).await {
                 Ended::Unused => return,
                 Ended::Lost(why) => {
                     tracing::warn!(%addr, %why, "nats subscriptions: connection lost");
@@ -631,7 +637,13 @@ impl Connection {
     }
 
     /// Serves one connection until it ends.
-    async fn serve(&mut self, stream: TcpStream, max_payload: usize) -> Ended {
+    async fn serve(&mut self, connected: Connected) -> Ended {
+        let Connected {
+            stream,
+            max_payload,
+            unread: mut buf,
+            ..
+        } = connected;
         let (mut reader, mut writer) = stream.into_split();
         let mut out = Vec::with_capacity(4096);
         // Every subscription of the table, again (none the first time).
@@ -641,12 +653,23 @@ impl Connection {
                 push_sub(&mut out, &entry.subject, *sid);
             }
         }
-        let mut buf = BytesMut::with_capacity(4096);
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.tick().await;
         let mut unanswered = 0u32;
         loop {
+            // What is buffered (from the handshake's last read too).
+            loop {
+                match parse_op(&mut buf, max_payload) {
+                    Ok(None) => break,
+                    Ok(Some(op)) => {
+                        if let Some(ended) = self.on_op(op, &mut out, &mut unanswered) {
+                            return ended;
+                        }
+                    }
+                    Err(e) => return Ended::Lost(format!("protocol error: {e}")),
+                }
+            }
             if !self.unconfirmed.is_empty() {
                 out.extend_from_slice(b"PING\r\n");
                 self.waiting
@@ -662,17 +685,7 @@ impl Connection {
             tokio::select! {
                 read = reader.read_buf(&mut buf) => match read {
                     Ok(0) => return Ended::Lost("closed by the server".into()),
-                    Ok(_) => loop {
-                        match parse_op(&mut buf, max_payload) {
-                            Ok(None) => break,
-                            Ok(Some(op)) => {
-                                if let Some(ended) = self.on_op(op, &mut out, &mut unanswered) {
-                                    return ended;
-                                }
-                            }
-                            Err(e) => return Ended::Lost(format!("protocol error: {e}")),
-                        }
-                    },
+                    Ok(_) => {}
                     Err(e) => return Ended::Lost(e.to_string()),
                 },
                 command = self.commands.recv() => {
@@ -892,6 +905,48 @@ mod tests {
                 other => panic!("cut at {cut}: {other:?}"),
             }
             assert!(buf.is_empty());
+        }
+    }
+
+    /// A server that pings during the handshake and sends more right after
+    /// its PONG, in the same write: the ping is answered and what follows
+    /// is kept for the connection, not taken for an error.
+    #[tokio::test]
+    async fn the_handshake_answers_a_ping_and_keeps_what_follows_its_pong() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"INFO {\"max_payload\":2048}\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !got.ends_with(b"PING\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before CONNECT and PING");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            assert!(got.starts_with(b"CONNECT {"));
+            s.write_all(b"PING\r\n").await.unwrap();
+            let mut pong = [0u8; 6];
+            s.read_exact(&mut pong).await.unwrap();
+            s.write_all(b"PONG\r\nINFO {\"connect_urls\":[\"10.0.0.2:4222\"]}\r\n")
+                .await
+                .unwrap();
+            pong
+        });
+        let target = Server::parse(&addr).unwrap();
+        let connected = match handshake(&addr, &target, "t").await {
+            Ok(c) => c,
+            Err(Handshake::Failed(e) | Handshake::Unsupported(e)) => panic!("{e}"),
+        };
+        assert_eq!(&server.await.unwrap(), b"PONG\r\n");
+        assert_eq!(connected.max_payload, 2048);
+        let mut unread = connected.unread;
+        match parse_op(&mut unread, 2048).unwrap() {
+            Some(Op::Cluster(servers)) => assert_eq!(servers, ["10.0.0.2:4222"]),
+            other => panic!("{other:?}"),
         }
     }
 
