@@ -165,6 +165,10 @@ impl Subscribers {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// How long a topic's deliveries wait for the events it missed.
@@ -190,9 +194,9 @@ pub struct Registration {
 
 /// What keeps a subject's bus subscription, counted in
 /// `quckchat_gateway_subscriptions` while it lives and ended (dropping the
-/// subscription) with its entry: a forwarder task (a topic's; every user's
-/// on the in-process bus), or a handler the bus calls (a user's or a
-/// connection's subject: [`DirectHandler`]).
+/// subscription) with its entry: a forwarder task (every user's on the
+/// in-process bus), or a handler the bus calls (a topic's: [`TopicHandler`];
+/// a user's or a connection's subject: [`DirectHandler`]).
 enum Interest {
     Task(tokio::task::JoinHandle<()>),
     Handler(#[allow(dead_code, reason = "held: dropping it unsubscribes")] HandlerGuard),
@@ -429,10 +433,19 @@ impl Hub {
 }
 
 /// A topic's events as the bus reads them ([`Bus::subscribe_with`]): each
-/// is delivered at once, unless events before it were missed; then a task
-/// fetches those and delivers them, it, and the events that came meanwhile,
-/// in order ([`GapFill`]). No task waits per topic.
+/// is delivered at once by the bus's caller, unless events before it were
+/// missed ([`GapFill`]) or the topic has more than [`DELIVER_INLINE_MAX`]
+/// sockets here; then a task delivers it (after fetching what was missed)
+/// and the events that came meanwhile, in order, and ends when none is
+/// left. No task waits per topic.
 struct TopicHandler(Arc<TopicState>);
+
+/// Sockets of a topic on this node past which its events are delivered by a
+/// task rather than by the bus's caller: the in-process publisher (a chat
+/// send, whose reply waits) or the NATS connection's reader (every other
+/// subject waits) does not queue a big room's fan-out itself. Measured with
+/// `bench fanout` (bench/ANALYSIS.md).
+pub(crate) const DELIVER_INLINE_MAX: usize = 64;
 
 struct TopicState {
     entry: Weak<Entry>,
@@ -461,22 +474,24 @@ impl Handler for TopicHandler {
             undecodable(&msg);
             return;
         };
+        let big = {
+            let subscribers = entry.subscribers.read();
+            subscribers.unwrap_or_else(|e| e.into_inner()).len() > DELIVER_INLINE_MAX
+        };
         let mut sequence = lock(&self.0.sequence);
         if let Some(held) = &mut sequence.held {
             held.push(event);
             return;
         }
-        match sequence.gap_before(&entry, &event) {
-            None => {
-                drop(sequence);
-                deliver(&entry, event);
-            }
-            Some(last) => {
-                sequence.held = Some(Vec::new());
-                drop(sequence);
-                tokio::spawn(self.0.clone().fill_then_deliver(last, event));
-            }
+        let gap = sequence.gap_before(&entry, &event);
+        if gap.is_none() && !big {
+            drop(sequence);
+            deliver(&entry, event);
+            return;
         }
+        sequence.held = Some(Vec::new());
+        drop(sequence);
+        tokio::spawn(self.0.clone().deliver_in_order(gap, event));
     }
 
     fn on_end(&self) {
@@ -487,19 +502,23 @@ impl Handler for TopicHandler {
 }
 
 impl TopicState {
-    /// Fills the gap after `last` and delivers `first`, then the events
-    /// held meanwhile (filling any gap among them), until none is held.
-    async fn fill_then_deliver(self: Arc<Self>, last: u64, first: Event) {
-        let mut gap = Some(last);
+    /// Fills `gap` (the events missed after that seq, if any) and delivers
+    /// `first`, then the events held meanwhile (filling any gap among
+    /// them), until none is held.
+    async fn deliver_in_order(self: Arc<Self>, gap: Option<u64>, first: Event) {
+        let mut gap = gap;
+        // Whether the next event's gap is known (the first's is).
+        let mut noted = true;
         let mut batch = std::collections::VecDeque::from([first]);
         loop {
             while let Some(event) = batch.pop_front() {
                 let Some(entry) = self.entry.upgrade() else {
                     return;
                 };
-                if gap.is_none() {
+                if !noted {
                     gap = lock(&self.sequence).gap_before(&entry, &event);
                 }
+                noted = false;
                 if let (Some(last), Item::Broadcast(b)) = (gap.take(), &event.0) {
                     self.gaps.fill(&entry, &b.topic, last, event.2).await;
                 }

@@ -1477,6 +1477,33 @@ async fn events_during_a_fill_wait_for_it_and_their_own_gaps_are_filled() {
     assert_eq!(c.recv_within(PROMPTLY).await[4]["message"]["seq"], 8);
 }
 
+/// A room with more sockets here than the bus's caller delivers to itself
+/// gets its events from a task: every socket, in order, gaps filled.
+#[tokio::test]
+async fn a_big_rooms_events_reach_every_socket_in_order() {
+    let f = fixture(SocketConfig::default()).await;
+    let requests = answer_missed(&f, Duration::from_millis(50)).await;
+    let mut clients = Vec::new();
+    for n in 0..crate::hub::DELIVER_INLINE_MAX + 6 {
+        let mut c = connect(&f, &format!("u{n}"), 256);
+        join(&mut c, "1", "chat:big").await;
+        clients.push(c);
+    }
+    // 10 is missed; the rest are published back to back.
+    for seq in (1..=40).filter(|&s| s != 10) {
+        broadcast_seq(&f, "chat:big", seq).await;
+    }
+    for c in &mut clients {
+        let mut got = Vec::new();
+        for _ in 0..40 {
+            let frame = c.recv_within(PROMPTLY).await;
+            got.push(frame[4]["message"]["seq"].as_u64().unwrap());
+        }
+        assert_eq!(got, (1..=40).collect::<Vec<_>>());
+    }
+    assert_eq!(*requests.lock().unwrap(), [("chat:big".to_owned(), 9, 11)]);
+}
+
 #[tokio::test]
 async fn a_gap_nobody_can_fill_delays_the_next_event_at_most_the_fill_timeout() {
     let f = fixture(SocketConfig::default()).await;

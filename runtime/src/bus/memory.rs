@@ -1,6 +1,8 @@
 //! The in-process bus of the all-in-one server: core-NATS semantics without a
 //! network. Exact subjects are found by hash lookup; wildcard subscriptions
-//! (few: services' command subjects) are scanned.
+//! (few: services' command subjects) are scanned. A handler subscription
+//! ([`Bus::subscribe_with`]) is called by the publisher itself: no task and
+//! no queue between a publish and the gateway's sockets.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +16,8 @@ use futures::Stream;
 use crate::queue;
 
 use super::{
-    count_request_timeout, subject_matches, validate_subject, Bus, BusError, BusMessage, Headers,
-    Subscription,
+    count_request_timeout, subject_matches, validate_subject, Bus, BusError, BusMessage, Handler,
+    HandlerGuard, Headers, Subscription,
 };
 
 /// Messages buffered per subscription before newer ones are dropped (as a
@@ -48,10 +50,18 @@ struct Registry {
 struct Entry {
     id: u64,
     queue_group: Option<String>,
-    /// Shared, not cloned, per subscriber: a queue slot is one pointer, and
-    /// an empty queue holds no buffer, so an idle subscription (one per
-    /// connected user) costs little.
-    tx: queue::Sender<Arc<BusMessage>>,
+    sink: Sink,
+}
+
+#[derive(Clone)]
+enum Sink {
+    /// A [`Subscription`]'s queue. The message is shared, not cloned, per
+    /// subscriber: a queue slot is one pointer, and an empty queue holds no
+    /// buffer.
+    Queue(queue::Sender<Arc<BusMessage>>),
+    /// Called by the publisher, outside the registry's lock (a handler may
+    /// drop a subscription).
+    Handler(Arc<dyn Handler>),
 }
 
 impl Default for MemoryBus {
@@ -85,40 +95,97 @@ impl MemoryBus {
                 return usize::from(waiter.send(msg).is_ok());
             }
         }
-        let registry = self
-            .inner
-            .registry
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut plain: Vec<&Entry> = Vec::new();
-        let mut groups: HashMap<&str, Vec<&Entry>> = HashMap::new();
-        let exact = registry.exact.get(&msg.subject).into_iter().flatten();
-        let wild = registry
-            .wildcard
-            .iter()
-            .filter(|(pattern, _)| subject_matches(pattern, &msg.subject))
-            .map(|(_, e)| e);
-        for entry in exact.chain(wild) {
-            if entry.tx.is_closed() {
-                continue;
+        let mut handlers: Vec<Arc<dyn Handler>> = Vec::new();
+        let matched = {
+            let registry = self
+                .inner
+                .registry
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut plain: Vec<&Entry> = Vec::new();
+            let mut groups: HashMap<&str, Vec<&Entry>> = HashMap::new();
+            let exact = registry.exact.get(&msg.subject).into_iter().flatten();
+            let wild = registry
+                .wildcard
+                .iter()
+                .filter(|(pattern, _)| subject_matches(pattern, &msg.subject))
+                .map(|(_, e)| e);
+            for entry in exact.chain(wild) {
+                if matches!(&entry.sink, Sink::Queue(tx) if tx.is_closed()) {
+                    continue;
+                }
+                match &entry.queue_group {
+                    Some(g) => groups.entry(g.as_str()).or_default().push(entry),
+                    None => plain.push(entry),
+                }
             }
-            match &entry.queue_group {
-                Some(g) => groups.entry(g.as_str()).or_default().push(entry),
-                None => plain.push(entry),
+            let mut targets = plain;
+            for members in groups.values() {
+                targets.push(members[rand::random_range(0..members.len())]);
             }
-        }
-        let mut targets = plain;
-        for members in groups.values() {
-            targets.push(members[rand::random_range(0..members.len())]);
-        }
-        let matched = targets.len();
-        let msg = Arc::new(msg);
-        for entry in targets {
-            if entry.tx.try_send(msg.clone()).is_err() {
-                metrics::counter!("quckchat_bus_dropped_total", "bus" => "memory").increment(1);
+            let mut queues: Vec<&queue::Sender<Arc<BusMessage>>> = Vec::new();
+            for entry in &targets {
+                match &entry.sink {
+                    Sink::Queue(tx) => queues.push(tx),
+                    Sink::Handler(h) => handlers.push(h.clone()),
+                }
             }
+            let matched = targets.len();
+            if handlers.is_empty() {
+                // No handler: the queues share the message itself.
+                send_all(&queues, &Arc::new(msg));
+                return matched;
+            }
+            if !queues.is_empty() {
+                send_all(&queues, &Arc::new(msg.clone()));
+            }
+            matched
+        };
+        // Outside the lock; the last handler takes the message, the others
+        // a copy.
+        if let Some(last) = handlers.pop() {
+            for handler in handlers {
+                handler.on_message(msg.clone());
+            }
+            last.on_message(msg);
         }
         matched
+    }
+
+    fn add(&self, subject: &str, queue_group: Option<&str>, sink: Sink) -> Unsubscribe {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            id,
+            queue_group: queue_group.map(str::to_owned),
+            sink,
+        };
+        let mut registry = self
+            .inner
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if subject.split('.').any(|t| t == "*" || t == ">") {
+            registry.wildcard.push((subject.to_owned(), entry));
+        } else {
+            registry
+                .exact
+                .entry(subject.to_owned())
+                .or_default()
+                .push(entry);
+        }
+        Unsubscribe {
+            bus: Arc::downgrade(&self.inner),
+            subject: subject.to_owned(),
+            id,
+        }
+    }
+}
+
+fn send_all(queues: &[&queue::Sender<Arc<BusMessage>>], msg: &Arc<BusMessage>) {
+    for tx in queues {
+        if tx.try_send(msg.clone()).is_err() {
+            metrics::counter!("quckchat_bus_dropped_total", "bus" => "memory").increment(1);
+        }
     }
 }
 
@@ -201,34 +268,21 @@ impl Bus for MemoryBus {
     ) -> Result<Subscription, BusError> {
         validate_subject(subject, true)?;
         let (tx, rx) = queue::bounded(SUBSCRIPTION_CAPACITY);
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry {
-            id,
-            queue_group: queue_group.map(str::to_owned),
-            tx,
-        };
-        {
-            let mut registry = self
-                .inner
-                .registry
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
-            if subject.split('.').any(|t| t == "*" || t == ">") {
-                registry.wildcard.push((subject.to_owned(), entry));
-            } else {
-                registry
-                    .exact
-                    .entry(subject.to_owned())
-                    .or_default()
-                    .push(entry);
-            }
-        }
-        let guard = Unsubscribe {
-            bus: Arc::downgrade(&self.inner),
-            subject: subject.to_owned(),
-            id,
-        };
+        let guard = self.add(subject, queue_group, Sink::Queue(tx));
         Ok(Subscription::new(MemoryStream { rx, _guard: guard }))
+    }
+
+    async fn subscribe_with(
+        &self,
+        subject: &str,
+        handler: Arc<dyn Handler>,
+    ) -> Result<HandlerGuard, BusError> {
+        validate_subject(subject, false)?;
+        Ok(HandlerGuard::new(self.add(
+            subject,
+            None,
+            Sink::Handler(handler),
+        )))
     }
 
     async fn request(
@@ -324,6 +378,42 @@ mod tests {
             .await;
         assert!(matches!(timed_out, Err(BusError::TimedOut(_))));
         assert!(bus.inner.waiting.lock().unwrap().is_empty());
+    }
+
+    /// Counts what it is given.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Handler for Count {
+        fn on_message(&self, _: BusMessage) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_end(&self) {}
+    }
+
+    #[tokio::test]
+    async fn handlers_are_called_by_the_publisher_beside_queued_subscribers() {
+        let bus = MemoryBus::new();
+        let (one, two) = (
+            Arc::new(Count(Default::default())),
+            Arc::new(Count(Default::default())),
+        );
+        let _one = bus.subscribe_with("t.a", one.clone()).await.unwrap();
+        let _two = bus.subscribe_with("t.a", two.clone()).await.unwrap();
+        let mut queued = bus.subscribe("t.a", None).await.unwrap();
+        bus.publish("t.a", None, Vec::new(), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        // Called before publish returned: no task in between.
+        assert_eq!(one.0.load(Ordering::Relaxed), 1);
+        assert_eq!(two.0.load(Ordering::Relaxed), 1);
+        let msg = queued.next().await.unwrap();
+        assert_eq!(&msg.payload[..], b"x");
+        drop(_one);
+        bus.publish("t.a", None, Vec::new(), Bytes::from_static(b"y"))
+            .await
+            .unwrap();
+        assert_eq!(one.0.load(Ordering::Relaxed), 1, "dropped: not called");
+        assert_eq!(two.0.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
