@@ -16,8 +16,8 @@ use futures::Stream;
 use crate::queue;
 
 use super::{
-    count_request_timeout, subject_matches, validate_subject, Bus, BusError, BusMessage, Handler,
-    HandlerGuard, Headers, Subscription,
+    count_request_timeout, is_pattern, subject_matches, validate_subject, Bus, BusError,
+    BusMessage, Handler, HandlerGuard, Headers, Subscription,
 };
 
 /// Messages buffered per subscription before newer ones are dropped (as a
@@ -164,7 +164,7 @@ impl MemoryBus {
             .registry
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        if subject.split('.').any(|t| t == "*" || t == ">") {
+        if is_pattern(subject) {
             registry.wildcard.push((subject.to_owned(), entry));
         } else {
             registry

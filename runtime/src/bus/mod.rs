@@ -216,12 +216,21 @@ pub(crate) fn validate_subject(subject: &str, pattern: bool) -> Result<(), BusEr
         if t.is_empty() || t.chars().any(char::is_whitespace) {
             return Err(invalid());
         }
-        let wild = *t == "*" || *t == ">";
+        let wild = is_wildcard(t);
         if wild && (!pattern || (*t == ">" && i + 1 != tokens.len())) {
             return Err(invalid());
         }
     }
     Ok(())
+}
+
+/// Whether a subscription pattern has a wildcard token (`*` or `>`).
+pub(crate) fn is_pattern(subject: &str) -> bool {
+    subject.split('.').any(is_wildcard)
+}
+
+fn is_wildcard(token: &str) -> bool {
+    token == "*" || token == ">"
 }
 
 /// Counts a request that got no reply in time, labelled by the bus and the

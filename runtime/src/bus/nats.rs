@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use super::nats_subs::{parse_url, Credentials, NatsSubs};
 use super::{
-    count_request_timeout, feed, validate_subject, Bus, BusError, BusMessage, Handler,
+    count_request_timeout, feed, is_pattern, validate_subject, Bus, BusError, BusMessage, Handler,
     HandlerGuard, Headers, Subscription,
 };
 
@@ -173,7 +173,7 @@ impl Bus for NatsBus {
         queue_group: Option<&str>,
     ) -> Result<Subscription, BusError> {
         validate_subject(subject, true)?;
-        let exact = !subject.split('.').any(|t| t == "*" || t == ">");
+        let exact = !is_pattern(subject);
         if let (Some(subs), None, true) = (&self.subs, queue_group, exact) {
             return subs.subscribe(subject).await;
         }
