@@ -93,7 +93,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Subscribes `subject` (exact, no queue group) with a handler the bus
     /// calls for each message instead of a stream: for subjects a node holds
     /// by the thousand (a gateway's users), which then need no task and no
-    /// queue each. The handler runs on the bus's own task, in order, and
+    /// queue each. The bus calls the handler as it reads a message (over
+    /// NATS its connection's reader; in process the publisher itself, so
+    /// two publishers may call it at once), in each publisher's order; it
     /// must not block. Once this returns, messages published afterwards are
     /// delivered; dropping the guard unsubscribes.
     ///
