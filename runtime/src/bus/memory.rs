@@ -95,6 +95,7 @@ impl MemoryBus {
                 return usize::from(waiter.send(msg).is_ok());
             }
         }
+        let msg = Arc::new(msg);
         let mut handlers: Vec<Arc<dyn Handler>> = Vec::new();
         let matched = {
             let registry = self
@@ -123,31 +124,26 @@ impl MemoryBus {
             for members in groups.values() {
                 targets.push(members[rand::random_range(0..members.len())]);
             }
-            let mut queues: Vec<&queue::Sender<Arc<BusMessage>>> = Vec::new();
             for entry in &targets {
                 match &entry.sink {
-                    Sink::Queue(tx) => queues.push(tx),
+                    Sink::Queue(tx) => {
+                        if tx.try_send(msg.clone()).is_err() {
+                            metrics::counter!("quckchat_bus_dropped_total", "bus" => "memory")
+                                .increment(1);
+                        }
+                    }
                     Sink::Handler(h) => handlers.push(h.clone()),
                 }
             }
-            let matched = targets.len();
-            if handlers.is_empty() {
-                // No handler: the queues share the message itself.
-                send_all(&queues, &Arc::new(msg));
-                return matched;
-            }
-            if !queues.is_empty() {
-                send_all(&queues, &Arc::new(msg.clone()));
-            }
-            matched
+            targets.len()
         };
-        // Outside the lock; the last handler takes the message, the others
-        // a copy.
+        // Outside the lock. The last handler takes the message itself unless
+        // a queue still shares it; the others a copy.
         if let Some(last) = handlers.pop() {
             for handler in handlers {
-                handler.on_message(msg.clone());
+                handler.on_message((*msg).clone());
             }
-            last.on_message(msg);
+            last.on_message(Arc::try_unwrap(msg).unwrap_or_else(|m| (*m).clone()));
         }
         matched
     }
@@ -177,14 +173,6 @@ impl MemoryBus {
             bus: Arc::downgrade(&self.inner),
             subject: subject.to_owned(),
             id,
-        }
-    }
-}
-
-fn send_all(queues: &[&queue::Sender<Arc<BusMessage>>], msg: &Arc<BusMessage>) {
-    for tx in queues {
-        if tx.try_send(msg.clone()).is_err() {
-            metrics::counter!("quckchat_bus_dropped_total", "bus" => "memory").increment(1);
         }
     }
 }
